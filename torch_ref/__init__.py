@@ -1,0 +1,1 @@
+"""vlmx.torch_ref"""

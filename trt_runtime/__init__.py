@@ -1,0 +1,1 @@
+"""vlmx.trt_runtime"""
