@@ -37,3 +37,13 @@ def test_lookup_by_either_name_and_docs_list_every_op():
     for op in OPS.values():
         assert op.name in md and op.qualified_torch_name in md
     assert ops.call("QuantizePerToken", torch.randn(2, 8))[0].dtype == torch.int8
+
+
+def test_targets_table():
+    from vlmx.torch_ref.targets import DEFAULT_TARGET, get_target
+
+    t = get_target(DEFAULT_TARGET)
+    assert t.sm == 75 and t.compute_capability == (7, 5) and not t.bf16
+    assert "-gencode=arch=compute_75,code=compute_75" in get_target("trt-sm90").gencode
+    with pytest.raises(ValueError, match="choose one of trt-sm75"):
+        get_target("trt-sm12")
