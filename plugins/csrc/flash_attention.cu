@@ -1,0 +1,505 @@
+// Flash attention forward for sm_75 and later: fp16 in/out, fp32 accumulation, online softmax.
+//
+// Algorithm (FlashAttention-1/2 forward, tiled for Turing as in llama.cpp's fattn-mma):
+//   one CTA = 4 warps = kBlockM (64) "rows"; a row is a (query position, query head) pair of ONE kv head, so the
+//   GQA group's query heads share every K/V tile (decode with q length 1 fills group rows instead of 1 of 16) and
+//   K/V are read once per group. Each warp owns 16 rows and computes S = Q K^T and O += P V with
+//   mma.sync.m16n8k8; K fragments come from ldmatrix, V fragments from ldmatrix.trans, and P is handed from the S
+//   accumulators to the A operand of the second product in registers (the m16n8k8 C and A layouts coincide).
+// No cp.async on Turing: the next K/V tile is loaded global -> registers while the current tile is multiplied, and
+// stored to shared memory afterwards (register-staged double buffering; one shared buffer keeps 2-3 CTAs per T4 SM).
+// Split-KV: when B * Hkv * row-blocks cannot fill the GPU (decode), blockIdx.z splits the key range; each split
+// writes unnormalised fp32 partials (O, running max, running sum) and a combine kernel merges them.
+#include <math.h>
+
+#include <algorithm>
+
+#include "common.cuh"
+
+namespace vlmx {
+namespace {
+
+// ------------------------------------------------------------------------------------------------ traits table
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlockM = kWarps * 16;  // rows per CTA: one m16 tile per warp
+constexpr int kMaxSplits = 64;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int D>
+struct FaTraits {
+  static_assert(D % 8 == 0, "head_dim must be a multiple of the mma k-step (8)");
+  // Keys per tile: 64 keeps 8 mma n-tiles in flight; D >= 96 drops to 32 so the fp32 O accumulators (D/2
+  // registers), S (kBlockN/2), Q fragments (D/4) and the register-staged K/V tile stay under ~170 registers.
+  static constexpr int kBlockN = D >= 96 ? 32 : 64;
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  // Row pitch in halves: an odd number of 16-byte chunks puts the 8 rows of one ldmatrix on 8 distinct
+  // 4-bank groups (conflict-free); D/8 even (64, 80, 96, 128) gets one chunk of padding, D = 72 needs none.
+  static constexpr int kPitch = (kChunks % 2) ? D : D + 8;
+  static constexpr int kTileElems = kBlockN * kPitch;
+  // K and V tiles share one buffer; Q is staged through the same memory before the first K/V tile lands.
+  static constexpr int kSmemElems = (2 * kTileElems > kBlockM * kPitch) ? 2 * kTileElems : kBlockM * kPitch;
+  static constexpr int kKvLoads = (kBlockN * kChunks + kThreads - 1) / kThreads;  // uint4 per thread per tensor
+};
+
+struct FaArgs {
+  const half* q;
+  const half* k;
+  const half* v;
+  half* o;
+  const half* bias;
+  float* part_o;   // [splits, B, H, Sq, D] unnormalised partial outputs (split-KV only)
+  float* part_ml;  // [splits, B, H, Sq, 2] running max (log2 domain) and sum
+  int batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, group, rows;
+  int64_t q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, o_sb, o_ss, o_sh;
+  int64_t bias_sb, bias_sh, bias_sq;
+  float scale_log2;  // softmax scale * log2(e): the softmax runs in base 2 (exp2 is one MUFU op)
+  int causal, window, alibi, alibi_bias_max, alibi_pow2;
+  int splits, tiles_per_split;
+};
+
+// MPT gen_slopes: 2^-(abm*i/n) for the next power of two n; interleaved (odd then even) when H is not one.
+__device__ __forceinline__ float alibi_slope(int head, int num_heads, int pow2, int bias_max) {
+  int idx = head;
+  if (pow2 != num_heads) idx = head < pow2 / 2 ? 2 * head + 1 : 2 * (head - pow2 / 2);
+  return exp2f(-static_cast<float>(idx + 1) * (static_cast<float>(bias_max) / static_cast<float>(pow2)));
+}
+
+// Global -> registers: kBlockN rows of K (or V) as 16-byte chunks; rows past seqlen_k read as zeros so masked
+// keys contribute exactly 0 * 0 (never 0 * garbage) to P V.
+template <int D>
+__device__ __forceinline__ void load_kv_regs(uint4 (&regs)[FaTraits<D>::kKvLoads], const half* base,
+                                             int64_t stride_s, int key0, int seqlen_k) {
+  using T = FaTraits<D>;
+#pragma unroll
+  for (int i = 0; i < T::kKvLoads; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    const int row = c / T::kChunks, col = c % T::kChunks;
+    regs[i] = make_uint4(0, 0, 0, 0);
+    if (c < T::kBlockN * T::kChunks && key0 + row < seqlen_k) {
+      regs[i] = __ldg(reinterpret_cast<const uint4*>(base + (key0 + row) * stride_s) + col);
+    }
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void store_kv_regs(half* tile, const uint4 (&regs)[FaTraits<D>::kKvLoads]) {
+  using T = FaTraits<D>;
+#pragma unroll
+  for (int i = 0; i < T::kKvLoads; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    if (c < T::kBlockN * T::kChunks) {
+      *reinterpret_cast<uint4*>(tile + (c / T::kChunks) * T::kPitch + (c % T::kChunks) * 8) = regs[i];
+    }
+  }
+}
+
+// Q tile rows -> shared memory; row r maps to (query position r / group, head kv_head * group + r % group).
+template <int D>
+__device__ __forceinline__ void load_q_tile(half* sq, const FaArgs& a, int b, int kv_head, int row0) {
+  using T = FaTraits<D>;
+  for (int c = threadIdx.x; c < kBlockM * T::kChunks; c += kThreads) {
+    const int row = c / T::kChunks, col = c % T::kChunks, r = row0 + row;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (r < a.rows) {
+      const int qpos = r / a.group, head = kv_head * a.group + r % a.group;
+      val = __ldg(reinterpret_cast<const uint4*>(a.q + b * a.q_sb + qpos * a.q_ss + head * a.q_sh) + col);
+    }
+    *reinterpret_cast<uint4*>(sq + row * T::kPitch + col * 8) = val;
+  }
+}
+
+// S[16 x kBlockN] = Q K^T for this warp: K rows are the B operand's columns, so plain ldmatrix gives them.
+template <int D>
+__device__ __forceinline__ void qk_product(float (&s)[FaTraits<D>::kBlockN / 8][4], const uint32_t (&qf)[D / 8][2],
+                                           const half* sk, int lane) {
+  using T = FaTraits<D>;
+#pragma unroll
+  for (int n = 0; n < T::kBlockN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 8; ++kk) {
+#pragma unroll
+    for (int n4 = 0; n4 < T::kBlockN / 32; ++n4) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sk + (n4 * 32 + lane) * T::kPitch + kk * 8);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mma_m16n8k8(s[n4 * 4 + i], qf[kk], b[i]);
+    }
+  }
+}
+
+// O[16 x D] += P V: P fragments come straight from the S registers, V through ldmatrix.trans (keys are k).
+template <int D>
+__device__ __forceinline__ void pv_product(float (&o)[D / 8][4], const uint32_t (&pf)[FaTraits<D>::kBlockN / 8][2],
+                                           const half* sv, int lane) {
+  using T = FaTraits<D>;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int k4 = 0; k4 < T::kBlockN / 32; ++k4) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sv + (k4 * 32 + lane) * T::kPitch + n * 8);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mma_m16n8k8(o[n], pf[k4 * 4 + i], b[i]);
+    }
+  }
+}
+
+// Per-row state of the two rows (g and g + 8 of the warp's m16 tile) that this thread's fragments touch.
+struct RowInfo {
+  int qpos;            // query position; -1 for padding rows past seqlen_q * group
+  float slope_log2;    // ALiBi slope * log2(e)
+  const half* bias;    // bias row (key 0) or nullptr
+};
+
+// Scales S into the log2 domain and applies ALiBi, bias, causal/window and key-length masks (masked -> -inf).
+template <int D>
+__device__ __forceinline__ void mask_scores(float (&s)[FaTraits<D>::kBlockN / 8][4], const FaArgs& a,
+                                            const RowInfo (&ri)[2], int key0, int lane) {
+  using T = FaTraits<D>;
+  const int off = a.seqlen_k - a.seqlen_q;
+#pragma unroll
+  for (int n = 0; n < T::kBlockN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const RowInfo& r = ri[e >> 1];
+      const int key = key0 + n * 8 + (lane & 3) * 2 + (e & 1);
+      float v = s[n][e] * a.scale_log2;
+      bool masked = key >= a.seqlen_k || r.qpos < 0;
+      if (a.causal) masked |= key > r.qpos + off;
+      if (a.window >= 0) masked |= key <= r.qpos + off - a.window;
+      if (!masked) {
+        if (a.alibi) v += r.slope_log2 * static_cast<float>(key - (a.seqlen_k - 1));
+        if (r.bias) v += __half2float(r.bias[key]) * kLog2e;
+      }
+      s[n][e] = masked ? -INFINITY : v;
+    }
+  }
+}
+
+// Online softmax over one tile: new running max, rescale O and the running sum, write P = exp2(S - max) as fp16.
+template <int D>
+__device__ __forceinline__ void online_softmax_update(float (&s)[FaTraits<D>::kBlockN / 8][4],
+                                                      uint32_t (&pf)[FaTraits<D>::kBlockN / 8][2],
+                                                      float (&o)[D / 8][4], float (&row_max)[2],
+                                                      float (&row_sum)[2]) {
+  using T = FaTraits<D>;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < T::kBlockN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
+    // The 4 threads of a quad hold the row's columns.
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float new_max = fmaxf(row_max[h], mx);
+    // A row with nothing visible yet keeps max -inf; subtracting 0 then makes every p exactly 0 (no NaN).
+    const float ref = new_max == -INFINITY ? 0.f : new_max;
+    const float alpha = exp2f(row_max[h] - ref);
+    row_max[h] = new_max;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < T::kBlockN / 8; ++n) {
+      s[n][2 * h] = exp2f(s[n][2 * h] - ref);
+      s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - ref);
+      sum += s[n][2 * h] + s[n][2 * h + 1];
+    }
+    row_sum[h] = row_sum[h] * alpha + sum;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][2 * h] *= alpha;
+      o[n][2 * h + 1] *= alpha;
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < T::kBlockN / 8; ++n) {
+    pf[n][0] = pack_half2(s[n][0], s[n][1]);
+    pf[n][1] = pack_half2(s[n][2], s[n][3]);
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FaArgs a) {
+  using T = FaTraits<D>;
+  __shared__ __align__(16) half smem[T::kSmemElems];
+  half* sk = smem;
+  half* sv = smem + T::kTileElems;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = blockIdx.x * kBlockM;
+  const int b = blockIdx.y / a.num_kv_heads, kv_head = blockIdx.y % a.num_kv_heads;
+  const int split = blockIdx.z;
+  const int off = a.seqlen_k - a.seqlen_q;
+
+  // Keys any row of this CTA can see (bottom-right aligned causal/window); whole tiles outside are skipped.
+  const int qpos_lo = row0 / a.group;
+  const int qpos_hi = min(a.seqlen_q - 1, (row0 + kBlockM - 1) / a.group);
+  int key_end = a.seqlen_k, key_begin = 0;
+  if (a.causal) key_end = min(key_end, qpos_hi + off + 1);
+  if (a.window >= 0) key_begin = max(key_begin, qpos_lo + off - a.window + 1);
+  const int tile_lo = key_end > key_begin ? key_begin / T::kBlockN : 0;
+  const int tile_hi = key_end > key_begin ? (key_end + T::kBlockN - 1) / T::kBlockN : 0;
+  const int t_begin = min(tile_hi, tile_lo + split * a.tiles_per_split);
+  const int t_end = min(tile_hi, t_begin + a.tiles_per_split);
+
+  RowInfo ri[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + warp * 16 + lane / 4 + h * 8;
+    ri[h].qpos = r < a.rows ? r / a.group : -1;
+    const int head = kv_head * a.group + (r < a.rows ? r % a.group : 0);
+    ri[h].slope_log2 = a.alibi ? alibi_slope(head, a.num_heads, a.alibi_pow2, a.alibi_bias_max) * kLog2e : 0.f;
+    ri[h].bias = (a.bias && r < a.rows) ? a.bias + b * a.bias_sb + head * a.bias_sh + ri[h].qpos * a.bias_sq
+                                        : nullptr;
+  }
+
+  const half* kbase = a.k + b * a.k_sb + kv_head * a.k_sh;
+  const half* vbase = a.v + b * a.v_sb + kv_head * a.v_sh;
+  uint4 kregs[T::kKvLoads], vregs[T::kKvLoads];
+  if (t_begin < t_end) {
+    load_kv_regs<D>(kregs, kbase, a.k_ss, t_begin * T::kBlockN, a.seqlen_k);
+    load_kv_regs<D>(vregs, vbase, a.v_ss, t_begin * T::kBlockN, a.seqlen_k);
+  }
+  // Q goes through the K/V buffer: fragments stay in registers for the whole key loop.
+  load_q_tile<D>(smem, a, b, kv_head, row0);
+  __syncthreads();
+  uint32_t qf[D / 8][2];
+#pragma unroll
+  for (int kk = 0; kk < D / 8; ++kk) ldmatrix_x2(qf[kk], smem + (warp * 16 + lane % 16) * T::kPitch + kk * 8);
+  __syncthreads();
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  // Warps whose 16 rows are all padding (decode: rows = group < 64) still load tiles but skip the math.
+  const bool warp_active = row0 + warp * 16 < a.rows;
+  const bool plain = !a.alibi && !a.bias;
+
+  if (t_begin < t_end) {
+    store_kv_regs<D>(sk, kregs);
+    store_kv_regs<D>(sv, vregs);
+    __syncthreads();
+  }
+  for (int t = t_begin; t < t_end; ++t) {
+    const int key0 = t * T::kBlockN;
+    const bool has_next = t + 1 < t_end;
+    if (has_next) {  // in flight while the tensor cores work on tile t
+      load_kv_regs<D>(kregs, kbase, a.k_ss, key0 + T::kBlockN, a.seqlen_k);
+      load_kv_regs<D>(vregs, vbase, a.v_ss, key0 + T::kBlockN, a.seqlen_k);
+    }
+    if (warp_active) {
+      float s[T::kBlockN / 8][4];
+      uint32_t pf[T::kBlockN / 8][2];
+      qk_product<D>(s, qf, sk, lane);
+      // Interior tiles of a plain (no bias/ALiBi) attention need only the scale: skip the per-element masks.
+      const bool interior = plain && key0 + T::kBlockN <= a.seqlen_k && qpos_hi < a.seqlen_q &&
+                            row0 + kBlockM <= a.rows &&
+                            (!a.causal || key0 + T::kBlockN - 1 <= qpos_lo + off) &&
+                            (a.window < 0 || key0 > qpos_hi + off - a.window);
+      if (interior) {
+#pragma unroll
+        for (int n = 0; n < T::kBlockN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[n][e] *= a.scale_log2;
+      } else {
+        mask_scores<D>(s, a, ri, key0, lane);
+      }
+      online_softmax_update<D>(s, pf, o, row_max, row_sum);
+      pv_product<D>(o, pf, sv, lane);
+    }
+    __syncthreads();
+    if (has_next) {
+      store_kv_regs<D>(sk, kregs);
+      store_kv_regs<D>(sv, vregs);
+      __syncthreads();
+    }
+  }
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + warp * 16 + lane / 4 + h * 8;
+    if (r >= a.rows) continue;
+    const int qpos = r / a.group, head = kv_head * a.group + r % a.group;
+    const int col = (lane & 3) * 2;
+    if (a.splits == 1) {
+      // Fully masked rows (sum 0) give zeros, as the reference does.
+      const float inv = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
+      half* dst = a.o + b * a.o_sb + qpos * a.o_ss + head * a.o_sh + col;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<__half2*>(dst + n * 8) = __floats2half2_rn(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+      }
+    } else {
+      const int64_t prow = ((static_cast<int64_t>(split) * a.batch + b) * a.num_heads + head) * a.seqlen_q + qpos;
+      float* dst = a.part_o + prow * D + col;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][2 * h], o[n][2 * h + 1]);
+      }
+      if ((lane & 3) == 0) {
+        a.part_ml[prow * 2] = row_max[h];
+        a.part_ml[prow * 2 + 1] = row_sum[h];
+      }
+    }
+  }
+}
+
+// Merges split-KV partials: O = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s. One CTA per (b, h, q) row.
+__global__ void flash_combine_kernel(const FaArgs a, int head_dim) {
+  const int64_t row = blockIdx.x;  // (b * H + h) * Sq + qpos
+  const int64_t rows_per_split = static_cast<int64_t>(a.batch) * a.num_heads * a.seqlen_q;
+  float gmax = -INFINITY;
+  for (int s = 0; s < a.splits; ++s) gmax = fmaxf(gmax, a.part_ml[(s * rows_per_split + row) * 2]);
+  const float ref = gmax == -INFINITY ? 0.f : gmax;
+  float total = 0.f;
+  for (int s = 0; s < a.splits; ++s) {
+    const int64_t pr = s * rows_per_split + row;
+    total += exp2f(a.part_ml[pr * 2] - ref) * a.part_ml[pr * 2 + 1];
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const int qpos = static_cast<int>(row % a.seqlen_q);
+  const int bh = static_cast<int>(row / a.seqlen_q);
+  const int b = bh / a.num_heads, head = bh % a.num_heads;
+  half* dst = a.o + b * a.o_sb + qpos * a.o_ss + head * a.o_sh;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < a.splits; ++s) {
+      const int64_t pr = s * rows_per_split + row;
+      acc += exp2f(a.part_ml[pr * 2] - ref) * a.part_o[pr * head_dim + d];
+    }
+    dst[d] = __float2half_rn(acc * inv);
+  }
+}
+
+// How many CTAs split the key range: enough to give every SM ~2 CTAs, at least 2 tiles per split.
+int choose_splits(int ctas, int key_tiles) {
+  const int sms = sm_count();
+  if (sms <= 0 || ctas >= 2 * sms || key_tiles < 4) return 1;
+  int splits = (2 * sms + ctas - 1) / ctas;
+  splits = std::min(splits, key_tiles / 2);
+  return std::max(1, std::min(splits, kMaxSplits));
+}
+
+template <int D>
+vlmx_status launch(FaArgs a, cudaStream_t stream) {
+  using T = FaTraits<D>;
+  const int m_blocks = (a.rows + kBlockM - 1) / kBlockM;
+  const int ctas = m_blocks * a.batch * a.num_kv_heads;
+  const int key_tiles = (a.seqlen_k + T::kBlockN - 1) / T::kBlockN;
+  a.splits = choose_splits(ctas, key_tiles);
+  a.tiles_per_split = (key_tiles + a.splits - 1) / a.splits;
+  a.splits = (key_tiles + a.tiles_per_split - 1) / a.tiles_per_split;
+  void* workspace = nullptr;
+  if (a.splits > 1) {
+    const int64_t rows = static_cast<int64_t>(a.splits) * a.batch * a.num_heads * a.seqlen_q;
+    // Stream-ordered allocation: no workspace argument in the ABI, cheap from the pool, legal in graph capture.
+    cudaError_t err = cudaMallocAsync(&workspace, rows * (D + 2) * sizeof(float), stream);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      return fail(VLMX_ERR_CUDA, "flash_attention: split-KV workspace of %lld bytes: %s",
+                  static_cast<long long>(rows * (D + 2) * sizeof(float)), cudaGetErrorString(err));
+    }
+    a.part_o = static_cast<float*>(workspace);
+    a.part_ml = a.part_o + rows * D;
+  }
+  dim3 grid(m_blocks, a.batch * a.num_kv_heads, a.splits);
+  flash_fwd_kernel<D><<<grid, kThreads, 0, stream>>>(a);
+  vlmx_status st = check_launch("flash_fwd_kernel");
+  if (st == VLMX_OK && a.splits > 1) {
+    flash_combine_kernel<<<static_cast<unsigned>(static_cast<int64_t>(a.batch) * a.num_heads * a.seqlen_q),
+                           std::min(128, ((D + 31) / 32) * 32), 0, stream>>>(a, D);
+    st = check_launch("flash_combine_kernel");
+  }
+  if (workspace) cudaFreeAsync(workspace, stream);
+  return st;
+}
+
+bool stride_ok(int64_t s) { return s >= 0 && s % 8 == 0; }
+
+}  // namespace
+}  // namespace vlmx
+
+extern "C" vlmx_status vlmx_flash_attention_fwd(const vlmx_attention_params* p, cudaStream_t stream) {
+  using namespace vlmx;
+  clear_error();
+  if (!p) return fail(VLMX_ERR_INVALID_ARGUMENT, "flash_attention: params is NULL; pass a vlmx_attention_params");
+  if (p->head_dim != 64 && p->head_dim != 72 && p->head_dim != 80 && p->head_dim != 96 && p->head_dim != 128) {
+    return fail(VLMX_ERR_UNSUPPORTED, "flash_attention: head_dim %d is not supported; expected one of 64, 72, 80, "
+                "96, 128 (use the reference implementation for other sizes)", p->head_dim);
+  }
+  if (!p->q || !p->k || !p->v || !p->o) {
+    return fail(VLMX_ERR_INVALID_ARGUMENT, "flash_attention: q, k, v and o must be device pointers, got q=%p k=%p "
+                "v=%p o=%p", p->q, p->k, p->v, p->o);
+  }
+  if (p->batch <= 0 || p->seqlen_q <= 0 || p->seqlen_k <= 0 || p->num_heads <= 0 || p->num_kv_heads <= 0) {
+    return fail(VLMX_ERR_INVALID_ARGUMENT, "flash_attention: sizes must be positive, got batch=%d seqlen_q=%d "
+                "seqlen_k=%d num_heads=%d num_kv_heads=%d", p->batch, p->seqlen_q, p->seqlen_k, p->num_heads,
+                p->num_kv_heads);
+  }
+  if (p->num_heads % p->num_kv_heads != 0) {
+    return fail(VLMX_ERR_INVALID_ARGUMENT, "flash_attention: num_kv_heads=%d must divide num_heads=%d (GQA/MQA)",
+                p->num_kv_heads, p->num_heads);
+  }
+  if (p->window < -1) {
+    return fail(VLMX_ERR_INVALID_ARGUMENT, "flash_attention: window=%d; expected -1 (unlimited) or >= 0", p->window);
+  }
+  if (p->alibi && p->alibi_bias_max <= 0) {
+    return fail(VLMX_ERR_INVALID_ARGUMENT, "flash_attention: alibi_bias_max=%d must be > 0", p->alibi_bias_max);
+  }
+  const int group = p->num_heads / p->num_kv_heads;
+  const int64_t rows = static_cast<int64_t>(p->seqlen_q) * group;
+  if (rows > (1LL << 30) || static_cast<int64_t>(p->batch) * p->num_kv_heads > 65535 ||
+      static_cast<int64_t>(p->batch) * p->num_heads * p->seqlen_q > 0x7fffffffLL) {
+    return fail(VLMX_ERR_UNSUPPORTED, "flash_attention: grid too large (batch*num_kv_heads=%lld must be <= 65535, "
+                "seqlen_q*group=%lld <= 2^30); split the batch", static_cast<long long>(p->batch) * p->num_kv_heads,
+                static_cast<long long>(rows));
+  }
+  if (!aligned16(p->q) || !aligned16(p->k) || !aligned16(p->v) || !aligned16(p->o)) {
+    return fail(VLMX_ERR_MISALIGNED, "flash_attention: q/k/v/o must be 16-byte aligned (8 halves), got q=%p k=%p "
+                "v=%p o=%p; pass contiguous tensors", p->q, p->k, p->v, p->o);
+  }
+  const int64_t strides[12] = {p->q_stride_b, p->q_stride_s, p->q_stride_h, p->k_stride_b, p->k_stride_s,
+                               p->k_stride_h, p->v_stride_b, p->v_stride_s, p->v_stride_h, p->o_stride_b,
+                               p->o_stride_s, p->o_stride_h};
+  for (int i = 0; i < 12; ++i) {
+    if (!stride_ok(strides[i])) {
+      return fail(VLMX_ERR_MISALIGNED, "flash_attention: stride #%d (q_b,q_s,q_h,k_b,...,o_h) is %lld; strides must "
+                  "be non-negative multiples of 8 elements for 16-byte loads", i, static_cast<long long>(strides[i]));
+    }
+  }
+  if (p->bias && ((reinterpret_cast<uintptr_t>(p->bias) & 1u) || p->bias_stride_b < 0 || p->bias_stride_h < 0 ||
+                  p->bias_stride_q < 0)) {
+    return fail(VLMX_ERR_MISALIGNED, "flash_attention: bias must be 2-byte aligned with non-negative strides");
+  }
+  FaArgs a{};
+  a.q = static_cast<const half*>(p->q);
+  a.k = static_cast<const half*>(p->k);
+  a.v = static_cast<const half*>(p->v);
+  a.o = static_cast<half*>(p->o);
+  a.bias = static_cast<const half*>(p->bias);
+  a.batch = p->batch, a.seqlen_q = p->seqlen_q, a.seqlen_k = p->seqlen_k;
+  a.num_heads = p->num_heads, a.num_kv_heads = p->num_kv_heads, a.group = group, a.rows = static_cast<int>(rows);
+  a.q_sb = p->q_stride_b, a.q_ss = p->q_stride_s, a.q_sh = p->q_stride_h;
+  a.k_sb = p->k_stride_b, a.k_ss = p->k_stride_s, a.k_sh = p->k_stride_h;
+  a.v_sb = p->v_stride_b, a.v_ss = p->v_stride_s, a.v_sh = p->v_stride_h;
+  a.o_sb = p->o_stride_b, a.o_ss = p->o_stride_s, a.o_sh = p->o_stride_h;
+  a.bias_sb = p->bias_stride_b, a.bias_sh = p->bias_stride_h, a.bias_sq = p->bias_stride_q;
+  const float scale = p->scale != 0.f ? p->scale : 1.f / sqrtf(static_cast<float>(p->head_dim));
+  a.scale_log2 = scale * kLog2e;
+  a.causal = p->causal != 0, a.window = p->window, a.alibi = p->alibi != 0, a.alibi_bias_max = p->alibi_bias_max;
+  a.alibi_pow2 = 1;
+  while (a.alibi_pow2 < p->num_heads) a.alibi_pow2 *= 2;
+  switch (p->head_dim) {
+    case 64: return launch<64>(a, stream);
+    case 72: return launch<72>(a, stream);
+    case 80: return launch<80>(a, stream);
+    case 96: return launch<96>(a, stream);
+    default: return launch<128>(a, stream);
+  }
+}
