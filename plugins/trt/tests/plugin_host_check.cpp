@@ -1,0 +1,276 @@
+// Host-side check of the plugin library without TensorRT's runtime: dlopens libvlmx_trt_plugins.so (built against
+// TensorRT headers only), calls getCreators(), and for each case read from stdin creates a plugin from fields,
+// round-trips its serialization, and queries output count, types, shapes (through an evaluating IExprBuilder) and
+// format support. Prints one JSON object per case; tests/test_plugin_lib_compile.py checks them against the op table.
+//
+// Case line: OP|name=i:3;name=f:0.5;name=s:bsd|half,half,half|2x8x64;2x8x64;2x8x64
+#include <NvInferRuntime.h>
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+using namespace nvinfer1;
+
+namespace {
+
+// ---- an IExprBuilder that evaluates: constants stay constants, size tensors get ids -------------------------
+struct ExprImpl : apiv::VDimensionExpr {
+    int64_t value{0};
+    bool size{false};
+    bool isConstant() const override { return !size; }
+    int64_t getConstantValue() const override { return size ? -1 : value; }
+    bool isSizeTensor() const override { return size; }
+};
+
+struct Expr : IDimensionExpr {
+    ExprImpl impl;
+    Expr(int64_t v, bool s) {
+        impl.value = v;
+        impl.size = s;
+        mImpl = &impl;
+    }
+    ~Expr() noexcept override = default;
+};
+
+struct BuilderImpl : apiv::VExprBuilder {
+    std::vector<std::unique_ptr<Expr>> pool;
+    std::vector<std::string> sizeTensors;
+    IDimensionExpr const* make(int64_t v, bool s = false) {
+        pool.emplace_back(new Expr(v, s));
+        return pool.back().get();
+    }
+    IDimensionExpr const* constant(int64_t value) override { return make(value); }
+    IDimensionExpr const* operation(DimensionOperation op, IDimensionExpr const& a, IDimensionExpr const& b) override {
+        int64_t const x = a.getConstantValue();
+        int64_t const y = b.getConstantValue();
+        switch (op) {
+        case DimensionOperation::kSUM: return make(x + y);
+        case DimensionOperation::kPROD: return make(x * y);
+        case DimensionOperation::kMAX: return make(x > y ? x : y);
+        case DimensionOperation::kMIN: return make(x < y ? x : y);
+        case DimensionOperation::kSUB: return make(x - y);
+        case DimensionOperation::kEQUAL: return make(x == y);
+        case DimensionOperation::kLESS: return make(x < y);
+        case DimensionOperation::kFLOOR_DIV: return make(x / y);
+        case DimensionOperation::kCEIL_DIV: return make((x + y - 1) / y);
+        }
+        return nullptr;
+    }
+    IDimensionExpr const* declareSizeTensor(int32_t outputIndex, IDimensionExpr const& opt,
+        IDimensionExpr const& upper) override {
+        sizeTensors.push_back("{\"output\": " + std::to_string(outputIndex) + ", \"opt\": "
+            + std::to_string(opt.getConstantValue()) + ", \"upper\": " + std::to_string(upper.getConstantValue()) + "}");
+        return make(-1, true);
+    }
+};
+
+struct Builder : IExprBuilder {
+    BuilderImpl impl;
+    Builder() { mImpl = &impl; }
+};
+
+std::vector<std::string> split(std::string const& s, char sep) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, sep)) out.push_back(item);
+    if (!s.empty() && s.back() == sep) out.emplace_back();
+    return out;
+}
+
+DataType parseType(std::string const& t) {
+    if (t == "half") return DataType::kHALF;
+    if (t == "float") return DataType::kFLOAT;
+    if (t == "int8") return DataType::kINT8;
+    if (t == "int32") return DataType::kINT32;
+    if (t == "int64") return DataType::kINT64;
+    std::cerr << "unknown dtype " << t << std::endl;
+    std::exit(2);
+}
+
+char const* typeName(DataType t) {
+    switch (t) {
+    case DataType::kHALF: return "half";
+    case DataType::kFLOAT: return "float";
+    case DataType::kINT8: return "int8";
+    case DataType::kINT32: return "int32";
+    case DataType::kINT64: return "int64";
+    default: return "other";
+    }
+}
+
+std::string fieldsJson(PluginFieldCollection const* fc) {
+    std::string out = "[";
+    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
+        PluginField const& f = fc->fields[i];
+        out += (i ? ", " : "") + std::string("[\"") + f.name + "\", ";
+        switch (f.type) {
+        case PluginFieldType::kINT32: out += "\"int\", " + std::to_string(*static_cast<int32_t const*>(f.data)); break;
+        case PluginFieldType::kFLOAT32: {
+            std::ostringstream ss;
+            ss.precision(9);
+            ss << *static_cast<float const*>(f.data);
+            out += "\"float\", " + ss.str();
+            break;
+        }
+        case PluginFieldType::kCHAR:
+            out += "\"string\", \"" + std::string(static_cast<char const*>(f.data), static_cast<size_t>(f.length)) + "\"";
+            break;
+        default: out += "\"other\", null";
+        }
+        out += "]";
+    }
+    return out + "]";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::cerr << "usage: plugin_host_check <libvlmx_trt_plugins.so> < cases" << std::endl;
+        return 2;
+    }
+    void* lib = dlopen(argv[1], RTLD_LAZY | RTLD_LOCAL);
+    if (lib == nullptr) {
+        std::cerr << "dlopen: " << dlerror() << std::endl;
+        return 2;
+    }
+    using GetCreators = IPluginCreatorInterface* const* (*) (int32_t&);
+    auto getCreators = reinterpret_cast<GetCreators>(dlsym(lib, "getCreators"));
+    if (getCreators == nullptr || dlsym(lib, "setLoggerFinder") == nullptr) {
+        std::cerr << "library lacks getCreators/setLoggerFinder" << std::endl;
+        return 2;
+    }
+    int32_t nb = 0;
+    IPluginCreatorInterface* const* creators = getCreators(nb);
+    std::cout << "{\"creators\": [";
+    for (int32_t i = 0; i < nb; ++i) {
+        auto* c = static_cast<IPluginCreatorV3One*>(creators[i]);
+        std::cout << (i ? ", " : "") << "{\"name\": \"" << c->getPluginName() << "\", \"version\": \""
+                  << c->getPluginVersion() << "\", \"namespace\": \"" << c->getPluginNamespace()
+                  << "\", \"interface\": \"" << c->getInterfaceInfo().kind << "\", \"fields\": [";
+        PluginFieldCollection const* fn = c->getFieldNames();
+        for (int32_t f = 0; f < fn->nbFields; ++f) {
+            std::cout << (f ? ", " : "") << "[\"" << fn->fields[f].name << "\", " << static_cast<int>(fn->fields[f].type)
+                      << "]";
+        }
+        std::cout << "]}";
+    }
+    std::cout << "]}" << std::endl;
+
+    std::string line;
+    while (std::getline(std::cin, line)) {
+        if (line.empty()) continue;
+        std::vector<std::string> parts = split(line, '|');
+        parts.resize(4);
+        IPluginCreatorV3One* creator = nullptr;
+        for (int32_t i = 0; i < nb; ++i) {
+            auto* c = static_cast<IPluginCreatorV3One*>(creators[i]);
+            if (parts[0] == c->getPluginName()) creator = c;
+        }
+        if (creator == nullptr) {
+            std::cout << "{\"error\": \"no creator " << parts[0] << "\"}" << std::endl;
+            continue;
+        }
+        // Fields as the ONNX parser passes them: INT32 / FLOAT32 / CHAR (length without NUL).
+        std::vector<std::string> names, strs;
+        std::vector<int32_t> ints;
+        std::vector<float> floats;
+        auto const attrs = split(parts[1], ';');
+        names.reserve(attrs.size());
+        strs.reserve(attrs.size());
+        ints.reserve(attrs.size());
+        floats.reserve(attrs.size());
+        std::vector<PluginField> fields;
+        for (auto const& a : attrs) {
+            if (a.empty()) continue;
+            size_t const eq = a.find('=');
+            names.push_back(a.substr(0, eq));
+            char const kind = a[eq + 1];
+            std::string const val = a.substr(eq + 3);
+            if (kind == 'i') {
+                ints.push_back(std::atoi(val.c_str()));
+                fields.emplace_back(names.back().c_str(), &ints.back(), PluginFieldType::kINT32, 1);
+            } else if (kind == 'f') {
+                floats.push_back(static_cast<float>(std::atof(val.c_str())));
+                fields.emplace_back(names.back().c_str(), &floats.back(), PluginFieldType::kFLOAT32, 1);
+            } else {
+                strs.push_back(val);
+                fields.emplace_back(names.back().c_str(), strs.back().c_str(), PluginFieldType::kCHAR,
+                    static_cast<int32_t>(strs.back().size()));
+            }
+        }
+        PluginFieldCollection fc{static_cast<int32_t>(fields.size()), fields.data()};
+        std::unique_ptr<IPluginV3> plugin(creator->createPlugin("node", &fc, TensorRTPhase::kBUILD));
+        if (!plugin) {
+            std::cout << "{\"created\": false}" << std::endl;
+            continue;
+        }
+        auto* core = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
+        auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+        auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+        std::string const serialized = fieldsJson(runtime->getFieldsToSerialize());
+        // Round trip: a plugin created (runtime phase) from the serialized fields serializes identically.
+        std::unique_ptr<IPluginV3> again(
+            creator->createPlugin("node", runtime->getFieldsToSerialize(), TensorRTPhase::kRUNTIME));
+        std::string const reserialized = again ? fieldsJson(static_cast<IPluginV3OneRuntime*>(
+            again->getCapabilityInterface(PluginCapabilityType::kRUNTIME))->getFieldsToSerialize()) : "null";
+        std::unique_ptr<IPluginV3> cloned(plugin->clone());
+
+        auto const types = split(parts[2], ',');
+        auto const shapes = split(parts[3], ';');
+        int32_t const nbIn = static_cast<int32_t>(types.size());
+        int32_t const nbOut = build->getNbOutputs();
+        std::vector<DataType> inTypes, outTypes(static_cast<size_t>(nbOut));
+        for (auto const& t : types) inTypes.push_back(parseType(t));
+        int32_t const typesRc = build->getOutputDataTypes(outTypes.data(), nbOut, inTypes.data(), nbIn);
+
+        Builder eb;
+        std::vector<DimsExprs> inExprs(static_cast<size_t>(nbIn)), outExprs(static_cast<size_t>(nbOut));
+        for (int32_t i = 0; i < nbIn; ++i) {
+            auto const dims = split(shapes[static_cast<size_t>(i)], 'x');
+            inExprs[static_cast<size_t>(i)].nbDims = static_cast<int32_t>(dims.size());
+            for (size_t j = 0; j < dims.size(); ++j) {
+                inExprs[static_cast<size_t>(i)].d[j] = eb.impl.constant(std::atoll(dims[j].c_str()));
+            }
+        }
+        int32_t const shapesRc = build->getOutputShapes(inExprs.data(), nbIn, nullptr, 0, outExprs.data(), nbOut, eb);
+
+        // Format support for the given input types followed by the reported output types (linear).
+        std::vector<DynamicPluginTensorDesc> io(static_cast<size_t>(nbIn + nbOut));
+        for (int32_t i = 0; i < nbIn + nbOut; ++i) {
+            io[static_cast<size_t>(i)].desc.type = i < nbIn ? inTypes[static_cast<size_t>(i)]
+                                                             : outTypes[static_cast<size_t>(i - nbIn)];
+            io[static_cast<size_t>(i)].desc.format = TensorFormat::kLINEAR;
+        }
+        std::cout << "{\"created\": true, \"name\": \"" << core->getPluginName() << "\", \"cloned\": "
+                  << (cloned ? "true" : "false") << ", \"serialized\": " << serialized
+                  << ", \"reserialized\": " << reserialized << ", \"nb_outputs\": " << nbOut
+                  << ", \"types_rc\": " << typesRc << ", \"output_types\": [";
+        for (int32_t o = 0; o < nbOut; ++o) std::cout << (o ? ", " : "") << "\"" << typeName(outTypes[o]) << "\"";
+        std::cout << "], \"shapes_rc\": " << shapesRc << ", \"output_shapes\": [";
+        for (int32_t o = 0; o < nbOut && shapesRc == 0; ++o) {
+            std::cout << (o ? ", " : "") << "[";
+            for (int32_t j = 0; j < outExprs[o].nbDims; ++j) {
+                IDimensionExpr const* e = outExprs[o].d[j];
+                std::cout << (j ? ", " : "") << (e->isSizeTensor() ? -1 : e->getConstantValue());
+            }
+            std::cout << "]";
+        }
+        std::cout << "], \"size_tensors\": [";
+        for (size_t s = 0; s < eb.impl.sizeTensors.size(); ++s) std::cout << (s ? ", " : "") << eb.impl.sizeTensors[s];
+        std::cout << "], \"formats\": [";
+        for (int32_t p = 0; p < nbIn + nbOut; ++p) {
+            std::cout << (p ? ", " : "") << (build->supportsFormatCombination(p, io.data(), nbIn, nbOut) ? "true" : "false");
+        }
+        std::cout << "]}" << std::endl;
+    }
+    return 0;
+}

@@ -1,0 +1,383 @@
+// Per-op rules of the vlmx plugins: output types and shapes, supported formats, shape checks and the launch.
+// FlashAttention and W8A8Linear call the CUDA C ABI (plugins/csrc/vlmx_kernels.h, fp16 only); the memory-bound ops
+// launch AOT-compiled Triton kernels through CubinRegistry, by names "<kernel>_<fp16|fp32>" and named arguments
+// (docs/tensorrt.md lists them).
+#include "cubin_loader.h"
+#include "vlmx_kernels.h"
+#include "vlmx_plugin.h"
+
+#include <cuda_runtime_api.h>
+
+#include <set>
+#include <string>
+
+using namespace nvinfer1;
+
+namespace vlmx {
+namespace {
+
+std::string const kLayoutPacked = "packed";
+std::string const kLayoutBhsd = "bhsd";
+
+//! Op-table input index of TensorRT input `pos` (a packed FlashAttention's second input is its bias).
+int32_t inputDefIndex(OpAttrs const& a, int32_t pos, int32_t nbIn) {
+    if (a.op() == gen::kFlashAttention && a.getString("layout") == kLayoutPacked && nbIn == 2 && pos == 1) return 3;
+    return pos;
+}
+
+int64_t volumeExceptLast(Dims const& d) {
+    int64_t v = 1;
+    for (int32_t i = 0; i + 1 < d.nbDims; ++i) v *= d.d[i];
+    return v;
+}
+
+int64_t lastDim(Dims const& d) { return d.nbDims > 0 ? d.d[d.nbDims - 1] : 1; }
+
+char const* dtypeSuffix(DataType t) { return t == DataType::kHALF ? "fp16" : "fp32"; }
+
+//! The float type variable T of an op at this call: the type of the first input declared as T.
+DataType floatTypeOf(OpAttrs const& a, PluginTensorDesc const* desc, int32_t nbIn) {
+    for (int32_t p = 0; p < nbIn; ++p) {
+        if (a.def().inputs[inputDefIndex(a, p, nbIn)].dtype == gen::DType::kT) return desc[p].type;
+    }
+    return DataType::kHALF;
+}
+
+int32_t kvHeads(OpAttrs const& a) {
+    int32_t const h = a.getInt("num_kv_heads");
+    return h > 0 ? h : a.getInt("num_heads");
+}
+
+std::string dimsToString(Dims const& d) {
+    std::string s = "[";
+    for (int32_t i = 0; i < d.nbDims; ++i) s += (i ? ", " : "") + std::to_string(d.d[i]);
+    return s + "]";
+}
+
+std::string kernelError(vlmx_status st) {
+    return std::string("kernel returned status ") + std::to_string(static_cast<int>(st)) + ": " + vlmx_last_error();
+}
+
+//! Strides of a bias broadcastable to [B, H, Sq, Sk] (right-aligned, size-1 dims broadcast with stride 0).
+void biasStrides(Dims const& d, vlmx_attention_params& p) {
+    int64_t shape[4] = {1, 1, 1, 1};
+    for (int32_t i = 0; i < d.nbDims && i < 4; ++i) shape[4 - d.nbDims + i] = d.d[i];
+    int64_t const sq = shape[3];
+    int64_t const sh = shape[2] * sq;
+    int64_t const sb = shape[1] * sh;
+    p.bias_stride_q = shape[2] == 1 ? 0 : sq;
+    p.bias_stride_h = shape[1] == 1 ? 0 : sh;
+    p.bias_stride_b = shape[0] == 1 ? 0 : sb;
+}
+
+std::string attentionEnqueue(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn, void const* const* inputs,
+    void* const* outputs, cudaStream_t stream) {
+    vlmx_attention_params p{};
+    std::string const& layout = a.getString("layout");
+    int32_t const H = a.getInt("num_heads");
+    int32_t const Hkv = kvHeads(a);
+    int32_t const D = a.getInt("head_dim");
+    Dims const& q = in[0].dims;
+    p.batch = static_cast<int>(q.d[0]);
+    p.num_heads = H;
+    p.num_kv_heads = Hkv;
+    p.head_dim = D;
+    int32_t biasPos = -1;
+    if (layout == kLayoutPacked) {
+        int64_t const row = static_cast<int64_t>(H + 2 * Hkv) * D;
+        int64_t const S = q.d[1];
+        char const* base = static_cast<char const*>(inputs[0]);
+        p.q = base;
+        p.k = base + static_cast<int64_t>(H) * D * 2;  // fp16: 2 bytes per element
+        p.v = base + static_cast<int64_t>(H + Hkv) * D * 2;
+        p.seqlen_q = p.seqlen_k = static_cast<int>(S);
+        p.q_stride_b = p.k_stride_b = p.v_stride_b = S * row;
+        p.q_stride_s = p.k_stride_s = p.v_stride_s = row;
+        p.q_stride_h = p.k_stride_h = p.v_stride_h = D;
+        p.o_stride_b = S * H * D;
+        p.o_stride_s = static_cast<int64_t>(H) * D;
+        p.o_stride_h = D;
+        biasPos = nbIn == 2 ? 1 : -1;
+    } else {
+        Dims const& k = in[1].dims;
+        p.q = inputs[0];
+        p.k = inputs[1];
+        p.v = inputs[2];
+        if (layout == kLayoutBhsd) {  // [B, H, S, D]
+            p.seqlen_q = static_cast<int>(q.d[2]);
+            p.seqlen_k = static_cast<int>(k.d[2]);
+            p.q_stride_b = p.o_stride_b = static_cast<int64_t>(H) * q.d[2] * D;
+            p.q_stride_h = p.o_stride_h = q.d[2] * D;
+            p.q_stride_s = p.o_stride_s = D;
+            p.k_stride_b = p.v_stride_b = static_cast<int64_t>(Hkv) * k.d[2] * D;
+            p.k_stride_h = p.v_stride_h = k.d[2] * D;
+            p.k_stride_s = p.v_stride_s = D;
+        } else {  // bsd: [B, S, H*D]
+            p.seqlen_q = static_cast<int>(q.d[1]);
+            p.seqlen_k = static_cast<int>(k.d[1]);
+            p.q_stride_b = p.o_stride_b = q.d[1] * H * D;
+            p.q_stride_s = p.o_stride_s = static_cast<int64_t>(H) * D;
+            p.q_stride_h = p.o_stride_h = D;
+            p.k_stride_b = p.v_stride_b = k.d[1] * Hkv * D;
+            p.k_stride_s = p.v_stride_s = static_cast<int64_t>(Hkv) * D;
+            p.k_stride_h = p.v_stride_h = D;
+        }
+        biasPos = nbIn == 4 ? 3 : -1;
+    }
+    p.o = outputs[0];
+    if (biasPos >= 0) {
+        p.bias = inputs[biasPos];
+        biasStrides(in[biasPos].dims, p);
+    }
+    p.scale = a.getFloat("scale");
+    p.causal = a.getInt("causal");
+    p.window = a.getInt("window");
+    p.alibi = a.getInt("alibi");
+    p.alibi_bias_max = a.getInt("alibi_bias_max");
+    vlmx_status const st = vlmx_flash_attention_fwd(&p, stream);
+    return st == VLMX_OK ? "" : kernelError(st);
+}
+
+std::string tritonLaunch(std::string const& kernel, KernelArgs const& args, cudaStream_t stream) {
+    return CubinRegistry::instance().launch(kernel, args, stream) == 0 ? "" : CubinRegistry::instance().lastError();
+}
+
+}  // namespace
+
+int32_t opNbOutputs(int32_t op) { return gen::kOps[op].nbOutputs + (op == gen::kGatherTopK ? 1 : 0); }
+
+std::string opTritonKernel(OpAttrs const& a, DataType t) {
+    std::string const dt = dtypeSuffix(t);
+    switch (a.op()) {
+    case gen::kQuantizePerToken: return "quantize_per_token_" + dt;
+    case gen::kGeluQuant: return "gelu_quant_" + a.getString("approximate") + "_" + dt;
+    case gen::kNormQuant: return "norm_quant_" + a.getString("mode") + "_" + dt;
+    case gen::kTokenImportance: return "token_importance_" + dt;
+    case gen::kGatherTopK: return "gather_topk_" + dt;
+    default: return "";
+    }
+}
+
+std::string opOutputTypes(OpAttrs const& a, DataType const* in, int32_t nbIn, DataType* out, int32_t nbOut) {
+    if (nbOut != opNbOutputs(a.op()) || nbIn < 1) return "unexpected number of outputs";
+    switch (a.op()) {
+    case gen::kFlashAttention: out[0] = in[0]; break;
+    case gen::kW8A8Linear:
+        out[0] = nbIn == 5 ? in[4] : (a.getString("out_dtype") == "float32" ? DataType::kFLOAT : DataType::kHALF);
+        break;
+    case gen::kQuantizePerToken:
+    case gen::kGeluQuant: out[0] = DataType::kINT8; out[1] = DataType::kFLOAT; break;
+    case gen::kNormQuant: out[0] = DataType::kINT8; out[1] = out[2] = DataType::kFLOAT; break;
+    case gen::kTokenImportance: out[0] = DataType::kFLOAT; break;
+    case gen::kGatherTopK: out[0] = in[0]; out[1] = out[2] = DataType::kINT64; break;
+    default: return "unknown op";
+    }
+    return "";
+}
+
+std::string opOutputShapes(OpAttrs const& a, DimsExprs const* in, int32_t nbIn, DimsExprs* out, int32_t nbOut,
+    IExprBuilder& eb) {
+    if (nbOut != opNbOutputs(a.op()) || nbIn < 1) return "unexpected number of outputs";
+    auto lastToOne = [&](DimsExprs d) {
+        d.d[d.nbDims - 1] = eb.constant(1);
+        return d;
+    };
+    switch (a.op()) {
+    case gen::kFlashAttention:
+        out[0] = in[0];
+        if (a.getString("layout") == kLayoutPacked) {
+            if (in[0].nbDims != 3) return "packed layout needs q of rank 3 [B, S, (H+2*Hkv)*D]";
+            out[0].d[2] = eb.constant(static_cast<int64_t>(a.getInt("num_heads")) * a.getInt("head_dim"));
+        }
+        break;
+    case gen::kW8A8Linear:
+        if (nbIn < 4 || in[2].nbDims != 2) return "W8A8Linear needs w of rank 2 [N, K]";
+        out[0] = in[0];
+        out[0].d[in[0].nbDims - 1] = in[2].d[0];
+        break;
+    case gen::kQuantizePerToken:
+    case gen::kGeluQuant: out[0] = in[0]; out[1] = lastToOne(in[0]); break;
+    case gen::kNormQuant: out[0] = in[0]; out[1] = out[2] = lastToOne(in[0]); break;
+    case gen::kTokenImportance:
+        if (nbIn != 2 || in[0].nbDims != 3 || in[1].nbDims != 3) return "TokenImportance needs q_text, k_vis of rank 3";
+        out[0].nbDims = 2;
+        out[0].d[0] = in[0].d[0];
+        out[0].d[1] = in[1].d[1];
+        break;
+    case gen::kGatherTopK: {
+        if (nbIn != 3 || in[0].nbDims != 3) return "GatherTopK needs x [B, N, C], scores [B, N], keep [1]";
+        // keep is data: the kept count is a size tensor (extra output 2), bounded by N.
+        IDimensionExpr const* kept = eb.declareSizeTensor(2, *in[0].d[1], *in[0].d[1]);
+        if (kept == nullptr) return "declareSizeTensor failed";
+        out[0] = in[0];
+        out[0].d[1] = kept;
+        out[1].nbDims = 2;
+        out[1].d[0] = in[0].d[0];
+        out[1].d[1] = kept;
+        out[2].nbDims = 0;
+        break;
+    }
+    default: return "unknown op";
+    }
+    return "";
+}
+
+bool opSupportsFormat(OpAttrs const& a, int32_t pos, PluginTensorDesc const* desc, int32_t nbIn, int32_t nbOut) {
+    if (pos < 0 || pos >= nbIn + nbOut) return false;
+    PluginTensorDesc const& d = desc[pos];
+    if (d.format != TensorFormat::kLINEAR) return false;
+    gen::OpDef const& def = a.def();
+    gen::DType want;
+    if (pos < nbIn) {
+        want = def.inputs[inputDefIndex(a, pos, nbIn)].dtype;
+    } else {
+        int32_t const o = pos - nbIn;
+        want = o < def.nbOutputs ? def.outputs[o].dtype : gen::DType::kInt64;  // GatherTopK's size tensor
+    }
+    switch (want) {
+    case gen::DType::kInt8: return d.type == DataType::kINT8;
+    case gen::DType::kInt64: return d.type == DataType::kINT64;
+    case gen::DType::kFloat32: return d.type == DataType::kFLOAT;
+    case gen::DType::kT: break;
+    }
+    // T: every tensor naming T shares the type of the first one (TensorRT asks positions in order).
+    for (int32_t p = 0; p < pos; ++p) {
+        bool const isT = p < nbIn ? def.inputs[inputDefIndex(a, p, nbIn)].dtype == gen::DType::kT
+                                  : (p - nbIn < def.nbOutputs && def.outputs[p - nbIn].dtype == gen::DType::kT);
+        if (isT) return d.type == desc[p].type;
+    }
+    if (a.op() == gen::kFlashAttention || a.op() == gen::kW8A8Linear) {
+        return d.type == DataType::kHALF;  // the CUDA kernels are fp16 (fp32 accumulation)
+    }
+    if (d.type != DataType::kHALF && d.type != DataType::kFLOAT) return false;
+    if (!CubinRegistry::instance().has(opTritonKernel(a, d.type))) {
+        static std::set<std::string> reported;
+        std::string const err = CubinRegistry::instance().lastError();
+        if (reported.insert(err).second) logMessage(ILogger::Severity::kERROR, err);
+        return false;
+    }
+    return true;
+}
+
+std::string opCheckShapes(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn, PluginTensorDesc const* out,
+    int32_t nbOut) {
+    (void) out;
+    (void) nbOut;
+    switch (a.op()) {
+    case gen::kFlashAttention: {
+        int32_t const H = a.getInt("num_heads");
+        int32_t const Hkv = kvHeads(a);
+        int64_t const D = a.getInt("head_dim");
+        if (H <= 0 || D <= 0 || H % Hkv != 0) {
+            return "num_heads=" + std::to_string(H) + " must be a positive multiple of num_kv_heads=" + std::to_string(Hkv);
+        }
+        std::string const& layout = a.getString("layout");
+        if (layout == kLayoutPacked) {
+            if (lastDim(in[0].dims) != (H + 2 * Hkv) * D) {
+                return "packed qkv " + dimsToString(in[0].dims) + " must end in (num_heads + 2*num_kv_heads)*head_dim = "
+                    + std::to_string((H + 2 * Hkv) * D);
+            }
+        } else if (nbIn < 3) {
+            return "layout " + layout + " needs q, k and v inputs";
+        } else if (layout == kLayoutBhsd) {
+            if (in[0].dims.nbDims != 4 || in[0].dims.d[1] != H || in[0].dims.d[3] != D || in[1].dims.d[1] != Hkv) {
+                return "bhsd q " + dimsToString(in[0].dims) + " / k " + dimsToString(in[1].dims)
+                    + " do not match num_heads, num_kv_heads, head_dim";
+            }
+        } else if (lastDim(in[0].dims) != H * D || lastDim(in[1].dims) != Hkv * D || lastDim(in[2].dims) != Hkv * D) {
+            return "bsd q " + dimsToString(in[0].dims) + ", k " + dimsToString(in[1].dims) + " must end in num_heads*head_dim="
+                + std::to_string(H * D) + " and num_kv_heads*head_dim=" + std::to_string(Hkv * D);
+        }
+        break;
+    }
+    case gen::kW8A8Linear: {
+        int64_t const K = lastDim(in[0].dims);
+        if (in[2].dims.nbDims != 2 || in[2].dims.d[1] != K) {
+            return "w " + dimsToString(in[2].dims) + " must be [N, K] with K = " + std::to_string(K) + " (x's last dim)";
+        }
+        if (K % 16 != 0) return "K = " + std::to_string(K) + " must be a multiple of 16 for the int8 tensor-core GEMM";
+        if (volumeExceptLast(in[1].dims) * lastDim(in[1].dims) != volumeExceptLast(in[0].dims)) {
+            return "x_scale " + dimsToString(in[1].dims) + " must hold one scale per token of x " + dimsToString(in[0].dims);
+        }
+        break;
+    }
+    case gen::kNormQuant:
+        if (lastDim(in[1].dims) != lastDim(in[0].dims)) return "weight must have x's last dim";
+        break;
+    case gen::kTokenImportance: {
+        int64_t const D = a.getInt("head_dim");
+        int32_t const H = a.getInt("num_heads");
+        int32_t const Hkv = kvHeads(a);
+        if (lastDim(in[0].dims) != H * D || lastDim(in[1].dims) != Hkv * D || H % Hkv != 0) {
+            return "q_text " + dimsToString(in[0].dims) + " / k_vis " + dimsToString(in[1].dims)
+                + " do not match num_heads, num_kv_heads, head_dim";
+        }
+        break;
+    }
+    case gen::kGatherTopK:
+        if (in[1].dims.nbDims != 2 || in[1].dims.d[0] != in[0].dims.d[0] || in[1].dims.d[1] != in[0].dims.d[1]) {
+            return "scores " + dimsToString(in[1].dims) + " must be [B, N] of x " + dimsToString(in[0].dims);
+        }
+        break;
+    default: break;
+    }
+    return "";
+}
+
+std::string opEnqueue(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn, PluginTensorDesc const* out,
+    int32_t nbOut, void const* const* inputs, void* const* outputs, cudaStream_t stream) {
+    (void) nbOut;
+    std::string const err = opCheckShapes(a, in, nbIn, out, nbOut);
+    if (!err.empty()) return err;
+    DataType const t = floatTypeOf(a, in, nbIn);
+    int64_t const rows = volumeExceptLast(in[0].dims);
+    int64_t const cols = lastDim(in[0].dims);
+    KernelArgs args;
+    switch (a.op()) {
+    case gen::kFlashAttention: return attentionEnqueue(a, in, nbIn, inputs, outputs, stream);
+    case gen::kW8A8Linear: {
+        if (out[0].type != DataType::kHALF) return "only float16 output is implemented by the W8A8 kernel";
+        vlmx_status const st = vlmx_w8a8_linear(static_cast<int8_t const*>(inputs[0]),
+            static_cast<float const*>(inputs[1]), static_cast<int8_t const*>(inputs[2]),
+            static_cast<float const*>(inputs[3]), nbIn == 5 ? inputs[4] : nullptr, outputs[0], nullptr, nullptr,
+            static_cast<int>(rows), static_cast<int>(in[2].dims.d[0]), static_cast<int>(cols), stream);
+        return st == VLMX_OK ? "" : kernelError(st);
+    }
+    case gen::kQuantizePerToken:
+    case gen::kGeluQuant:
+        args.ptr("x", inputs[0]).ptr("q", outputs[0]).ptr("scale", outputs[1]);
+        args.i64("n_rows", rows).i64("n_cols", cols).f32("clip_range", a.getFloat("clip_range"));
+        args.f32("quant_eps", gen::kQuantEps);
+        break;
+    case gen::kNormQuant:
+        args.ptr("x", inputs[0]).ptr("weight", inputs[1]).ptr("bias", nbIn == 3 ? inputs[2] : nullptr);
+        args.ptr("q", outputs[0]).ptr("scale", outputs[1]).ptr("sum", outputs[2]);
+        args.i64("n_rows", rows).i64("n_cols", cols).i64("has_bias", nbIn == 3 ? 1 : 0);
+        args.f32("eps", a.getFloat("eps")).i64("per_token", a.getInt("per_token"));
+        args.f32("static_scale", a.getFloat("static_scale")).f32("clip_range", a.getFloat("clip_range"));
+        args.f32("quant_eps", gen::kQuantEps);
+        break;
+    case gen::kTokenImportance: {
+        int32_t const Hkv = kvHeads(a);
+        float const scale = a.getFloat("scale");
+        args.ptr("q_text", inputs[0]).ptr("k_vis", inputs[1]).ptr("scores", outputs[0]);
+        args.i64("batch", in[0].dims.d[0]).i64("text_len", in[0].dims.d[1]).i64("num_tokens", in[1].dims.d[1]);
+        args.i64("num_heads", a.getInt("num_heads")).i64("num_kv_heads", Hkv).i64("head_dim", a.getInt("head_dim"));
+        args.f32("scale", scale > 0.0F ? scale : 0.0F);
+        break;
+    }
+    case gen::kGatherTopK: {
+        // The size tensor (output 2) is the kept count: copy `keep` (1 <= keep <= N by the op contract).
+        cudaError_t const ce = cudaMemcpyAsync(outputs[2], inputs[2], sizeof(int64_t), cudaMemcpyDeviceToDevice, stream);
+        if (ce != cudaSuccess) return std::string("cudaMemcpyAsync(keep) failed: ") + cudaGetErrorString(ce);
+        args.ptr("x", inputs[0]).ptr("scores", inputs[1]).ptr("keep", inputs[2]);
+        args.ptr("x_kept", outputs[0]).ptr("idx", outputs[1]);
+        args.i64("batch", in[0].dims.d[0]).i64("num_tokens", in[0].dims.d[1]).i64("channels", in[0].dims.d[2]);
+        break;
+    }
+    default: return "unknown op";
+    }
+    return tritonLaunch(opTritonKernel(a, t), args, stream);
+}
+
+}  // namespace vlmx
