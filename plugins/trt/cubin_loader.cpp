@@ -7,6 +7,7 @@
 #include <dlfcn.h>
 
 #include <cctype>
+#include <climits>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -78,44 +79,99 @@ std::string readFile(std::string const& path) {
 
 }  // namespace
 
-std::map<std::string, KernelSpec> parseCubinManifest(std::string const& text, std::string const& manifestDir) {
+CubinManifest parseCubinManifest(std::string const& text, std::string const& manifestDir) {
     json::Value root = json::parse(text);
-    if (!root.has("format") || root.at("format").str() != "vlmx-triton-cubins") {
-        throw std::runtime_error("not a vlmx-triton-cubins manifest (\"format\" is missing or different)");
+    if (!root.has("format") || root.at("format").type != json::Value::Type::kNumber || root.at("format").integer() != 1) {
+        throw std::runtime_error("not a format-1 vlmx Triton manifest (\"format\" is missing or not 1); rebuild the "
+                                 "Triton kernels with this vlmx");
     }
-    if (root.at("format_version").integer() != 1) {
-        throw std::runtime_error("format_version " + std::to_string(root.at("format_version").integer())
-                                 + " is not supported (this plugin library reads 1); rebuild the Triton kernels");
-    }
-    std::map<std::string, KernelSpec> out;
-    for (auto const& kv : root.at("kernels").object) {
-        std::string const where = "kernel \"" + kv.first + "\"";
-        json::Value const& k = kv.second;
+    CubinManifest m;
+    m.sm = static_cast<int32_t>(root.at("sm").integer());
+    auto path = [&](std::string const& rel) { return (!rel.empty() && rel[0] == '/') ? rel : manifestDir + "/" + rel; };
+    for (auto const& k : root.at("kernels").array) {
+        std::string where = "kernel entry";
         try {
             KernelSpec spec;
-            spec.name = kv.first;
-            std::string const cubin = k.at("cubin").str();
-            spec.cubinPath = (!cubin.empty() && cubin[0] == '/') ? cubin : manifestDir + "/" + cubin;
-            spec.function = k.at("function").str();
-            spec.numWarps = k.has("num_warps") ? static_cast<int32_t>(k.at("num_warps").integer()) : 4;
-            spec.sharedBytes = k.has("shared") ? static_cast<int32_t>(k.at("shared").integer()) : 0;
-            spec.trailingNullPtrs = k.has("trailing_null_ptrs")
-                ? static_cast<int32_t>(k.at("trailing_null_ptrs").integer()) : 0;
+            spec.kernel = k.at("kernel").str();
+            spec.spec = k.at("spec").str();
+            where = "kernel " + spec.kernel + "." + spec.spec;
+            spec.symbol = k.at("symbol").str();
+            spec.cubinPath = path(k.at("cubin").str());
+            spec.ptxPath = k.has("ptx") ? path(k.at("ptx").str()) : "";
             for (auto const& p : k.at("params").array) {
                 spec.params.push_back({p.at("name").str(), parseParamType(p.at("type").str(), where)});
             }
+            if (k.has("trailing_params")) {
+                for (auto const& p : k.at("trailing_params").array) {
+                    if (p.has("size") && p.at("size").integer() != 0) {
+                        throw std::runtime_error("needs " + std::to_string(p.at("size").integer()) + " bytes of "
+                                                 + p.at("name").str() + " scratch, which this loader does not allocate");
+                    }
+                    ++spec.trailingParams;
+                }
+            }
+            spec.threadsPerBlock = static_cast<int32_t>(k.has("threads_per_block") ? k.at("threads_per_block").integer()
+                                                                                   : 32 * k.at("num_warps").integer());
+            spec.sharedBytes = static_cast<int32_t>(k.has("shared_bytes") ? k.at("shared_bytes").integer() : 0);
             auto const& grid = k.at("grid").array;
             if (grid.empty() || grid.size() > 3) throw std::runtime_error("grid must have 1 to 3 entries");
             for (auto const& g : grid) {
                 spec.grid.push_back(g.type == json::Value::Type::kNumber ? std::to_string(g.integer()) : g.str());
             }
             while (spec.grid.size() < 3) spec.grid.push_back("1");
-            out[spec.name] = spec;
+            if (k.has("match")) {
+                json::Value const& match = k.at("match");
+                if (match.has("dtype") && match.at("dtype").type == json::Value::Type::kString) {
+                    spec.dtype = match.at("dtype").str();
+                }
+                if (match.has("ranges")) {
+                    for (auto const& r : match.at("ranges").object) {
+                        auto const& lohi = r.second.array;
+                        if (lohi.size() != 2) throw std::runtime_error("range " + r.first + " is not [lo, hi]");
+                        spec.ranges.push_back({r.first, lohi[0].integer(),
+                            lohi[1].type == json::Value::Type::kNull ? -1 : lohi[1].integer()});
+                    }
+                }
+            }
+            if (k.has("divisible_by_16")) {
+                for (auto const& n : k.at("divisible_by_16").array) spec.divisibleBy16.push_back(n.str());
+            }
+            m.kernels.push_back(spec);
         } catch (std::exception const& e) {
             throw std::runtime_error(where + ": " + e.what());
         }
     }
-    return out;
+    return m;
+}
+
+KernelSpec const* selectKernel(CubinManifest const& m, std::string const& kernel, std::string const& dtype,
+    KernelArgs const& args, std::string* why) {
+    std::string seen;
+    for (KernelSpec const& e : m.kernels) {
+        if (e.kernel != kernel) continue;
+        seen += (seen.empty() ? "" : ", ") + e.spec;
+        if (!e.dtype.empty() && e.dtype != dtype) continue;
+        bool ok = true;
+        for (KernelRange const& r : e.ranges) {
+            if (!args.hasInt(r.name)) {
+                ok = false;
+                break;
+            }
+            int64_t const v = args.getInt(r.name);
+            ok = ok && v >= r.lo && (r.hi < 0 || v <= r.hi);
+        }
+        for (std::string const& n : e.divisibleBy16) {
+            if (args.hasPtr(n)) ok = ok && reinterpret_cast<uintptr_t>(args.getPtr(n)) % 16 == 0;
+            else if (args.hasInt(n)) ok = ok && args.getInt(n) % 16 == 0;
+            else ok = false;
+        }
+        if (ok) return &e;
+    }
+    if (why != nullptr) {
+        *why = seen.empty() ? "the manifest has no kernel \"" + kernel + "\""
+                            : "no specialisation of " + kernel + " fits dtype " + dtype + " and these sizes; available: " + seen;
+    }
+    return nullptr;
 }
 
 int64_t evalGridEntry(std::string const& entry, KernelArgs const& args) {
@@ -169,15 +225,16 @@ void CubinRegistry::loadManifest(std::string const& path) {
     std::lock_guard<std::mutex> lock(mutex_);
     attempted_ = true;
     manifestPath_ = path;
-    kernels_.clear();
+    manifest_ = CubinManifest{};
     functions_.clear();  // modules stay loaded until process exit: a context may still run them
     error_.clear();
     try {
         size_t const slash = path.find_last_of('/');
-        kernels_ = parseCubinManifest(readFile(path), slash == std::string::npos ? "." : path.substr(0, slash));
+        manifest_ = parseCubinManifest(readFile(path), slash == std::string::npos ? "." : path.substr(0, slash));
     } catch (std::exception const& e) {
         error_ = "Triton kernel manifest " + path + ": " + e.what()
-            + " (build it with `python -m vlmx.plugins.triton_aot`, or set VLMX_TRITON_MANIFEST)";
+            + " (build it with `python -m vlmx.plugins.triton_aot --target trt-sm75 --out <dir>` and put it in "
+              "<plugin library dir>/triton/, or set VLMX_TRITON_MANIFEST)";
     }
 }
 
@@ -191,15 +248,15 @@ bool CubinRegistry::ensureLoaded() {
     return error_.empty();
 }
 
-bool CubinRegistry::has(std::string const& kernel) {
+bool CubinRegistry::has(std::string const& kernel, std::string const& dtype) {
     if (!ensureLoaded()) return false;
     std::lock_guard<std::mutex> lock(mutex_);
-    if (kernels_.count(kernel) == 0) {
-        error_ = "Triton kernel \"" + kernel + "\" is not in " + manifestPath_
-            + "; rebuild the Triton kernels for this op and dtype";
-        return false;
+    for (KernelSpec const& e : manifest_.kernels) {
+        if (e.kernel == kernel && (e.dtype.empty() || e.dtype == dtype)) return true;
     }
-    return true;
+    error_ = "Triton kernel " + kernel + " for " + dtype + " is not in " + manifestPath_
+        + "; rebuild the Triton kernels (python -m vlmx.plugins.triton_aot)";
+    return false;
 }
 
 std::string CubinRegistry::lastError() const {
@@ -213,22 +270,34 @@ void* CubinRegistry::moduleFunction(KernelSpec const& spec) {
     CUcontext ctx = nullptr;
     CUresult rc = d.ctxGetCurrent(&ctx);
     if (rc != CUDA_SUCCESS || ctx == nullptr) throw std::runtime_error("no current CUDA context: " + cuError(rc));
-    auto key = std::make_pair(static_cast<void*>(ctx), spec.name);
+    auto key = std::make_pair(static_cast<void*>(ctx), spec.kernel + "." + spec.spec);
     auto it = functions_.find(key);
     if (it != functions_.end()) return it->second;
-    std::string const image = readFile(spec.cubinPath);
+    // cubin when the device runs the manifest's sm natively (same major, minor >=), else the PTX through the JIT.
+    int dev = 0;
+    int major = 0;
+    int minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    int const deviceSm = 10 * major + minor;
+    if (deviceSm < manifest_.sm) {
+        throw std::runtime_error("kernels built for sm_" + std::to_string(manifest_.sm) + " cannot run on this sm_"
+                                 + std::to_string(deviceSm) + " GPU; build them for a target <= sm_" + std::to_string(deviceSm));
+    }
+    char const* prefer = std::getenv("VLMX_TRITON_PREFER");
+    bool const native = manifest_.sm / 10 == deviceSm / 10;
+    bool const usePtx = prefer != nullptr ? std::string(prefer) == "ptx" : !native;
+    std::string image = readFile(usePtx ? spec.ptxPath : spec.cubinPath);
+    if (usePtx) image.push_back('\0');  // the driver wants NUL-terminated PTX
     CUmodule mod = nullptr;
     rc = d.moduleLoadData(&mod, image.data());
     if (rc != CUDA_SUCCESS) {
-        throw std::runtime_error("cuModuleLoadData(" + spec.cubinPath + ") failed: " + cuError(rc)
-                                 + " (was the cubin compiled for this GPU's compute capability?)");
+        throw std::runtime_error("cuModuleLoadData(" + (usePtx ? spec.ptxPath : spec.cubinPath) + ") failed: " + cuError(rc));
     }
-    modules_.push_back(mod);
     CUfunction fn = nullptr;
-    rc = d.moduleGetFunction(&fn, mod, spec.function.c_str());
-    if (rc != CUDA_SUCCESS) {
-        throw std::runtime_error("cubin " + spec.cubinPath + " has no function " + spec.function + ": " + cuError(rc));
-    }
+    rc = d.moduleGetFunction(&fn, mod, spec.symbol.c_str());
+    if (rc != CUDA_SUCCESS) throw std::runtime_error("module has no function " + spec.symbol + ": " + cuError(rc));
     if (spec.sharedBytes > 48 * 1024) {
         rc = d.funcSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, spec.sharedBytes);
         if (rc != CUDA_SUCCESS) throw std::runtime_error("cannot raise dynamic shared memory: " + cuError(rc));
@@ -237,13 +306,17 @@ void* CubinRegistry::moduleFunction(KernelSpec const& spec) {
     return fn;
 }
 
-int32_t CubinRegistry::launch(std::string const& kernel, KernelArgs const& args, cudaStream_t stream) {
-    if (!has(kernel)) return -1;
+int32_t CubinRegistry::launch(std::string const& kernel, std::string const& dtype, KernelArgs const& args,
+    cudaStream_t stream) {
+    if (!has(kernel, dtype)) return -1;
     std::lock_guard<std::mutex> lock(mutex_);
     try {
-        KernelSpec const& spec = kernels_.at(kernel);
+        std::string why;
+        KernelSpec const* found = selectKernel(manifest_, kernel, dtype, args, &why);
+        if (found == nullptr) throw std::runtime_error(why);
+        KernelSpec const& spec = *found;
         // Argument storage must outlive cuLaunchKernel: 8 bytes per slot covers every scalar and pointer.
-        std::vector<uint64_t> storage(spec.params.size() + static_cast<size_t>(spec.trailingNullPtrs), 0);
+        std::vector<uint64_t> storage(spec.params.size() + static_cast<size_t>(spec.trailingParams), 0);
         std::vector<void*> slots(storage.size());
         for (size_t i = 0; i < spec.params.size(); ++i) {
             KernelParam const& p = spec.params[i];
@@ -253,10 +326,13 @@ int32_t CubinRegistry::launch(std::string const& kernel, KernelArgs const& args,
                 if (!args.hasPtr(p.name)) throw std::runtime_error("pointer \"" + p.name + "\" not passed");
                 *static_cast<void**>(slot) = args.getPtr(p.name);
                 break;
-            case ParamType::kI32:
+            case ParamType::kI32: {
                 if (!args.hasInt(p.name)) throw std::runtime_error("int \"" + p.name + "\" not passed");
-                *static_cast<int32_t*>(slot) = static_cast<int32_t>(args.getInt(p.name));
+                int64_t const v = args.getInt(p.name);
+                if (v < INT32_MIN || v > INT32_MAX) throw std::runtime_error(p.name + " does not fit int32");
+                *static_cast<int32_t*>(slot) = static_cast<int32_t>(v);
                 break;
+            }
             case ParamType::kI64:
                 if (!args.hasInt(p.name)) throw std::runtime_error("int \"" + p.name + "\" not passed");
                 *static_cast<int64_t*>(slot) = args.getInt(p.name);
@@ -273,11 +349,11 @@ int32_t CubinRegistry::launch(std::string const& kernel, KernelArgs const& args,
         for (int j = 0; j < 3; ++j) grid[j] = evalGridEntry(spec.grid[static_cast<size_t>(j)], args);
         auto fn = static_cast<CUfunction>(moduleFunction(spec));
         CUresult const rc = driver().launchKernel(fn, static_cast<unsigned>(grid[0]), static_cast<unsigned>(grid[1]),
-            static_cast<unsigned>(grid[2]), static_cast<unsigned>(32 * spec.numWarps), 1, 1,
+            static_cast<unsigned>(grid[2]), static_cast<unsigned>(spec.threadsPerBlock), 1, 1,
             static_cast<unsigned>(spec.sharedBytes), reinterpret_cast<CUstream>(stream), slots.data(), nullptr);
         if (rc != CUDA_SUCCESS) throw std::runtime_error("cuLaunchKernel failed: " + cuError(rc));
     } catch (std::exception const& e) {
-        error_ = "Triton kernel \"" + kernel + "\": " + e.what();
+        error_ = "Triton kernel " + kernel + " (" + dtype + "): " + e.what();
         return -1;
     }
     return 0;

@@ -1,15 +1,13 @@
-// Loads the ahead-of-time compiled Triton kernels (cubins + manifest.json written by vlmx.plugins.triton_aot) and
-// launches them through the CUDA driver API. The driver is opened with dlopen("libcuda.so.1") so the plugin library
-// links only cudart and loads on machines (and in CI) without a driver.
+// Loads the ahead-of-time compiled Triton kernels (vlmx.plugins.triton_aot: cubins, PTX and manifest.json) and
+// launches them through the CUDA driver API, mirroring vlmx.plugins.cubin_loader (the Python loader). The driver is
+// opened with dlopen("libcuda.so.1") so the plugin library links only cudart and loads without a driver (CI).
 //
-// Manifest schema (format "vlmx-triton-cubins", format_version 1), see docs/tensorrt.md:
-//   {"format": "vlmx-triton-cubins", "format_version": 1, "sm": 75,
-//    "kernels": {"<kernel>": {"cubin": "<path relative to the manifest>", "function": "<entry symbol>",
-//                             "num_warps": 4, "shared": 0,
-//                             "params": [{"name": "x", "type": "*fp16"}, {"name": "n_cols", "type": "i32"}, ...],
-//                             "grid": ["n_rows", 1, 1],            // ints, param names, or "cdiv(<name>,<int>)"
-//                             "trailing_null_ptrs": 2}}}           // Triton >= 3.5 scratch pointers, passed as 0
-// The plugin supplies arguments by name (KernelArgs); the manifest's params fix their order and types.
+// Manifest (format 1, see plugins/triton_aot.py and docs/tensorrt.md): {"format": 1, "sm": 75, "kernels": [entry...]},
+// entry = {kernel, spec, symbol, cubin, ptx, params: [{name, type}], trailing_params: [{name, type, size}],
+//          num_warps, threads_per_block, shared_bytes, grid: [3 x "int" | "name" | "cdiv(name,int)"],
+//          match: {dtype: "float16"|"float32"|null, ranges: {name: [lo, hi|null]}}, divisible_by_16: [names]}.
+// A launch names the kernel, the dtype and the values (KernelArgs, by the manifest's param names); the first entry
+// whose dtype, ranges and 16-divisibility hold is used, exactly as the Python loader selects.
 #ifndef VLMX_CUBIN_LOADER_H_
 #define VLMX_CUBIN_LOADER_H_
 
@@ -58,19 +56,39 @@ struct KernelParam {
     ParamType type;
 };
 
-struct KernelSpec {
+struct KernelRange {
     std::string name;
-    std::string cubinPath;
-    std::string function;
-    int32_t numWarps{4};
-    int32_t sharedBytes{0};
-    std::vector<KernelParam> params;
-    std::vector<std::string> grid;  // three entries: integer literal, param name, or cdiv(name,k)
-    int32_t trailingNullPtrs{0};
+    int64_t lo;
+    int64_t hi;  // -1: unbounded
 };
 
-//! Parses a manifest; throws std::runtime_error naming the file, the kernel and the bad entry.
-std::map<std::string, KernelSpec> parseCubinManifest(std::string const& text, std::string const& manifestDir);
+struct KernelSpec {
+    std::string kernel;
+    std::string spec;
+    std::string symbol;
+    std::string cubinPath;
+    std::string ptxPath;
+    std::vector<KernelParam> params;
+    int32_t trailingParams{0};  // scratch pointers Triton appends (passed as 0; a non-zero size is rejected)
+    int32_t threadsPerBlock{128};
+    int32_t sharedBytes{0};
+    std::vector<std::string> grid;  // three entries: integer literal, value name, or cdiv(name,k)
+    std::string dtype;              // "" = any
+    std::vector<KernelRange> ranges;
+    std::vector<std::string> divisibleBy16;
+};
+
+struct CubinManifest {
+    int32_t sm{0};
+    std::vector<KernelSpec> kernels;
+};
+
+//! Parses a manifest; throws std::runtime_error naming the entry and the bad field.
+CubinManifest parseCubinManifest(std::string const& text, std::string const& manifestDir);
+
+//! The first entry of `kernel` whose dtype, ranges and divisibility hold for the args, or nullptr (why in `why`).
+KernelSpec const* selectKernel(CubinManifest const& m, std::string const& kernel, std::string const& dtype,
+    KernelArgs const& args, std::string* why);
 
 //! Evaluates one grid entry against the arguments; throws when a name is unknown or the result is not positive.
 int64_t evalGridEntry(std::string const& entry, KernelArgs const& args);
@@ -83,15 +101,15 @@ public:
     //! Path of the manifest: $VLMX_TRITON_MANIFEST, else <directory of this library>/triton/manifest.json.
     static std::string defaultManifestPath();
 
-    //! True when the manifest is readable and lists the kernel (the reason is in lastError() otherwise).
-    bool has(std::string const& kernel);
+    //! True when the manifest is readable and has some entry of `kernel` for `dtype` (else see lastError()).
+    bool has(std::string const& kernel, std::string const& dtype);
 
-    //! Launches a kernel on the stream; returns 0 on success, -1 with lastError() set otherwise.
-    int32_t launch(std::string const& kernel, KernelArgs const& args, cudaStream_t stream);
+    //! Selects and launches a specialisation on the stream; 0 on success, -1 with lastError() set otherwise.
+    int32_t launch(std::string const& kernel, std::string const& dtype, KernelArgs const& args, cudaStream_t stream);
 
     std::string lastError() const;
 
-    //! Replaces the manifest (tests and tools); clears modules loaded from the previous one.
+    //! Replaces the manifest (tests and tools); functions loaded from the previous one are forgotten.
     void loadManifest(std::string const& path);
 
 private:
@@ -103,9 +121,8 @@ private:
     bool attempted_{false};
     std::string manifestPath_;
     std::string error_;
-    std::map<std::string, KernelSpec> kernels_;
-    std::map<std::pair<void*, std::string>, void*> functions_;  // (CUcontext, kernel) -> CUfunction
-    std::vector<void*> modules_;
+    CubinManifest manifest_;
+    std::map<std::pair<void*, std::string>, void*> functions_;  // (CUcontext, kernel.spec) -> CUfunction
 };
 
 }  // namespace vlmx

@@ -1,13 +1,14 @@
 // Per-op rules of the vlmx plugins: output types and shapes, supported formats, shape checks and the launch.
 // FlashAttention and W8A8Linear call the CUDA C ABI (plugins/csrc/vlmx_kernels.h, fp16 only); the memory-bound ops
-// launch AOT-compiled Triton kernels through CubinRegistry, by names "<kernel>_<fp16|fp32>" and named arguments
-// (docs/tensorrt.md lists them).
+// launch the AOT-compiled Triton kernels (plugins/triton_kernels.py) through CubinRegistry, with the same kernel
+// names and launch values as the torch bindings in plugins/triton_ops.py.
 #include "cubin_loader.h"
 #include "vlmx_kernels.h"
 #include "vlmx_plugin.h"
 
 #include <cuda_runtime_api.h>
 
+#include <cmath>
 #include <set>
 #include <string>
 
@@ -33,7 +34,7 @@ int64_t volumeExceptLast(Dims const& d) {
 
 int64_t lastDim(Dims const& d) { return d.nbDims > 0 ? d.d[d.nbDims - 1] : 1; }
 
-char const* dtypeSuffix(DataType t) { return t == DataType::kHALF ? "fp16" : "fp32"; }
+std::string dtypeName(DataType t) { return t == DataType::kHALF ? "float16" : "float32"; }
 
 //! The float type variable T of an op at this call: the type of the first input declared as T.
 DataType floatTypeOf(OpAttrs const& a, PluginTensorDesc const* desc, int32_t nbIn) {
@@ -138,22 +139,26 @@ std::string attentionEnqueue(OpAttrs const& a, PluginTensorDesc const* in, int32
     return st == VLMX_OK ? "" : kernelError(st);
 }
 
-std::string tritonLaunch(std::string const& kernel, KernelArgs const& args, cudaStream_t stream) {
-    return CubinRegistry::instance().launch(kernel, args, stream) == 0 ? "" : CubinRegistry::instance().lastError();
+std::string tritonLaunch(std::string const& kernel, DataType t, KernelArgs const& args, cudaStream_t stream) {
+    return CubinRegistry::instance().launch(kernel, dtypeName(t), args, stream) == 0
+        ? "" : CubinRegistry::instance().lastError();
+}
+
+std::string cudaCheck(cudaError_t e, char const* what) {
+    return e == cudaSuccess ? "" : std::string(what) + " failed: " + cudaGetErrorString(e);
 }
 
 }  // namespace
 
 int32_t opNbOutputs(int32_t op) { return gen::kOps[op].nbOutputs + (op == gen::kGatherTopK ? 1 : 0); }
 
-std::string opTritonKernel(OpAttrs const& a, DataType t) {
-    std::string const dt = dtypeSuffix(t);
+std::string opTritonKernel(OpAttrs const& a) {
     switch (a.op()) {
-    case gen::kQuantizePerToken: return "quantize_per_token_" + dt;
-    case gen::kGeluQuant: return "gelu_quant_" + a.getString("approximate") + "_" + dt;
-    case gen::kNormQuant: return "norm_quant_" + a.getString("mode") + "_" + dt;
-    case gen::kTokenImportance: return "token_importance_" + dt;
-    case gen::kGatherTopK: return "gather_topk_" + dt;
+    case gen::kQuantizePerToken: return "quantize_per_token";
+    case gen::kGeluQuant: return "gelu_quant";
+    case gen::kNormQuant: return "norm_quant";
+    case gen::kTokenImportance: return "token_importance";
+    case gen::kGatherTopK: return "gather_rows";  // after topk_select (float32 scores)
     default: return "";
     }
 }
@@ -250,9 +255,12 @@ bool opSupportsFormat(OpAttrs const& a, int32_t pos, PluginTensorDesc const* des
         return d.type == DataType::kHALF;  // the CUDA kernels are fp16 (fp32 accumulation)
     }
     if (d.type != DataType::kHALF && d.type != DataType::kFLOAT) return false;
-    if (!CubinRegistry::instance().has(opTritonKernel(a, d.type))) {
+    CubinRegistry& reg = CubinRegistry::instance();
+    bool const ok = reg.has(opTritonKernel(a), dtypeName(d.type))
+        && (a.op() != gen::kGatherTopK || reg.has("topk_select", "float32"));
+    if (!ok) {
         static std::set<std::string> reported;
-        std::string const err = CubinRegistry::instance().lastError();
+        std::string const err = reg.lastError();
         if (reported.insert(err).second) logMessage(ILogger::Severity::kERROR, err);
         return false;
     }
@@ -345,39 +353,68 @@ std::string opEnqueue(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn
     }
     case gen::kQuantizePerToken:
     case gen::kGeluQuant:
-        args.ptr("x", inputs[0]).ptr("q", outputs[0]).ptr("scale", outputs[1]);
-        args.i64("n_rows", rows).i64("n_cols", cols).f32("clip_range", a.getFloat("clip_range"));
-        args.f32("quant_eps", gen::kQuantEps);
+        args.ptr("x_ptr", inputs[0]).ptr("q_ptr", outputs[0]).ptr("scale_ptr", outputs[1]);
+        args.i64("C", cols).i64("rows", rows).f32("clip_range", a.getFloat("clip_range"));
+        if (a.op() == gen::kGeluQuant) args.i64("approx_tanh", a.getString("approximate") == "tanh" ? 1 : 0);
         break;
     case gen::kNormQuant:
-        args.ptr("x", inputs[0]).ptr("weight", inputs[1]).ptr("bias", nbIn == 3 ? inputs[2] : nullptr);
-        args.ptr("q", outputs[0]).ptr("scale", outputs[1]).ptr("sum", outputs[2]);
-        args.i64("n_rows", rows).i64("n_cols", cols).i64("has_bias", nbIn == 3 ? 1 : 0);
-        args.f32("eps", a.getFloat("eps")).i64("per_token", a.getInt("per_token"));
-        args.f32("static_scale", a.getFloat("static_scale")).f32("clip_range", a.getFloat("clip_range"));
-        args.f32("quant_eps", gen::kQuantEps);
+        // Without a bias the kernel still takes a valid pointer (it reads none when has_bias = 0).
+        args.ptr("x_ptr", inputs[0]).ptr("w_ptr", inputs[1]).ptr("b_ptr", nbIn == 3 ? inputs[2] : inputs[1]);
+        args.ptr("q_ptr", outputs[0]).ptr("scale_ptr", outputs[1]).ptr("sum_ptr", outputs[2]);
+        args.i64("C", cols).i64("rows", rows).i64("has_bias", nbIn == 3 ? 1 : 0);
+        args.i64("is_rms", a.getString("mode") == "rmsnorm" ? 1 : 0).i64("per_token", a.getInt("per_token") ? 1 : 0);
+        args.f32("eps", a.getFloat("eps")).f32("static_scale", a.getFloat("static_scale"));
+        args.f32("clip_range", a.getFloat("clip_range"));
         break;
     case gen::kTokenImportance: {
-        int32_t const Hkv = kvHeads(a);
+        int64_t const H = a.getInt("num_heads");
+        int64_t const Hkv = kvHeads(a);
+        int64_t const D = a.getInt("head_dim");
+        int64_t const B = in[0].dims.d[0];
+        int64_t const T = in[0].dims.d[1];
+        int64_t const N = in[1].dims.d[1];
+        if (T < 1) return "TokenImportance needs at least one text token (q_text has T = 0)";
+        // The kernel accumulates the head/text mean into scores with atomics: start from zero.
+        std::string const e = cudaCheck(cudaMemsetAsync(outputs[0], 0, static_cast<size_t>(B * N) * sizeof(float),
+            stream), "cudaMemsetAsync(scores)");
+        if (!e.empty()) return e;
         float const scale = a.getFloat("scale");
-        args.ptr("q_text", inputs[0]).ptr("k_vis", inputs[1]).ptr("scores", outputs[0]);
-        args.i64("batch", in[0].dims.d[0]).i64("text_len", in[0].dims.d[1]).i64("num_tokens", in[1].dims.d[1]);
-        args.i64("num_heads", a.getInt("num_heads")).i64("num_kv_heads", Hkv).i64("head_dim", a.getInt("head_dim"));
-        args.f32("scale", scale > 0.0F ? scale : 0.0F);
+        args.ptr("q_ptr", inputs[0]).ptr("k_ptr", inputs[1]).ptr("out_ptr", outputs[0]);
+        args.i64("T", T).i64("N", N).i64("D", D).i64("group", H / Hkv).i64("H", H).i64("B", B);
+        args.i64("q_stride_b", T * H * D).i64("q_stride_t", H * D).i64("k_stride_b", N * Hkv * D);
+        args.i64("k_stride_n", Hkv * D);
+        args.f32("scale", scale > 0.0F ? scale : 1.0F / std::sqrt(static_cast<float>(D)));
+        args.f32("inv_count", 1.0F / static_cast<float>(H * T));
         break;
     }
     case gen::kGatherTopK: {
-        // The size tensor (output 2) is the kept count: copy `keep` (1 <= keep <= N by the op contract).
-        cudaError_t const ce = cudaMemcpyAsync(outputs[2], inputs[2], sizeof(int64_t), cudaMemcpyDeviceToDevice, stream);
-        if (ce != cudaSuccess) return std::string("cudaMemcpyAsync(keep) failed: ") + cudaGetErrorString(ce);
-        args.ptr("x", inputs[0]).ptr("scores", inputs[1]).ptr("keep", inputs[2]);
-        args.ptr("x_kept", outputs[0]).ptr("idx", outputs[1]);
-        args.i64("batch", in[0].dims.d[0]).i64("num_tokens", in[0].dims.d[1]).i64("channels", in[0].dims.d[2]);
+        // topk_select takes keep by value: read it (8 bytes, one stream sync per prune) and bound-check it.
+        int64_t keep = 0;
+        int64_t const B = in[0].dims.d[0];
+        int64_t const N = in[0].dims.d[1];
+        std::string e = cudaCheck(cudaMemcpyAsync(&keep, inputs[2], sizeof(int64_t), cudaMemcpyDeviceToHost, stream),
+            "cudaMemcpyAsync(keep)");
+        if (e.empty()) e = cudaCheck(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        if (!e.empty()) return e;
+        if (keep < 1 || keep > N) {
+            return "keep = " + std::to_string(keep) + " is outside [1, N = " + std::to_string(N) + "]; pass a token "
+                "budget between 1 and the number of visual tokens";
+        }
+        // Output 2 is the size tensor TensorRT reads for the kept-token dimension.
+        e = cudaCheck(cudaMemcpyAsync(outputs[2], inputs[2], sizeof(int64_t), cudaMemcpyDeviceToDevice, stream),
+            "cudaMemcpyAsync(size tensor)");
+        if (!e.empty()) return e;
+        KernelArgs select;
+        select.ptr("scores_ptr", inputs[1]).ptr("idx_ptr", outputs[1]).i64("N", N).i64("keep", keep).i64("B", B);
+        e = tritonLaunch("topk_select", DataType::kFLOAT, select, stream);
+        if (!e.empty() || in[0].dims.d[2] == 0) return e;
+        args.ptr("x_ptr", inputs[0]).ptr("idx_ptr", outputs[1]).ptr("out_ptr", outputs[0]);
+        args.i64("N", N).i64("keep", keep).i64("C", in[0].dims.d[2]).i64("B", B);
         break;
     }
     default: return "unknown op";
     }
-    return tritonLaunch(opTritonKernel(a, t), args, stream);
+    return rows == 0 ? "" : tritonLaunch(opTritonKernel(a), t, args, stream);
 }
 
 }  // namespace vlmx

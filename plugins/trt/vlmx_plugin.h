@@ -143,8 +143,8 @@ std::string opEnqueue(OpAttrs const& a, nvinfer1::PluginTensorDesc const* in, in
     nvinfer1::PluginTensorDesc const* out, int32_t nbOut, void const* const* inputs, void* const* outputs,
     cudaStream_t stream);
 
-//! Name of the Triton kernel an op launches for a dtype ("" for ops implemented by the CUDA C ABI).
-std::string opTritonKernel(OpAttrs const& a, nvinfer1::DataType t);
+//! Name of the Triton kernel an op launches (as in plugins/triton_aot.py; "" for the CUDA C ABI ops).
+std::string opTritonKernel(OpAttrs const& a);
 
 }  // namespace vlmx
 #endif  // VLMX_PLUGIN_H_

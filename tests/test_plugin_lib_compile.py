@@ -1,0 +1,220 @@
+"""Compile the TensorRT plugin library against TensorRT's public headers and check its creators on the host.
+
+Needs TensorRT headers: TENSORRT_INCLUDE_DIR (one or more include dirs separated by ':') or TENSORRT_ROOT. The NVIDIA
+TensorRT repository's ``include/`` is enough (no TensorRT libraries: the library is built as a shared object whose
+TensorRT and kernel symbols stay unresolved, and ``plugins/trt/tests/plugin_host_check.cpp`` dlopens it lazily).
+The host check creates every plugin from PluginFields exactly as the ONNX parser passes them, round-trips
+serialization, and evaluates output types, shapes (through an evaluating IExprBuilder) and format support.
+"""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vlmx.plugins import trt_build
+from vlmx.torch_ref.op_table import OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION, get_op
+
+pytestmark = pytest.mark.nvcc
+
+SOURCES = ("vlmx_plugin.cpp", "vlmx_ops.cpp", "cubin_loader.cpp")
+FIELD_TYPES = {"int": 5, "float": 1, "string": 6}  # PluginFieldType kINT32, kFLOAT32, kCHAR
+
+
+def _include_dirs() -> list[Path]:
+    dirs = [Path(d) for d in os.environ.get("TENSORRT_INCLUDE_DIR", "").split(os.pathsep) if d]
+    root = trt_build.find_tensorrt_root()
+    if not dirs and root is not None:
+        sub = root / "include"
+        dirs = [sub if (sub / "NvInferRuntime.h").is_file() else sub / "x86_64-linux-gnu"]
+    return [d for d in dirs if (d / "NvInferRuntime.h").is_file()]
+
+
+def _cuda_include() -> Path | None:
+    nvcc = shutil.which("nvcc")
+    cands = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
+    if nvcc:
+        real = Path(subprocess.run(["sh", "-c", f"readlink -f {nvcc}"], capture_output=True, text=True).stdout.strip())
+        cands.insert(0, real.parent.parent / "include")
+    return next((c for c in cands if (c / "cuda_runtime_api.h").is_file() and (c / "cuda.h").is_file()), None)
+
+
+INCLUDES = _include_dirs()
+CUDA_INC = _cuda_include()
+if not INCLUDES:
+    pytest.skip("no TensorRT headers: set TENSORRT_INCLUDE_DIR to NVIDIA/TensorRT's include/ (or TENSORRT_ROOT)",
+                allow_module_level=True)
+if CUDA_INC is None or shutil.which("g++") is None:
+    pytest.skip("needs g++ and the CUDA toolkit headers (cuda.h, cuda_runtime_api.h)", allow_module_level=True)
+
+
+def _trt_version(inc: Path) -> str:
+    text = (inc / "NvInferVersion.h").read_text()
+    nums = []
+    for key in ("MAJOR", "MINOR", "PATCH"):
+        for prefix in (f"TRT_{key}_ENTERPRISE", f"NV_TENSORRT_{key}"):
+            tok = f"#define {prefix} "
+            line = next((ln for ln in text.splitlines() if ln.startswith(tok)), None)
+            if line and line.split()[2].isdigit():
+                nums.append(line.split()[2])
+                break
+    return ".".join(nums)
+
+
+def _flags(inc: Path) -> list[str]:
+    return ["-std=c++17", "-Wall", "-Wextra", "-Werror", f"-I{trt_build.TRT_DIR}",
+            f"-I{trt_build.TRT_DIR.parent / 'csrc'}", "-isystem", str(inc), "-isystem", str(CUDA_INC)]
+
+
+@pytest.mark.parametrize("inc", INCLUDES, ids=[_trt_version(i) for i in INCLUDES])
+@pytest.mark.parametrize("source", SOURCES)
+def test_sources_compile_without_warnings(inc, source):
+    r = subprocess.run(["g++", "-fsyntax-only", *_flags(inc), str(trt_build.TRT_DIR / source)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"TensorRT {_trt_version(inc)}: {source}\n{r.stderr[-3000:]}"
+    print(f"compiled {source} against TensorRT {_trt_version(inc)} headers")
+
+
+@pytest.fixture(scope="module")
+def host_check(tmp_path_factory):
+    """Build the library (shared, TensorRT/kernel symbols unresolved) and the dlopen harness once."""
+    inc = INCLUDES[-1]
+    out = tmp_path_factory.mktemp("plugin_lib")
+    lib, exe = out / trt_build.LIBRARY_NAME, out / "plugin_host_check"
+    cudart = CUDA_INC.parent / "lib64"
+    cmds = [["g++", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", *_flags(inc),
+             *[str(trt_build.TRT_DIR / s) for s in SOURCES], f"-L{cudart}", "-lcudart", "-ldl", "-o", str(lib)],
+            ["g++", "-O1", *_flags(inc), str(trt_build.TRT_DIR / "tests" / "plugin_host_check.cpp"), "-ldl",
+             "-o", str(exe)]]
+    for cmd in cmds:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{cudart}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+
+    def run(cases: list[str], manifest: Path | None = None):
+        e = dict(env, VLMX_TRITON_MANIFEST=str(manifest or out / "no-manifest.json"))
+        r = subprocess.run([str(exe), str(lib)], input="\n".join(cases) + "\n", capture_output=True, text=True,
+                           env=e, timeout=60)
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+        return lines[0], lines[1:], r.stderr
+
+    return run
+
+
+def _case(op, attrs, dtypes, shapes):
+    spec = ";".join(f"{k}={'i' if isinstance(v, int) else 'f' if isinstance(v, float) else 's'}:{v}"
+                    for k, v in attrs.items())
+    return f"{op}|{spec}|{','.join(dtypes)}|{';'.join('x'.join(map(str, s)) for s in shapes)}"
+
+
+def test_creators_match_op_table_names_versions_namespaces_and_fields(host_check):
+    header, _, _ = host_check([])
+    got = {c["name"]: c for c in header["creators"]}
+    assert sorted(got) == sorted(OPS)
+    for op in OPS.values():
+        c = got[op.name]
+        assert (c["version"], c["namespace"], c["interface"]) == (PLUGIN_VERSION, PLUGIN_NAMESPACE,
+                                                                  "PLUGIN CREATOR_V3ONE")
+        assert c["fields"] == [[a.name, FIELD_TYPES[a.kind]] for a in op.attrs]
+
+
+# (op, attrs, input dtypes, input shapes, output dtypes, output shapes); -1 = the size-tensor dimension.
+SHAPE_CASES = [
+    ("FlashAttention", {"num_heads": 8, "num_kv_heads": 2, "head_dim": 64, "causal": 1},
+     ["half"] * 3, [(2, 7, 512), (2, 9, 128), (2, 9, 128)], ["half"], [[2, 7, 512]]),
+    ("FlashAttention", {"num_heads": 16, "head_dim": 64, "layout": "bhsd", "scale": 0.125},
+     ["half"] * 4, [(1, 16, 577, 64), (1, 16, 577, 64), (1, 16, 577, 64), (1, 1, 1, 577)], ["half"],
+     [[1, 16, 577, 64]]),
+    ("FlashAttention", {"num_heads": 4, "head_dim": 32, "layout": "packed", "alibi": 1},
+     ["half"], [(1, 5, 384)], ["half"], [[1, 5, 128]]),
+    ("W8A8Linear", {}, ["int8", "float", "int8", "float", "half"], [(2, 5, 64), (2, 5, 1), (96, 64), (96,), (96,)],
+     ["half"], [[2, 5, 96]]),
+    ("W8A8Linear", {"out_dtype": "float16"}, ["int8", "float", "int8", "float"], [(730, 1152), (730, 1), (4304, 1152),
+     (4304,)], ["half"], [[730, 4304]]),
+    ("QuantizePerToken", {"clip_range": 5.0}, ["half"], [(3, 7, 40)], ["int8", "float"], [[3, 7, 40], [3, 7, 1]]),
+    ("GeluQuant", {"approximate": "none"}, ["float"], [(729, 4304)], ["int8", "float"], [[729, 4304], [729, 1]]),
+    ("NormQuant", {"mode": "rmsnorm", "eps": 1e-5}, ["half", "half"], [(1, 33, 4096), (4096,)],
+     ["int8", "float", "float"], [[1, 33, 4096], [1, 33, 1], [1, 33, 1]]),
+    ("TokenImportance", {"num_heads": 4, "num_kv_heads": 1, "head_dim": 64}, ["half", "half"],
+     [(2, 6, 256), (2, 50, 64)], ["float"], [[2, 50]]),
+    ("GatherTopK", {}, ["half", "float", "int64"], [(2, 576, 4096), (2, 576), (1,)], ["half", "int64", "int64"],
+     [[2, -1, 4096], [2, -1], []]),
+]
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=lambda c: c[0] + "-" + "x".join(map(str, c[3][0])))
+def test_output_types_shapes_and_serialization_round_trip(host_check, case):
+    op, attrs, dtypes, shapes, out_types, out_shapes = case
+    _, (res,), _ = host_check([_case(op, attrs, dtypes, shapes)])
+    assert res["created"] and res["cloned"]
+    assert res["types_rc"] == 0 and res["output_types"] == out_types
+    assert res["shapes_rc"] == 0 and res["output_shapes"] == out_shapes
+    # Serialized fields = the op table's full attribute set (defaults filled), identical after the round trip.
+    full = get_op(op).validate_attrs(attrs)
+    assert [f[0] for f in res["serialized"]] == list(full)
+    for name, kind, value in res["serialized"]:
+        assert value == pytest.approx(full[name], rel=1e-6) if kind == "float" else value == full[name], name
+    assert res["reserialized"] == res["serialized"]
+    if op == "GatherTopK":
+        assert res["size_tensors"] == [{"output": 2, "opt": shapes[0][1], "upper": shapes[0][1]}]
+
+
+def test_cuda_kernel_ops_accept_fp16_only(host_check):
+    fa = {"num_heads": 2, "head_dim": 64}
+    _, (half, single), _ = host_check([_case("FlashAttention", fa, ["half"] * 3, [(1, 4, 128)] * 3),
+                                       _case("FlashAttention", fa, ["float"] * 3, [(1, 4, 128)] * 3)])
+    assert half["formats"] == [True] * 4
+    assert single["formats"][0] is False
+    _, (w8,), _ = host_check([_case("W8A8Linear", {}, ["int8", "float", "int8", "float"],
+                                    [(4, 64), (4, 1), (32, 64), (32,)])])
+    assert w8["formats"] == [True] * 5
+    _, (bad,), _ = host_check([_case("W8A8Linear", {}, ["half", "float", "int8", "float"],
+                                     [(4, 64), (4, 1), (32, 64), (32,)])])
+    assert bad["formats"][0] is False  # x must be int8
+
+
+def _manifest(path: Path, kernels: list[tuple[str, str | None]]) -> Path:
+    """A manifest in plugins/triton_aot.py's format listing the given (kernel, dtype) entries."""
+    entries = [{"kernel": k, "spec": f"{dt}.a1", "symbol": k, "cubin": f"{k}.cubin", "ptx": f"{k}.ptx",
+                "params": [{"name": "x_ptr", "type": "*fp16"}, {"name": "C", "type": "i32"}],
+                "trailing_params": [{"name": "global_scratch", "type": "*i8", "size": 0}], "num_warps": 4,
+                "threads_per_block": 128, "shared_bytes": 0, "grid": ["rows", "1", "1"],
+                "match": {"dtype": dt, "ranges": {"C": [1, None]}}, "divisible_by_16": []} for k, dt in kernels]
+    path.write_text(json.dumps({"format": 1, "target": "trt-sm75", "sm": 75, "kernels": entries}))
+    return path
+
+
+def test_triton_ops_accept_the_dtypes_their_manifest_provides(host_check, tmp_path):
+    case = _case("QuantizePerToken", {}, ["half"], [(4, 64)])
+    case32 = _case("QuantizePerToken", {}, ["float"], [(4, 64)])
+    _, (missing,), err = host_check([case])
+    assert missing["formats"][0] is False and "manifest" in err and "VLMX_TRITON_MANIFEST" in err
+    m = _manifest(tmp_path / "manifest.json", [("quantize_per_token", "float16")])
+    _, (fp16, fp32), err = host_check([case, case32], manifest=m)
+    assert fp16["formats"] == [True, True, True]
+    assert fp32["formats"][0] is False and "quantize_per_token for float32" in err
+    gather = _case("GatherTopK", {}, ["half", "float", "int64"], [(1, 10, 8), (1, 10), (1,)])
+    m = _manifest(tmp_path / "m2.json", [("gather_rows", "float16"), ("topk_select", "float32")])
+    _, (ok,), _ = host_check([gather], manifest=m)
+    assert ok["formats"] == [True] * 6
+
+
+def test_bad_manifest_is_reported_with_its_path(host_check, tmp_path):
+    bad = tmp_path / "manifest.json"
+    bad.write_text(json.dumps({"format": 1, "sm": 75, "kernels": [{"kernel": "quantize_per_token"}]}))
+    _, (res,), err = host_check([_case("QuantizePerToken", {}, ["half"], [(4, 64)])], manifest=bad)
+    assert res["formats"][0] is False and str(bad) in err and "missing key" in err
+
+
+@pytest.mark.parametrize("attrs", [
+    {"num_heads": 4},                                         # head_dim is required
+    {"num_heads": 4, "head_dim": 64, "layout": "sbhd"},       # not a layout choice
+    {"num_heads": 4, "head_dim": 64, "heads": 3},             # not a field of the op
+])
+def test_invalid_fields_are_refused_with_a_message(host_check, attrs):
+    _, (res,), err = host_check([_case("FlashAttention", attrs, ["half"], [(1, 4, 256)])])
+    assert res == {"created": False}
+    assert "vlmx::FlashAttention" in err
