@@ -1,0 +1,316 @@
+"""Model presets: LLaVA-family shapes as transformers configs, random (seeded) or loaded from a local checkpoint.
+
+Presets (each with a ``-tiny`` twin of the same architecture that builds in well under 2 s on a CPU):
+
+- ``llava``: LLaVA-1.5-7B: CLIP ViT-L/14-336 (feature layer -2, [CLS] dropped: 576 tokens), 2-layer GELU projector
+  1024→4096→4096, Llama-7B (vocab 32064).
+- ``llava-siglip``: SigLIP so400m/14-384 (head dim 72, no [CLS]: 729 tokens) + the same projector shape and Llama-7B.
+- ``llava-mpt``: CLIP ViT-L/14-336 + MPT-7B (ALiBi, vocab 50432, tied embeddings).
+
+transformers' ``LlavaForConditionalGeneration`` builds the MPT text model fine (``MptModel`` takes ``inputs_embeds``)
+but ties ``lm_head`` to ``language_model.embed_tokens``, which MptModel calls ``wte``; MPT presets therefore use
+:class:`LlavaMptForConditionalGeneration`, a subclass that only fixes that tie.
+
+Offline there is no tokenizer: :func:`encode_prompt` maps text to ids with a synthetic byte vocabulary
+(``PAD=0, BOS=1, EOS=2``, UTF-8 byte ``b`` → ``3 + b``, ``<image>`` → ``num_image_tokens`` × ``image_token_id``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MptConfig,
+                          SiglipVisionConfig)
+
+PAD_ID, BOS_ID, EOS_ID, BYTE_OFFSET = 0, 1, 2, 3
+IMAGE_PLACEHOLDER = "<image>"
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class PresetError(ValueError, FileNotFoundError):
+    """Unknown preset, missing checkpoint directory, or a checkpoint that does not match its preset."""
+
+
+@dataclass(frozen=True)
+class PresetSpec:
+    """Everything model-specific about one preset (shapes, token ids, how image features are selected)."""
+
+    name: str
+    vision: str                 # "clip" | "siglip"
+    language: str               # "llama" | "mpt"
+    image_size: int
+    patch_size: int
+    has_cls: bool
+    feature_layer: int          # LlavaConfig.vision_feature_layer
+    select_strategy: str        # "default" drops [CLS]; "full" keeps every token
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_intermediate: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    vocab_size: int
+    image_token_id: int
+    max_seq_len: int
+    tiny: bool = False
+    alibi: bool = False         # MPT: ALiBi positions (no rotary)
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image (the patch conv floors: SigLIP 384 / 14 gives 27 x 27)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens the language model sees per image."""
+        return self.num_patches + (1 if self.has_cls and self.select_strategy == "full" else 0)
+
+    @property
+    def vision_head_dim(self) -> int:
+        return self.vision_hidden // self.vision_heads
+
+    @property
+    def text_head_dim(self) -> int:
+        return self.text_hidden // self.text_heads
+
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return OPENAI_CLIP_MEAN if self.vision == "clip" else SIGLIP_MEAN
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return OPENAI_CLIP_STD if self.vision == "clip" else SIGLIP_STD
+
+    def __post_init__(self):
+        if self.image_size < self.patch_size:  # SigLIP-384/14 floors: 27 x 27 patches, the last 6 px unused
+            raise ValueError(f"preset {self.name}: image_size {self.image_size} < patch_size {self.patch_size}")
+        if not BYTE_OFFSET + 256 <= self.image_token_id < self.vocab_size:
+            raise ValueError(f"preset {self.name}: image_token_id {self.image_token_id} must lie in "
+                             f"[{BYTE_OFFSET + 256}, vocab_size={self.vocab_size})")
+
+
+_CLIP_L336 = dict(vision="clip", image_size=336, patch_size=14, has_cls=True, feature_layer=-2,
+                  select_strategy="default", vision_hidden=1024, vision_layers=24, vision_heads=16,
+                  vision_intermediate=4096)
+_SIGLIP_SO400M = dict(vision="siglip", image_size=384, patch_size=14, has_cls=False, feature_layer=-2,
+                      select_strategy="full", vision_hidden=1152, vision_layers=27, vision_heads=16,
+                      vision_intermediate=4304)
+_LLAMA_7B = dict(language="llama", text_hidden=4096, text_layers=32, text_heads=32, text_intermediate=11008,
+                 vocab_size=32064, image_token_id=32000, max_seq_len=4096)
+_MPT_7B = dict(language="mpt", text_hidden=4096, text_layers=32, text_heads=32, text_intermediate=4 * 4096,
+               vocab_size=50432, image_token_id=50400, max_seq_len=2048, alibi=True)
+# Tiny twins: same families, layer types, feature selection and head-dim quirks (SigLIP keeps head dim 72).
+_TINY_VISION = dict(image_size=56, patch_size=14, vision_layers=2)
+_TINY_CLIP = dict(_CLIP_L336, **_TINY_VISION, vision_hidden=64, vision_heads=4, vision_intermediate=256)
+_TINY_SIGLIP = dict(_SIGLIP_SO400M, **_TINY_VISION, vision_hidden=144, vision_heads=2, vision_intermediate=288)
+_TINY_TEXT = dict(text_hidden=128, text_layers=2, text_heads=4, vocab_size=1024, image_token_id=1000,
+                  max_seq_len=512)
+_TINY_LLAMA = dict(_LLAMA_7B, **_TINY_TEXT, text_intermediate=344)
+_TINY_MPT = dict(_MPT_7B, **_TINY_TEXT, text_intermediate=4 * 128)
+
+PRESETS: dict[str, PresetSpec] = {s.name: s for s in (
+    PresetSpec("llava", **_CLIP_L336, **_LLAMA_7B),
+    PresetSpec("llava-tiny", **_TINY_CLIP, **_TINY_LLAMA, tiny=True),
+    PresetSpec("llava-siglip", **_SIGLIP_SO400M, **_LLAMA_7B),
+    PresetSpec("llava-siglip-tiny", **_TINY_SIGLIP, **_TINY_LLAMA, tiny=True),
+    PresetSpec("llava-mpt", **_CLIP_L336, **_MPT_7B),
+    PresetSpec("llava-mpt-tiny", **_TINY_CLIP, **_TINY_MPT, tiny=True),
+)}
+
+
+def get_preset(preset: str | PresetSpec) -> PresetSpec:
+    """The :class:`PresetSpec` named ``preset`` (a spec is returned as is)."""
+    if isinstance(preset, PresetSpec):
+        return preset
+    if preset not in PRESETS:
+        raise PresetError(f"model preset {preset!r} is not known; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+class LlavaMptForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA with an MPT language model: ties ``lm_head`` to MPT's ``wte`` (MPT-7B has no separate head)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.wte.weight"}
+
+
+def model_class(preset: str | PresetSpec) -> type[LlavaForConditionalGeneration]:
+    """The transformers model class for a preset."""
+    return LlavaMptForConditionalGeneration if get_preset(preset).language == "mpt" else LlavaForConditionalGeneration
+
+
+def _vision_config(s: PresetSpec):
+    common = dict(hidden_size=s.vision_hidden, intermediate_size=s.vision_intermediate,
+                  num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads, image_size=s.image_size,
+                  patch_size=s.patch_size)
+    if s.vision == "clip":
+        return CLIPVisionConfig(**common, projection_dim=768 if not s.tiny else 32, hidden_act="quick_gelu",
+                                layer_norm_eps=1e-5)
+    return SiglipVisionConfig(**common, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False)
+
+
+def _text_config(s: PresetSpec):
+    ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    if s.language == "llama":
+        return LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.text_hidden, intermediate_size=s.text_intermediate,
+                           num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
+                           num_key_value_heads=s.text_heads, max_position_embeddings=s.max_seq_len,
+                           rms_norm_eps=1e-5, tie_word_embeddings=False, **ids)
+    return MptConfig(d_model=s.text_hidden, n_heads=s.text_heads, n_layers=s.text_layers,
+                     expansion_ratio=s.text_intermediate // s.text_hidden, max_seq_len=s.max_seq_len,
+                     vocab_size=s.vocab_size, no_bias=True, layer_norm_epsilon=1e-5,
+                     attn_config={"alibi": s.alibi, "alibi_bias_max": 8}, tie_word_embeddings=True, **ids)
+
+
+def make_config(preset: str | PresetSpec) -> LlavaConfig:
+    """The ``LlavaConfig`` of a preset (no weights, no download)."""
+    s = get_preset(preset)
+    return LlavaConfig(vision_config=_vision_config(s), text_config=_text_config(s), image_token_index=s.image_token_id,
+                       image_seq_length=s.num_image_tokens, projector_hidden_act="gelu",
+                       vision_feature_select_strategy=s.select_strategy, vision_feature_layer=s.feature_layer,
+                       multimodal_projector_bias=True, tie_word_embeddings=s.language == "mpt")
+
+
+def build_model(preset: str | PresetSpec, checkpoint: str | Path | None = None, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+    """A preset's model in eval mode: random weights from ``seed`` (global RNG untouched), or loaded from the local
+    ``checkpoint`` directory (see :func:`load_checkpoint`)."""
+    s = get_preset(preset)
+    if checkpoint is not None:
+        return load_checkpoint(s, checkpoint, dtype=dtype)
+    config = make_config(s)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(s)(config)
+    return model.to(dtype).eval()
+
+
+def save_checkpoint(model: LlavaForConditionalGeneration, directory: str | Path) -> Path:
+    """``save_pretrained`` (safetensors) into ``directory``; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    return directory
+
+
+def _signature(config: LlavaConfig) -> dict:
+    v, t = config.vision_config, config.text_config
+    return {"vision model_type": v.model_type, "text model_type": t.model_type,
+            "vision hidden_size": v.hidden_size, "vision layers": v.num_hidden_layers,
+            "vision heads": v.num_attention_heads, "image_size": v.image_size, "patch_size": v.patch_size,
+            "text hidden_size": t.hidden_size, "text layers": t.num_hidden_layers,
+            "text heads": t.num_attention_heads, "vocab_size": t.vocab_size,
+            "vision_feature_layer": config.vision_feature_layer,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "image_token_id": config.image_token_id}
+
+
+def check_checkpoint(preset: str | PresetSpec, directory: str | Path) -> Path:
+    """Raise :class:`PresetError` unless ``directory`` holds a LLaVA checkpoint (config + weights) of ``preset``."""
+    s = get_preset(preset)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PresetError(f"checkpoint directory {str(directory)!r} does not exist; pass a directory written by "
+                          "save_checkpoint / save_pretrained, or omit checkpoint= for random weights")
+    if not (directory / "config.json").is_file():
+        raise PresetError(f"{directory} has no config.json; expected a transformers LLaVA checkpoint "
+                          "(save_checkpoint / save_pretrained output)")
+    if not any((directory / f).is_file() for f in WEIGHT_FILES):
+        raise PresetError(f"{directory} has no weights (looked for {', '.join(WEIGHT_FILES)}); re-save the model "
+                          "with save_checkpoint")
+    try:
+        found = LlavaConfig.from_pretrained(directory)
+    except Exception as e:  # noqa: BLE001 - any parse failure means "not a LLaVA config"
+        raise PresetError(f"{directory}/config.json is not a LLaVA config ({e}); preset {s.name} needs one") from None
+    want, got = _signature(make_config(s)), _signature(found)
+    diffs = [f"{k} is {got[k]!r}, preset expects {want[k]!r}" for k in want if got[k] != want[k]]
+    if diffs:
+        matching = [n for n, p in PRESETS.items() if _signature(make_config(p)) == got]
+        hint = f"use preset {matching[0]!r}" if matching else f"choose a preset that matches ({', '.join(PRESETS)})"
+        raise PresetError(f"checkpoint {directory} does not match preset {s.name}: " + "; ".join(diffs) + f"; {hint}")
+    return directory
+
+
+def load_checkpoint(preset: str | PresetSpec, directory: str | Path,
+                    dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+    """Load a preset's model from a local directory (``from_pretrained``, safetensors), in eval mode."""
+    s = get_preset(preset)
+    directory = check_checkpoint(s, directory)
+    model, info = model_class(s).from_pretrained(directory, dtype=dtype, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", ()) if k != "lm_head.weight" or s.language != "mpt"]
+    if missing or info.get("mismatched_keys"):
+        raise PresetError(f"checkpoint {directory} does not fit preset {s.name}: missing weights "
+                          f"{sorted(missing)[:5]}, mismatched {list(info.get('mismatched_keys', ()))[:5]}; "
+                          "re-save it with save_checkpoint from a model of this preset")
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def make_processor(preset: str | PresetSpec):
+    """The preset's transformers image processor (CLIP or SigLIP settings, built from arguments, no download)."""
+    s = get_preset(preset)
+    size = s.image_size
+    if s.vision == "clip":
+        kw = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
+                  do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True,
+                  image_mean=list(s.image_mean), image_std=list(s.image_std))
+        names = ("CLIPImageProcessorPil", "CLIPImageProcessor")
+    else:
+        kw = dict(size={"height": size, "width": size}, do_resize=True, do_rescale=True, do_normalize=True,
+                  do_convert_rgb=True, image_mean=list(s.image_mean), image_std=list(s.image_std))
+        names = ("SiglipImageProcessorPil", "SiglipImageProcessor")
+    import transformers
+    try:
+        import torchvision  # noqa: F401  (the default processors need it; the PIL ones do not)
+        names = names[::-1]
+    except ImportError:
+        pass
+    for n in names:
+        cls = getattr(transformers, n, None)
+        if cls is not None:
+            return cls(**kw)
+    raise PresetError(f"transformers {transformers.__version__} has none of {names}; install transformers>=5")
+
+
+def encode_prompt(preset: str | PresetSpec, text: str, add_bos: bool = True) -> list[int]:
+    """Deterministic token ids for ``text`` (no tokenizer offline): ``BOS`` (if ``add_bos``), each UTF-8 byte ``b``
+    as ``3 + b``, and each ``<image>`` as ``num_image_tokens`` copies of ``image_token_id`` (as LlavaProcessor)."""
+    s = get_preset(preset)
+    ids = [BOS_ID] if add_bos else []
+    for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            ids += [s.image_token_id] * s.num_image_tokens
+        ids += [BYTE_OFFSET + b for b in part.encode("utf-8")]
+    return ids
+
+
+def decode_tokens(preset: str | PresetSpec, ids) -> str:
+    """Inverse of :func:`encode_prompt` for byte ids; special and image ids are dropped, other ids shown as
+    ``<id>`` (random-weight models produce them)."""
+    s = get_preset(preset)
+    out, buf = [], bytearray()
+    for i in (int(t) for t in ids):
+        if BYTE_OFFSET <= i < BYTE_OFFSET + 256:
+            buf.append(i - BYTE_OFFSET)
+            continue
+        out.append(buf.decode("utf-8", errors="replace"))
+        buf = bytearray()
+        if i not in (PAD_ID, BOS_ID, EOS_ID, s.image_token_id):
+            out.append(f"<{i}>")
+    out.append(buf.decode("utf-8", errors="replace"))
+    return "".join(out)
+
+
+def preset_info(preset: str | PresetSpec) -> dict:
+    """The preset as a JSON-ready dict (for export manifests)."""
+    s = get_preset(preset)
+    d = dataclasses.asdict(s)
+    d.update(num_image_tokens=s.num_image_tokens, num_patches=s.num_patches, vision_head_dim=s.vision_head_dim,
+             text_head_dim=s.text_head_dim, num_layers=s.text_layers, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+             pad_token_id=PAD_ID)
+    return d
