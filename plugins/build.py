@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,26 @@ def find_nvcc() -> str:
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     raise BuildError("nvcc not found: install the CUDA toolkit (12.x or 13.x), put nvcc on PATH or set NVCC/CUDA_HOME")
+
+
+def cuda_tool(name: str) -> str:
+    """A CUDA toolkit program (cuobjdump, nvdisasm, ...) next to nvcc, else from PATH."""
+    sibling = Path(find_nvcc()).with_name(name)
+    if sibling.exists():
+        return str(sibling)
+    found = shutil.which(name)
+    if not found:
+        raise BuildError(f"{name} not found next to nvcc or on PATH; install the full CUDA toolkit")
+    return found
+
+
+def has_nvcc() -> bool:
+    """True when :func:`find_nvcc` would succeed (tests skip with a reason otherwise)."""
+    try:
+        find_nvcc()
+        return True
+    except BuildError:
+        return False
 
 
 def gencode_flags(target: str, ptx_only: bool = False) -> list[str]:
@@ -140,6 +161,29 @@ def _demangle_short(name: str) -> str:
                 return f"{kernel}<{'fp16' if 'Epilogue' in tail and 'E1E' in tail else 'int32'}>"
             return kernel
     return name
+
+
+def fatbin_entries(lib: str | Path) -> list[tuple[str, int, int]]:
+    """(kind 'ptx'|'sass', sm, payload bytes) of every fatbin entry embedded in a library.
+
+    Reads the fatbin headers directly (magic 0xBA55ED50; entry: kind u16, header size u32 at +4, payload size u64
+    at +8, arch u32 at +28), so checks of what a build carries need no cuobjdump (absent from pip-installed CUDA).
+    """
+    data = Path(lib).read_bytes()
+    magic = struct.pack("<I", 0xBA55ED50)
+    entries, pos = [], data.find(magic)
+    while pos >= 0:
+        _, _, header, size = struct.unpack_from("<IHHQ", data, pos)
+        cur, end = pos + header, pos + header + size
+        while cur + 32 <= end:
+            kind, _, ehead, payload = struct.unpack_from("<HHIQ", data, cur)
+            arch = struct.unpack_from("<I", data, cur + 28)[0]
+            entries.append(({1: "ptx", 2: "sass"}.get(kind, str(kind)), arch, payload))
+            if ehead == 0:
+                break
+            cur += ehead + payload
+        pos = data.find(magic, max(end, pos + 4))
+    return entries
 
 
 def build_all(out_dir=None, verbose: bool = True, jobs: int = 0) -> dict[str, Path]:

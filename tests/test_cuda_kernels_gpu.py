@@ -1,0 +1,115 @@
+"""GPU tests of the vlmx CUDA kernels through the registered torch ops (skipped with a reason without a GPU).
+
+The library is $VLMX_KERNELS_LIB when set (device_kernels.sh points it at the compute_75 PTX-only build so the
+Turing instruction set runs through the driver JIT), else a build for the current GPU's target.
+"""
+import shutil
+
+import pytest
+import torch
+
+from vlmx.torch_ref import reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+]
+
+ATTENTION_TOL = 2e-3
+W8A8_TOL = 1e-3
+
+
+def assert_close(out, ref, tol, what):
+    """Relative error ||out - ref|| / ||ref|| in float64, reported and checked against a named tolerance."""
+    err = (out.double() - ref.double()).norm().item() / max(ref.double().norm().item(), 1e-30)
+    print(f"{what}: rel_err={err:.3e} (tol {tol:.0e})")
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    assert err <= tol, f"{what}: rel_err {err:.3e} > {tol:.0e}"
+
+
+@pytest.fixture(scope="module")
+def lib():
+    import os
+
+    if not os.environ.get("VLMX_KERNELS_LIB") and shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc (or VLMX_KERNELS_LIB) to build the kernel library")
+    from vlmx.plugins import cuda_ops
+
+    return cuda_ops.register()
+
+
+# name: (B, Sq, Sk, H, Hkv, D, causal, window, alibi, layout, bias)
+SHAPES = {
+    "vit_l336": (2, 577, 577, 16, 16, 64, 0, -1, 0, "bsd", None),
+    "siglip": (1, 729, 729, 16, 16, 72, 0, -1, 0, "bsd", None),
+    "prefill_gqa8_causal": (1, 1024, 1024, 32, 8, 128, 1, -1, 0, "bsd", None),
+    "prefill_mqa_packed": (1, 300, 300, 8, 1, 128, 1, -1, 0, "packed", None),
+    "decode_kv4096_gqa": (2, 1, 4096, 32, 8, 128, 1, -1, 0, "bsd", None),
+    "decode_kv4096_mha_d80": (1, 1, 4096, 8, 8, 80, 0, -1, 0, "bsd", None),
+    "odd_s1": (2, 1, 1, 4, 4, 96, 0, -1, 0, "bsd", None),
+    "odd_s63": (2, 63, 63, 4, 4, 80, 1, -1, 0, "bhsd", None),
+    "odd_s1000_window": (1, 1000, 1000, 4, 2, 64, 1, 100, 0, "bsd", None),
+    "alibi_mpt": (1, 200, 200, 12, 12, 128, 1, -1, 1, "bsd", None),
+    "padding_mask": (2, 577, 577, 4, 4, 64, 0, -1, 0, "bsd", "padding"),
+    "additive_bias": (1, 77, 150, 4, 4, 72, 0, -1, 0, "bsd", "full"),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_flash_attention_matches_fp32_reference(lib, name):
+    b, sq, sk, h, hkv, d, causal, window, alibi, layout, bias_kind = SHAPES[name]
+    g = torch.Generator(device="cuda").manual_seed(hash(name) % 2**31)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda").half()  # noqa: E731
+    if layout == "packed":
+        q, k, v = rnd(b, sq, (h + 2 * hkv) * d), None, None
+    elif layout == "bhsd":
+        q, k, v = rnd(b, h, sq, d), rnd(b, hkv, sk, d), rnd(b, hkv, sk, d)
+    else:
+        q, k, v = rnd(b, sq, h * d), rnd(b, sk, hkv * d), rnd(b, sk, hkv * d)
+    bias = None
+    if bias_kind == "padding":
+        bias = torch.zeros(b, 1, 1, sk, device="cuda", dtype=torch.float16)
+        bias[0, ..., sk // 3:] = float("-inf")
+    elif bias_kind == "full":
+        bias = rnd(b, h, sq, sk)
+    attrs = dict(num_heads=h, num_kv_heads=hkv, head_dim=d, causal=causal, window=window, alibi=alibi, layout=layout)
+    out = torch.ops.vlmx.flash_attention(q, k, v, bias, **attrs)
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    ref = reference.flash_attention(f(q), f(k), f(v), f(bias), **attrs)
+    assert_close(out, ref, ATTENTION_TOL, f"flash_attention/{name}")
+
+
+def test_fully_masked_rows_are_zero(lib):
+    q = torch.randn(1, 32, 2 * 64, device="cuda").half()
+    k = torch.randn(1, 8, 2 * 64, device="cuda").half()
+    out = torch.ops.vlmx.flash_attention(q, k, k.clone(), None, num_heads=2, head_dim=64, causal=1)
+    # bottom-right causal: query i sees keys j <= i - 24, so the first 24 queries see nothing
+    assert out[:, :24].abs().max().item() == 0.0
+    assert out[:, 24:].abs().max().item() > 0.0
+
+
+@pytest.mark.parametrize("m,n,k", [(4096, 1024, 1024), (577, 4304, 1152), (1, 64, 16), (1000, 130, 272)])
+def test_w8a8_linear_exact_accumulation_and_scaling(lib, m, n, k):
+    from vlmx.plugins import cuda_ops
+
+    x = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    acc = cuda_ops.int8_gemm(lib, x, w)
+    exact = x.double() @ w.double().t()
+    assert int((acc.double() != exact).sum()) == 0, "int32 accumulation is not exact"
+    xs, ws = torch.rand(m, 1, device="cuda") * 0.01 + 1e-4, torch.rand(n, device="cuda") * 0.01 + 1e-4
+    bias = torch.randn(n, device="cuda").half()
+    y = torch.ops.vlmx.w8a8_linear(x, xs, w, ws, bias)
+    ref = (exact.float() * xs * ws + bias.float()).half()
+    assert_close(y, ref, W8A8_TOL, f"w8a8_linear/{m}x{n}x{k}")
+    y2, yq, yqs = cuda_ops.w8a8_linear_fused(lib, x, xs, w, ws, bias, quantize_output=True)
+    rq, rs = reference.quantize_rows(y2)
+    assert torch.equal(yq, rq) and torch.equal(yqs, rs), "fused per-token quantization differs from the reference"
+
+
+def test_errors_raise_with_the_kernel_message(lib):
+    from vlmx.plugins import cuda_ops
+
+    x = torch.zeros(4, 24, device="cuda", dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cuda_ops.int8_gemm(lib, x, x)
