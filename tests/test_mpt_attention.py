@@ -258,3 +258,26 @@ def test_swapped_mpt_cached_decode_equals_full_forward(hf_mpt, impl):
             steps.append(out.logits)
     assert cache.get_seq_length() == 10
     check_close(torch.cat(steps, 1), full, TOL_MODEL, f"{impl} cached decode vs transformers full forward")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for the vlmx FlashAttention kernel")
+@pytest.mark.parametrize("cls_name", ["multihead_attention", "multiquery_attention"])
+def test_flash_impl_runs_the_vlmx_cuda_kernel(cls_name):
+    from vlmx.plugins import cuda_ops
+
+    cuda_ops.register()
+    assert mpt.vlmx_cuda_kernel_available()
+    torch.manual_seed(8)
+    mod = mpt.ATTN_CLASS_REGISTRY[cls_name](512, 8, attn_impl="flash", clip_qkv=4.0, alibi=True).eval()
+    mod, x = mod.half(), torch.randn(2, 37, 512).half()
+    ref = ref_module(mod, x)  # float64 from the same fp16 weights and inputs
+    mod, xg = mod.cuda(), x.cuda()
+    with torch.no_grad():
+        full, _, _ = mod(xg)
+        past, steps = (), []
+        for t in range(37):
+            y, _, past = mod(xg[:, t:t + 1], past_key_value=past)
+            steps.append(y)
+    check_close(full.cpu(), ref, TOL_FP16, f"{cls_name} flash prefill")
+    check_close(torch.cat(steps, 1).cpu(), ref, TOL_FP16, f"{cls_name} flash cached decode")
