@@ -118,7 +118,8 @@ def time_gemm(libs: dict, ok_libs: set, log) -> list[dict]:
                 row["ms"][f"vlmx_w8a8_{label}"] = bench(lambda: cuda_ops.w8a8_linear_fused(lib, x, xs, w, ws, bias))
                 row["ms"][f"vlmx_w8a8_quant_{label}"] = bench(
                     lambda: cuda_ops.w8a8_linear_fused(lib, x, xs, w, ws, bias, quantize_output=True))
-        row["ms"]["torch_int_mm"] = bench(lambda: torch._int_mm(x, w.t())  # w.t() is column-major: the cuBLASLt fast path)
+        # w.t() is column-major: torch._int_mm's cuBLASLt fast path
+        row["ms"]["torch_int_mm"] = bench(lambda: torch._int_mm(x, w.t()))
         row["ms"]["torch_matmul_fp16"] = bench(lambda: a16 @ b16)
         row["tops"] = {k2: 2.0 * m * n * k / (ms * 1e-3) / 1e12 for k2, ms in row["ms"].items()}
         log(f"{row['bench']:<34} " + " ".join(f"{k2}={ms:.3f}ms({row['tops'][k2]:.0f}T)" for k2, ms in

@@ -9,7 +9,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 command -v nvcc >/dev/null || export PATH=/usr/local/cuda/bin:$PATH
-$PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1 || { cat "$OUT/pip.txt"; exit 1; }
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1; then
+  # No editable install possible: map the import package vlmx.<part> onto the repo's part directories by links.
+  mkdir -p /tmp/vlmx_pkg/vlmx && for part in torch_ref export plugins trt_runtime; do
+    [ -d "$part" ] && ln -sfn "$PWD/$part" "/tmp/vlmx_pkg/vlmx/$part"; done
+  export PYTHONPATH=/tmp/vlmx_pkg${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/build.txt"
 SM=$($PY -c 'import torch; a,b=torch.cuda.get_device_capability(); print(a*10+b)')
 (
