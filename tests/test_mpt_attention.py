@@ -177,6 +177,17 @@ def test_module_prefill_and_cached_decode(cls_name, impl):
     assert past[0].shape == (2, mod.kv_n_heads, 10, 8)
 
 
+
+@pytest.mark.parametrize("cls_name,kv_heads", [("multiquery_attention", 1), ("multihead_attention", 4)])
+def test_vlmx_impl_exports_one_flash_attention_node_with_alibi(cls_name, kv_heads):
+    mod = mpt.ATTN_CLASS_REGISTRY[cls_name](64, 4, attn_impl="vlmx", alibi=True).eval()
+    ep = torch.export.export(mod, (torch.randn(1, 8, 64),))
+    calls = [n for n in ep.graph.nodes if n.target is torch.ops.vlmx.flash_attention.default]
+    assert len(calls) == 1
+    kw = calls[0].kwargs
+    assert (kw["alibi"], kw["causal"], kw["num_heads"], kw["head_dim"]) == (1, 1, 4, 16)
+    assert kw.get("num_kv_heads", 4) == kv_heads
+
 def test_low_precision_layernorm_under_autocast():
     ln = mpt.LPLayerNorm(32)
     x = torch.randn(3, 32)
