@@ -23,7 +23,7 @@ from .attention import attend
 __all__ = ["ATTN_IMPLS", "ATTN_CLASS_REGISTRY", "GroupedQueryAttention", "LPLayerNorm", "MptAttentionAdapter",
            "MultiQueryAttention", "MultiheadAttention", "attn_bias_shape", "build_alibi_bias", "build_attn_bias",
            "flash_attn_fn", "gen_slopes", "scaled_multihead_dot_product_attention", "swap_mpt_attention",
-           "triton_flash_attn_fn"]
+           "triton_flash_attn_fn", "vlmx_cuda_kernel_available"]
 
 ATTN_IMPLS = ("torch", "sdpa", "vlmx", "flash", "triton")
 _KERNEL_OP = "vlmx::flash_attention"
