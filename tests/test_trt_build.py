@@ -1,0 +1,182 @@
+"""Engine builds with TensorRT-RTX on the CPU for ComputeCapability.SM75 (CI), from export directories.
+
+Until the exporter's llava-tiny export is available these tests build a synthetic export directory that follows the
+artifact contract (manifest.json with graphs/profiles/files, six graphs) made of small onnx.helper graphs: the
+standard ONNX Attention op (opset 23) in the vision graph, MatMul/Softmax elsewhere, and vlmx nodes with and without
+model-local function bodies. Each build prints the engine's layer list (from the builder's detailed layer log: the
+engine inspector needs a GPU to deserialize the plan).
+"""
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+from vlmx.trt_runtime import build_cli
+from vlmx.trt_runtime.artifacts import REQUIRED_GRAPHS
+from vlmx.trt_runtime.engine_build import EngineBuildError, build_engines, resolve_target_sm
+from vlmx.trt_runtime.trt_import import TensorRTUnavailable, import_tensorrt
+
+try:
+    RTX = import_tensorrt("tensorrt-rtx")
+except TensorRTUnavailable as e:
+    RTX = None
+    RTX_REASON = str(e)
+needs_rtx = pytest.mark.skipif(RTX is None, reason="TensorRT-RTX is not installed (pip install "
+                                                   "tensorrt-rtx-cu12-libs==1.6.1.120 tensorrt-rtx-cu12-bindings==1.6.1.120)")
+HIDDEN, HEADS = 64, 2
+
+
+def _model(nodes, inputs, outputs, inits=(), functions=(), opset=23):
+    imports = [oh.make_opsetid("", opset)] + ([oh.make_opsetid("vlmx", 1)] if functions or any(
+        n.domain == "vlmx" for n in nodes) else [])
+    m = oh.make_model(oh.make_graph(nodes, "g", inputs, outputs, list(inits)), opset_imports=imports,
+                      functions=list(functions))
+    m.ir_version = 10
+    onnx.checker.check_model(m)
+    return m
+
+
+def _io(name, shape, dt=TP.FLOAT16):
+    return oh.make_tensor_value_info(name, dt, shape)
+
+
+def _weight(name, shape, seed):
+    return nh.from_array(np.random.default_rng(seed).standard_normal(shape).astype(np.float16) * 0.1, name)
+
+
+def attention_graph():
+    """x [b, s, 64] → ONNX Attention (opset 23, 2 heads) → MatMul → y."""
+    nodes = [oh.make_node("MatMul", ["x", "wq"], ["q"]), oh.make_node("MatMul", ["x", "wk"], ["k"]),
+             oh.make_node("MatMul", ["x", "wv"], ["v"]),
+             oh.make_node("Attention", ["q", "k", "v"], ["a"], q_num_heads=HEADS, kv_num_heads=HEADS),
+             oh.make_node("MatMul", ["a", "wo"], ["y"])]
+    inits = [_weight(n, (HIDDEN, HIDDEN), i) for i, n in enumerate(("wq", "wk", "wv", "wo"))]
+    return _model(nodes, [_io("x", ["b", "s", HIDDEN])], [_io("y", ["b", "s", HIDDEN])], inits)
+
+
+def matmul_softmax_graph(seed=0):
+    nodes = [oh.make_node("MatMul", ["x", "w"], ["t"]), oh.make_node("Softmax", ["t"], ["y"], axis=-1)]
+    return _model(nodes, [_io("x", ["b", "s", HIDDEN])], [_io("y", ["b", "s", 16])], [_weight("w", (HIDDEN, 16), seed)],
+                  opset=17)
+
+
+def vlmx_graph(with_body: bool):
+    """x → vlmx.QuantizePerToken-like node "ScaledSoftmax" (domain vlmx) → y, with or without a function body."""
+    node = oh.make_node("ScaledSoftmax", ["x"], ["y"], domain="vlmx", plugin_namespace="vlmx", plugin_version="1")
+    fn = oh.make_function("vlmx", "ScaledSoftmax", ["x"], ["y"],
+                          [oh.make_node("Add", ["x", "x"], ["x2"]), oh.make_node("Softmax", ["x2"], ["y"], axis=-1)],
+                          [oh.make_opsetid("", 17)], [])
+    return _model([node], [_io("x", ["b", "s", HIDDEN])], [_io("y", ["b", "s", HIDDEN])],
+                  functions=[fn] if with_body else [], opset=17)
+
+
+def make_export(root, graphs: dict | None = None, profile_max=32, drop_profile_of=None):
+    """An export directory following the artifact contract, with the given {graph: ModelProto}."""
+    graphs = dict(graphs or {})
+    defaults = {"vision": attention_graph(), "prefill": attention_graph()}
+    for i, g in enumerate(REQUIRED_GRAPHS):
+        graphs.setdefault(g, defaults.get(g) or matmul_softmax_graph(i))
+    root.mkdir(parents=True, exist_ok=True)
+    entries, files = {}, {}
+    for g, model in graphs.items():
+        path = root / f"{g}.onnx"
+        onnx.save(model, str(path))
+        data = path.read_bytes()
+        files[path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        prof = {"x": {"min": [1, 1, HIDDEN], "opt": [1, 8, HIDDEN], "max": [2, profile_max, HIDDEN]}}
+        entries[g] = {"file": path.name, "inputs": [{"name": "x", "shape": ["b", "s", HIDDEN], "dtype": "float16"}],
+                      "outputs": [], "dynamic_axes": {"x": {"0": "b", "1": "s"}},
+                      "profile": {} if g == drop_profile_of else prof}
+    manifest = {"format": "vlmx-export", "format_version": 1, "model": "synthetic", "checkpoint": None,
+                "target": "trt-sm75", "sm": 75, "precision": "fp16", "attention": "native", "opset": 23,
+                "ops_used": [], "model_info": {"num_image_tokens": 16}, "graphs": entries, "files": files}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _print_layers(meta):
+    for g, e in meta["engines"].items():
+        print(f"--- {g}: {e['bytes']} bytes, {len(e['layers'])} engine layers, built in {e['build_seconds']} s")
+        for line in e["layers"]:
+            print("   ", line[:160])
+
+
+@needs_rtx
+def test_rtx_builds_every_graph_for_sm75_and_records_engines_json(tmp_path):
+    export = make_export(tmp_path / "export")
+    paths = build_engines(export, backend="tensorrt-rtx", progress=False)
+    assert sorted(paths) == sorted(REQUIRED_GRAPHS)
+    meta = json.loads((export / "engines" / "engines.json").read_text())
+    _print_layers(meta)
+    assert meta["backend"] == "tensorrt-rtx" and meta["tensorrt_version"] == RTX.version
+    assert meta["target_sm"] == 75 and meta["built_on"]["device"] is None and meta["plugin_lib"] is None
+    for g, p in paths.items():
+        e = meta["engines"][g]
+        assert p.stat().st_size == e["bytes"] > 0
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == e["sha256"]
+        assert e["layers"], f"{g}: the builder logged no engine layers"
+    # The ONNX Attention op becomes TensorRT's native attention layer (no decomposition, no plugin).
+    assert any("[ATTENTION_INPUT]" in ln for ln in meta["engines"]["vision"]["network_layers"])
+    assert meta["timing_cache"] is None  # TensorRT-RTX has no timing cache (deprecated no-op since 1.2)
+
+
+@needs_rtx
+def test_vlmx_nodes_with_function_bodies_are_inlined_and_bare_ones_refused(tmp_path):
+    export = make_export(tmp_path / "body", {"score": vlmx_graph(with_body=True)})
+    build_engines(export, backend="tensorrt-rtx", graphs=["score"], progress=False)
+    meta = json.loads((export / "engines" / "engines.json").read_text())
+    score = meta["engines"]["score"]
+    print("score network layers:", score["network_layers"])
+    kinds = " ".join(score["network_layers"])
+    assert "[ELEMENTWISE]" in kinds and "[SOFTMAX]" in kinds and "PLUGIN" not in kinds
+    assert score["vlmx_nodes"]["plugin_or_body"] == ["ScaledSoftmax:"]
+    bare = make_export(tmp_path / "bare", {"score": vlmx_graph(with_body=False)})
+    with pytest.raises(EngineBuildError, match="without function bodies.*--plugins-only"):
+        build_engines(bare, backend="tensorrt-rtx", graphs=["score"], progress=False)
+
+
+@needs_rtx
+def test_refusals_name_the_problem(tmp_path):
+    export = make_export(tmp_path / "e", drop_profile_of="embed")
+    with pytest.raises(EngineBuildError, match="input x has dynamic shape .* no profile"):
+        build_engines(export, backend="tensorrt-rtx", graphs=["embed"], progress=False)
+    with pytest.raises(EngineBuildError, match="cannot target sm_90"):
+        build_engines(export, backend="tensorrt-rtx", graphs=["vision"], target="sm90", progress=False)
+    with pytest.raises(EngineBuildError, match="cannot load plugin libraries"):
+        build_engines(export, backend="tensorrt-rtx", graphs=["vision"], plugin_lib=tmp_path / "x.so", progress=False)
+    with pytest.raises(EngineBuildError, match="not in the export"):
+        build_engines(export, backend="tensorrt-rtx", graphs=["vision2"], progress=False)
+
+
+def test_target_names_resolve():
+    assert resolve_target_sm("trt-sm75") == 75 and resolve_target_sm("sm86") == 86 and resolve_target_sm(89) == 89
+    assert resolve_target_sm(None, {"sm": 87}) == 87 and resolve_target_sm(None) == 75
+    with pytest.raises(ValueError, match="not a known target"):
+        resolve_target_sm("trt-sm12")
+    with pytest.raises(EngineBuildError, match="not a target"):
+        resolve_target_sm("turing")
+
+
+@needs_rtx
+def test_vlm_build_cli(tmp_path, capsys):
+    export = make_export(tmp_path / "cli")
+    assert build_cli.main(["--artifacts", str(export), "--backend", "tensorrt-rtx", "--graph", "embed"]) == 0
+    out = capsys.readouterr()
+    assert "embed:" in out.out and "[vlm-build] embed" in out.err and "[build embed]" in out.err
+    assert build_cli.main(["--artifacts", str(tmp_path / "missing"), "--backend", "tensorrt-rtx"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_missing_tensorrt_is_reported_with_install_hint(monkeypatch):
+    import vlmx.trt_runtime.trt_import as ti
+
+    monkeypatch.setattr(ti, "_MODULES", {"tensorrt": ("no_such_tensorrt",), "tensorrt-rtx": ("no_such_rtx",)})
+    with pytest.raises(TensorRTUnavailable, match="tensorrt-rtx-cu12-libs"):
+        ti.import_tensorrt("auto")
+    with pytest.raises(ValueError, match="choose one of"):
+        ti.import_tensorrt("onnxruntime")

@@ -1,0 +1,42 @@
+"""``vlm-build``: build TensorRT / TensorRT-RTX engines for every graph of an export directory."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .artifacts import ArtifactError
+from .engine_build import EngineBuildError, build_engines
+from .trt_import import BACKEND_CHOICES, TensorRTUnavailable
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlm-build", description=__doc__)
+    p.add_argument("--artifacts", required=True, help="directory written by vlm-export --out")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="tensorrt (GPU, plugins), tensorrt-rtx (CPU builder, targets a compute capability, no "
+                        "plugins) or auto (tensorrt if importable, else tensorrt-rtx)")
+    p.add_argument("--plugin-lib", default=None, help="libvlmx_trt_plugins.so (TensorRT only)")
+    p.add_argument("--target", default=None, help="compute capability, e.g. trt-sm75 or 75 (default: the export's)")
+    p.add_argument("--out", default=None, help="engine directory (default: <artifacts>/engines)")
+    p.add_argument("--timing-cache", default=None, help="timing cache file (default: <out>/timing.cache)")
+    p.add_argument("--graph", action="append", default=None, help="build only this graph (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no build progress")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        paths = build_engines(args.artifacts, out_dir=args.out, backend=args.backend, plugin_lib=args.plugin_lib,
+                              timing_cache=args.timing_cache, target=args.target, graphs=args.graph,
+                              progress=not args.quiet)
+    except (ArtifactError, EngineBuildError, TensorRTUnavailable, ValueError, FileNotFoundError) as e:
+        print(f"vlm-build: error: {e}", file=sys.stderr)
+        return 2
+    for graph, path in paths.items():
+        print(f"{graph}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""TensorRT backend: runs the engines ``vlm-build`` wrote (``<export>/engines/<graph>.plan`` + ``engines.json``).
+
+:class:`TensorRTRunner` has the runner interface (``activate / infer / deactivate``), dynamic shapes through
+``set_input_shape``, inputs as numpy arrays, torch tensors (CPU or CUDA) or CUDA buffers exposing
+``__cuda_array_interface__`` (cuda-python / CuPy / Numba), and data-dependent outputs (vlmx GatherTopK) through an
+output allocator. Before deserializing it refuses, with a message saying what to rebuild, an engine whose
+TensorRT flavour/version, target compute capability or plugin library does not match this machine.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import sha256_file
+from .engine_build import ENGINES_FORMAT, ENGINES_JSON
+from .runner import Runner
+from .trt_import import import_tensorrt
+
+
+class EngineMismatch(RuntimeError):
+    """The engine was built for another TensorRT, GPU or plugin library than the one here."""
+
+
+def read_engines_json(engine_path) -> dict | None:
+    """``engines.json`` next to an engine (None when absent)."""
+    meta_path = Path(engine_path).with_name(ENGINES_JSON)
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != ENGINES_FORMAT:
+        raise EngineMismatch(f"{meta_path} is not a {ENGINES_FORMAT} file; rebuild the engines with vlm-build")
+    return meta
+
+
+def check_engine_compat(meta: dict, flavour: str, version: str, device_sm: int | None, device_name: str = "",
+                        plugin_lib: str | None = None) -> None:
+    """Raise :class:`EngineMismatch` unless an engine described by ``meta`` can run here."""
+    built = f"{meta.get('backend')} {meta.get('tensorrt_version')}"
+    if meta.get("backend") != flavour or str(meta.get("tensorrt_version")) != str(version):
+        raise EngineMismatch(f"the engine was built with {built} but this runtime is {flavour} {version}; engines "
+                             "only run on the exact TensorRT version that built them: rebuild with `vlm-build "
+                             "--artifacts <export dir>` here, or install " + built)
+    if device_sm is None:
+        raise EngineMismatch(f"no CUDA GPU is visible; the engine targets sm_{meta.get('target_sm')} and needs that "
+                             "GPU (and its driver) to run")
+    target = meta.get("target_sm")
+    if target is not None and int(target) != int(device_sm):
+        raise EngineMismatch(f"the engine targets sm_{target} but this GPU{' (' + device_name + ')' if device_name else ''}"
+                             f" is sm_{device_sm}; rebuild the engines for this GPU (vlm-build --target sm{device_sm})"
+                             " or run on an sm_" + str(target) + " GPU")
+    want = meta.get("plugin_lib")
+    if want and plugin_lib and Path(plugin_lib).is_file() and sha256_file(Path(plugin_lib)) != want.get("sha256"):
+        raise EngineMismatch(f"--plugin-lib {plugin_lib} differs (sha256) from the library the engine was built with "
+                             f"({want.get('path')}); pass that library or rebuild the engines with this one")
+
+
+def _device():
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, ""
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor, torch.cuda.get_device_name()
+
+
+class _CudaArray:
+    """A device buffer given through ``__cuda_array_interface__`` (pointer, shape, dtype)."""
+
+    def __init__(self, obj):
+        cai = obj.__cuda_array_interface__
+        if cai.get("strides") not in (None, ()):
+            expect = np.empty(cai["shape"], dtype=np.dtype(cai["typestr"])).strides
+            if tuple(cai["strides"]) != tuple(expect):
+                raise ValueError("CUDA buffers given to the TensorRT runner must be C-contiguous")
+        self.ptr = int(cai["data"][0])
+        self.shape = tuple(cai["shape"])
+        self.dtype = np.dtype(cai["typestr"])
+        self.owner = obj
+
+
+class TensorRTRunner(Runner):
+    """One TensorRT engine; ``infer`` returns numpy arrays (``return_torch=True``: torch CUDA tensors)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path, plugin_lib=None, return_torch: bool = False):
+        super().__init__()
+        self.engine_path = Path(engine_path)
+        self.plugin_lib = str(plugin_lib) if plugin_lib else None
+        self.return_torch = return_torch
+        self.engine = self.context = self.trt = None
+
+    def _activate(self):
+        import torch
+
+        if not self.engine_path.is_file():
+            raise FileNotFoundError(f"engine {self.engine_path} does not exist; build it with vlm-build")
+        meta = read_engines_json(self.engine_path)
+        self.trt = import_tensorrt(meta["backend"] if meta else "auto")
+        sm, name = _device()
+        if meta is not None:
+            if not self.plugin_lib and meta.get("plugin_lib"):
+                self.plugin_lib = meta["plugin_lib"]["path"]
+            check_engine_compat(meta, self.trt.flavour, self.trt.version, sm, name, self.plugin_lib)
+        elif sm is None:
+            raise EngineMismatch(f"no CUDA GPU is visible; {self.engine_path} needs one to run")
+        mod = self.trt.module
+        self.logger = mod.Logger(mod.Logger.WARNING)
+        runtime = mod.Runtime(self.logger)
+        if self.plugin_lib:
+            if not self.trt.has_plugins:
+                raise EngineMismatch("TensorRT-RTX cannot load plugin libraries; this engine needs "
+                                     f"{self.plugin_lib}: run it with TensorRT")
+            if not Path(self.plugin_lib).is_file():
+                raise FileNotFoundError(f"plugin library {self.plugin_lib} (recorded in engines.json) is missing; "
+                                        "pass --plugin-lib or rebuild it with python -m vlmx.plugins.trt_build")
+            runtime.get_plugin_registry().load_library(self.plugin_lib)
+        self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise EngineMismatch(f"{self.trt.flavour} {self.trt.version} refused to deserialize {self.engine_path} "
+                                 "(see the TensorRT error above); rebuild it with vlm-build on this machine")
+        self.runtime = runtime
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_in = {n: self.engine.get_tensor_mode(n) == mod.TensorIOMode.INPUT for n in names}
+        self.input_names = [n for n in names if is_in[n]]
+        self.output_names = [n for n in names if not is_in[n]]
+        self.dtypes = {n: torch.from_numpy(np.empty(0, dtype=mod.nptype(self.engine.get_tensor_dtype(n)))).dtype
+                       for n in names}
+        self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _to_device(self, name, value):
+        import torch
+
+        want = self.dtypes[name]
+        if hasattr(value, "__cuda_array_interface__") and not isinstance(value, torch.Tensor):
+            buf = _CudaArray(value)
+            if torch.from_numpy(np.empty(0, dtype=buf.dtype)).dtype != want:
+                raise TypeError(f"input {name}: CUDA buffer dtype {buf.dtype} but the engine wants {want}")
+            return buf
+        t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+        return t.to(device=self.device, dtype=want).contiguous()
+
+    def _infer(self, feed):
+        import torch
+
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise ValueError(f"{self.engine_path.name}: missing inputs {missing}; got {sorted(feed)}")
+        held = {}
+        for n in self.input_names:
+            x = self._to_device(n, feed[n])
+            held[n] = x
+            shape = x.shape if isinstance(x, _CudaArray) else tuple(x.shape)
+            if not self.context.set_input_shape(n, tuple(shape)):
+                lo, opt, hi = self.engine.get_tensor_profile_shape(n, 0)
+                raise ValueError(f"{self.engine_path.name}: input {n} shape {tuple(shape)} is outside the engine's "
+                                 f"profile min {tuple(lo)} / max {tuple(hi)}; re-export with a wider profile")
+            self.context.set_tensor_address(n, x.ptr if isinstance(x, _CudaArray) else x.data_ptr())
+        allocator = _OutputAllocator(self.trt.module, self.device, self.dtypes)
+        outputs = {}
+        for n in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(n))
+            if any(d < 0 for d in shape):  # data-dependent (size tensor): allocated by TensorRT's callback
+                self.context.set_output_allocator(n, allocator)
+            else:
+                outputs[n] = torch.empty(shape, dtype=self.dtypes[n], device=self.device)
+                self.context.set_tensor_address(n, outputs[n].data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{self.engine_path.name}: TensorRT execution failed (see the error above)")
+        stream.synchronize()
+        outputs.update(allocator.results())
+        ordered = {n: outputs[n] for n in self.output_names}
+        return ordered if self.return_torch else {n: t.cpu().numpy() for n, t in ordered.items()}
+
+    def _deactivate(self):
+        self.context = self.engine = self.runtime = None
+
+
+class _OutputAllocator:
+    """Allocates outputs whose shape TensorRT knows only after enqueue (torch memory, trimmed to the final shape)."""
+
+    def __new__(cls, mod, device, dtypes):
+        class Allocator(mod.IOutputAllocator):
+            def __init__(self):
+                mod.IOutputAllocator.__init__(self)
+                self.buffers, self.shapes = {}, {}
+
+            def reallocate_output(self, name, memory, size, alignment):
+                import torch
+
+                buf = self.buffers.get(name)
+                if buf is None or buf.numel() < size:
+                    self.buffers[name] = buf = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+                return buf.data_ptr()
+
+            def notify_shape(self, name, shape):
+                self.shapes[name] = tuple(shape)
+
+            def results(self):
+                out = {}
+                for n, shape in self.shapes.items():
+                    count = int(np.prod(shape)) if shape else 1
+                    dt = dtypes[n]
+                    nbytes = count * (dt.itemsize if hasattr(dt, "itemsize") else 1)
+                    out[n] = self.buffers[n][:nbytes].view(dt).reshape(shape).clone()
+                return out
+
+        return Allocator()
+
+
+def graph_runners(artifacts, plugin_lib=None, engines_dir=None, return_torch=False, **_) -> dict[str, Runner]:
+    """A :class:`TensorRTRunner` per graph, from ``<export>/engines`` (or ``engines_dir``)."""
+    root = Path(engines_dir) if engines_dir else artifacts.root / "engines"
+    meta_path = root / ENGINES_JSON
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{root} has no {ENGINES_JSON}: build the engines first with `vlm-build --artifacts "
+                                f"{artifacts.root}`")
+    meta = json.loads(meta_path.read_text())
+    missing = [g for g in artifacts.manifest["graphs"] if g not in meta.get("engines", {})]
+    if missing:
+        raise FileNotFoundError(f"{meta_path} lacks engines for {missing}; re-run vlm-build")
+    return {g: TensorRTRunner(root / meta["engines"][g]["file"], plugin_lib, return_torch)
+            for g in artifacts.manifest["graphs"]}
