@@ -229,7 +229,8 @@ def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=No
 
     ``backend``: ``auto`` | ``tensorrt`` | ``tensorrt-rtx``. ``target``: compute capability (``trt-sm75``, 75;
     default: the export's). ``timing_cache``: a file read before and written after the builds (default
-    ``<out>/timing.cache``; TensorRT only: TensorRT-RTX has none). Writes ``engines.json`` (TensorRT version, device or target, plugin library sha256).
+    ``<out>/timing.cache``; TensorRT only: TensorRT-RTX has none). Writes ``engines.json`` (TensorRT version,
+    device or target, plugin library sha256).
     """
     art = load_artifacts(export_dir, verify_checksums=verify_checksums)
     trt = import_tensorrt(backend)
