@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .artifacts import ArtifactError
@@ -15,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="tensorrt (GPU, plugins), tensorrt-rtx (CPU builder, targets a compute capability, no "
                         "plugins) or auto (tensorrt if importable, else tensorrt-rtx)")
-    p.add_argument("--plugin-lib", default=None, help="libvlmx_trt_plugins.so (TensorRT only)")
+    p.add_argument("--plugin-lib", default=None,
+                   help="libvlmx_trt_plugins.so, TensorRT only (default: $VLMX_PLUGIN_LIB, set in the Dockerfile)")
     p.add_argument("--target", default=None, help="compute capability, e.g. trt-sm75 or 75 (default: the export's)")
     p.add_argument("--out", default=None, help="engine directory (default: <artifacts>/engines)")
     p.add_argument("--timing-cache", default=None, help="timing cache file (default: <out>/timing.cache)")
@@ -26,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    plugin_lib = args.plugin_lib
+    if plugin_lib is None and args.backend != "tensorrt-rtx":
+        plugin_lib = os.environ.get("VLMX_PLUGIN_LIB") or None
     try:
-        paths = build_engines(args.artifacts, out_dir=args.out, backend=args.backend, plugin_lib=args.plugin_lib,
+        paths = build_engines(args.artifacts, out_dir=args.out, backend=args.backend, plugin_lib=plugin_lib,
                               timing_cache=args.timing_cache, target=args.target, graphs=args.graph,
                               progress=not args.quiet)
     except (ArtifactError, EngineBuildError, TensorRTUnavailable, ValueError, FileNotFoundError) as e:
