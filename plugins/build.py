@@ -156,7 +156,8 @@ def _demangle_short(name: str) -> str:
         if kernel in name:
             tail = name.split(kernel, 1)[1]
             if kernel == "flash_fwd_kernel":
-                return f"{kernel}<D={tail[3:].split('E', 1)[0]}>"
+                args = [a for a in tail.split("Li")[1:3]]
+                return f"{kernel}<D={args[0].split('E')[0]},W={args[1].split('E')[0]}>"
             if kernel == "int8_gemm_kernel":
                 return f"{kernel}<{'fp16' if 'Epilogue' in tail and 'E1E' in tail else 'int32'}>"
             return kernel

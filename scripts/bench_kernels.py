@@ -74,9 +74,15 @@ def time_attention(libs: dict, ok_libs: set, log) -> list[dict]:
         row = {"bench": f"attention/{name}", "shape": f"B{b} H{h}/{hkv} Sq{sq} Sk{sk} D{d}{' causal' if causal else ''}",
                "gflop": flops / 1e9, "ms": {}}
         for label, lib in libs.items():
-            if label in ok_libs:
-                row["ms"][f"vlmx_{label}"] = bench(lambda: cuda_ops.flash_attention(
+            if label not in ok_libs:
+                continue
+            # "" = the launcher's own choice of warps per CTA; 4 / 8 pinned through VLMX_FA_WARPS for comparison
+            for warps in ("", "4", "8") if label == "ptx75" else ("",):
+                os.environ["VLMX_FA_WARPS"] = warps
+                key = f"vlmx_{label}" + (f"_w{warps}" if warps else "")
+                row["ms"][key] = bench(lambda: cuda_ops.flash_attention(
                     lib, q, k, v, None, num_heads=h, num_kv_heads=hkv, head_dim=d, causal=int(causal)))
+            os.environ.pop("VLMX_FA_WARPS", None)
         kr, vr = kh, vh
         if hkv != h:  # SDPA backends here want equal heads (enable_gqa is not accepted by every backend)
             kr, vr = kh.repeat_interleave(h // hkv, 1), vh.repeat_interleave(h // hkv, 1)
@@ -218,12 +224,16 @@ def main() -> int:
                                                                                            in libs.items()}}
     checks = []
     for label, lib in libs.items():
-        checks += run_all(lib, label, log)
+        # the launcher's choice of warps per CTA, then 4 and 8 pinned, so both kernel variants are checked
+        for warps in ("", "4", "8"):
+            os.environ["VLMX_FA_WARPS"] = warps
+            checks += run_all(lib, label + (f"/w{warps}" if warps else ""), log, gemm=not warps)
+    os.environ.pop("VLMX_FA_WARPS", None)
     report["checks"] = checks
     # A kernel family (attention / gemm) of a library is timed only if all its checks pass.
     family = (lambda check: "attention" if check.startswith("attention/") else "gemm")
     ok = {(label, fam) for label in libs for fam in ("attention", "gemm")
-          if all(r["ok"] for r in checks if r["lib"] == label and family(r["check"]) == fam)}
+          if all(r["ok"] for r in checks if r["lib"].split("/")[0] == label and family(r["check"]) == fam)}
     log(f"passing every check (lib, kernels): {sorted(ok)}")
     report["attention"], report["gemm"], report["ceilings"], report["targets"] = [], [], {}, []
     if not args.skip_timing:

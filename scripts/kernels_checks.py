@@ -150,7 +150,7 @@ def check_gemm(lib, m, n, k, seed=0) -> list[dict]:
     return res
 
 
-def run_all(lib, label: str, log=print) -> list[dict]:
+def run_all(lib, label: str, log=print, gemm: bool = True) -> list[dict]:
     results = []
     for i, c in enumerate(ATTENTION_CASES):
         t0 = time.monotonic()
@@ -159,7 +159,7 @@ def run_all(lib, label: str, log=print) -> list[dict]:
         results.append(r)
         log(f"[{label}] {r['check']:<40} {r['shape']:<52} rel_err={r['rel_err']:.2e} "
             f"{'OK' if r['ok'] else 'FAIL'} ({time.monotonic() - t0:.1f}s)")
-    for i, (m, n, k) in enumerate(GEMM_SHAPES):
+    for i, (m, n, k) in enumerate(GEMM_SHAPES if gemm else []):
         for r in check_gemm(lib, m, n, k, seed=200 + i):
             r["lib"] = label
             results.append(r)

@@ -132,4 +132,4 @@ def test_every_target_compiles(tmp_path, capsys):
         sm = TARGETS[name].sm
         entries = kbuild.fatbin_entries(path)
         assert {(k, a) for k, a, _ in entries} == {("sass", sm), ("ptx", 75)}, (name, entries)
-    assert " 0 B spill stores" in log and "flash_fwd_kernel<D=72>" in log
+    assert " 0 B spill stores" in log and "flash_fwd_kernel<D=72,W=8>" in log

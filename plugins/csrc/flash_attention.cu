@@ -1,7 +1,7 @@
 // Flash attention forward for sm_75 and later: fp16 in/out, fp32 accumulation, online softmax.
 //
 // Algorithm (FlashAttention-1/2 forward, tiled for Turing as in llama.cpp's fattn-mma):
-//   one CTA = 4 warps = kBlockM (64) "rows"; a row is a (query position, query head) pair of ONE kv head, so the
+//   one CTA = W warps = 16 W "rows"; a row is a (query position, query head) pair of ONE kv head, so the
 //   GQA group's query heads share every K/V tile (decode with q length 1 fills group rows instead of 1 of 16) and
 //   K/V are read once per group. Each warp owns 16 rows and computes S = Q K^T and O += P V with
 //   mma.sync.m16n8k8; K fragments come from ldmatrix, V fragments from ldmatrix.trans, and P is handed from the S
@@ -11,6 +11,7 @@
 // Split-KV: when B * Hkv * row-blocks cannot fill the GPU (decode), blockIdx.z splits the key range; each split
 // writes unnormalised fp32 partials (O, running max, running sum) and a combine kernel merges them.
 #include <math.h>
+#include <stdlib.h>
 
 #include <algorithm>
 
@@ -20,18 +21,21 @@ namespace vlmx {
 namespace {
 
 // ------------------------------------------------------------------------------------------------ traits table
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kBlockM = kWarps * 16;  // rows per CTA: one m16 tile per warp
 constexpr int kMaxSplits = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int D>
+// D: head dim; W: warps per CTA (16 rows each). W = 8 for prefill (a K/V tile feeds twice the rows per load and
+// per barrier), W = 4 when there are few rows (decode, short sequences) so CTAs stay numerous.
+template <int D, int W>
 struct FaTraits {
   static_assert(D % 8 == 0, "head_dim must be a multiple of the mma k-step (8)");
-  // Keys per tile: 64 keeps 8 mma n-tiles in flight; D >= 96 drops to 32 so the fp32 O accumulators (D/2
-  // registers), S (kBlockN/2), Q fragments (D/4) and the register-staged K/V tile stay under ~170 registers.
-  static constexpr int kBlockN = D >= 96 ? 32 : 64;
+  static constexpr int kWarps = W;
+  static constexpr int kThreads = W * 32;
+  static constexpr int kBlockM = W * 16;  // rows per CTA: one m16 tile per warp
+  // Keys per tile: 64 keeps 8 mma n-tiles in flight. With 4 warps, D >= 96 drops to 32 so the fp32 O
+  // accumulators (D/2 registers), S (kBlockN/2), Q fragments (D/4) and the register-staged K/V tile
+  // (2 * kBlockN * D / 8 / kThreads uint4) stay under 255 registers; 8 warps halve the staging share.
+  static constexpr int kBlockN = (D >= 96 && W == 4) ? 32 : 64;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   // Row pitch in halves: an odd number of 16-byte chunks puts the 8 rows of one ldmatrix on 8 distinct
   // 4-bank groups (conflict-free); D/8 even (64, 80, 96, 128) gets one chunk of padding, D = 72 needs none.
@@ -67,13 +71,13 @@ __device__ __forceinline__ float alibi_slope(int head, int num_heads, int pow2, 
 
 // Global -> registers: kBlockN rows of K (or V) as 16-byte chunks; rows past seqlen_k read as zeros so masked
 // keys contribute exactly 0 * 0 (never 0 * garbage) to P V.
-template <int D>
-__device__ __forceinline__ void load_kv_regs(uint4 (&regs)[FaTraits<D>::kKvLoads], const half* base,
+template <int D, int W>
+__device__ __forceinline__ void load_kv_regs(uint4 (&regs)[FaTraits<D, W>::kKvLoads], const half* base,
                                              int64_t stride_s, int key0, int seqlen_k) {
-  using T = FaTraits<D>;
+  using T = FaTraits<D, W>;
 #pragma unroll
   for (int i = 0; i < T::kKvLoads; ++i) {
-    const int c = threadIdx.x + i * kThreads;
+    const int c = threadIdx.x + i * T::kThreads;
     const int row = c / T::kChunks, col = c % T::kChunks;
     regs[i] = make_uint4(0, 0, 0, 0);
     if (c < T::kBlockN * T::kChunks && key0 + row < seqlen_k) {
@@ -82,12 +86,12 @@ __device__ __forceinline__ void load_kv_regs(uint4 (&regs)[FaTraits<D>::kKvLoads
   }
 }
 
-template <int D>
-__device__ __forceinline__ void store_kv_regs(half* tile, const uint4 (&regs)[FaTraits<D>::kKvLoads]) {
-  using T = FaTraits<D>;
+template <int D, int W>
+__device__ __forceinline__ void store_kv_regs(half* tile, const uint4 (&regs)[FaTraits<D, W>::kKvLoads]) {
+  using T = FaTraits<D, W>;
 #pragma unroll
   for (int i = 0; i < T::kKvLoads; ++i) {
-    const int c = threadIdx.x + i * kThreads;
+    const int c = threadIdx.x + i * T::kThreads;
     if (c < T::kBlockN * T::kChunks) {
       *reinterpret_cast<uint4*>(tile + (c / T::kChunks) * T::kPitch + (c % T::kChunks) * 8) = regs[i];
     }
@@ -95,10 +99,10 @@ __device__ __forceinline__ void store_kv_regs(half* tile, const uint4 (&regs)[Fa
 }
 
 // Q tile rows -> shared memory; row r maps to (query position r / group, head kv_head * group + r % group).
-template <int D>
+template <int D, int W>
 __device__ __forceinline__ void load_q_tile(half* sq, const FaArgs& a, int b, int kv_head, int row0) {
-  using T = FaTraits<D>;
-  for (int c = threadIdx.x; c < kBlockM * T::kChunks; c += kThreads) {
+  using T = FaTraits<D, W>;
+  for (int c = threadIdx.x; c < T::kBlockM * T::kChunks; c += T::kThreads) {
     const int row = c / T::kChunks, col = c % T::kChunks, r = row0 + row;
     uint4 val = make_uint4(0, 0, 0, 0);
     if (r < a.rows) {
@@ -110,10 +114,10 @@ __device__ __forceinline__ void load_q_tile(half* sq, const FaArgs& a, int b, in
 }
 
 // S[16 x kBlockN] = Q K^T for this warp: K rows are the B operand's columns, so plain ldmatrix gives them.
-template <int D>
-__device__ __forceinline__ void qk_product(float (&s)[FaTraits<D>::kBlockN / 8][4], const uint32_t (&qf)[D / 8][2],
+template <int D, int W>
+__device__ __forceinline__ void qk_product(float (&s)[FaTraits<D, W>::kBlockN / 8][4], const uint32_t (&qf)[D / 8][2],
                                            const half* sk, int lane) {
-  using T = FaTraits<D>;
+  using T = FaTraits<D, W>;
 #pragma unroll
   for (int n = 0; n < T::kBlockN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
@@ -129,10 +133,10 @@ __device__ __forceinline__ void qk_product(float (&s)[FaTraits<D>::kBlockN / 8][
 }
 
 // O[16 x D] += P V: P fragments come straight from the S registers, V through ldmatrix.trans (keys are k).
-template <int D>
-__device__ __forceinline__ void pv_product(float (&o)[D / 8][4], const uint32_t (&pf)[FaTraits<D>::kBlockN / 8][2],
+template <int D, int W>
+__device__ __forceinline__ void pv_product(float (&o)[D / 8][4], const uint32_t (&pf)[FaTraits<D, W>::kBlockN / 8][2],
                                            const half* sv, int lane) {
-  using T = FaTraits<D>;
+  using T = FaTraits<D, W>;
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
@@ -153,10 +157,10 @@ struct RowInfo {
 };
 
 // Scales S into the log2 domain and applies ALiBi, bias, causal/window and key-length masks (masked -> -inf).
-template <int D>
-__device__ __forceinline__ void mask_scores(float (&s)[FaTraits<D>::kBlockN / 8][4], const FaArgs& a,
+template <int D, int W>
+__device__ __forceinline__ void mask_scores(float (&s)[FaTraits<D, W>::kBlockN / 8][4], const FaArgs& a,
                                             const RowInfo (&ri)[2], int key0, int lane) {
-  using T = FaTraits<D>;
+  using T = FaTraits<D, W>;
   const int off = a.seqlen_k - a.seqlen_q;
 #pragma unroll
   for (int n = 0; n < T::kBlockN / 8; ++n) {
@@ -178,12 +182,14 @@ __device__ __forceinline__ void mask_scores(float (&s)[FaTraits<D>::kBlockN / 8]
 }
 
 // Online softmax over one tile: new running max, rescale O and the running sum, write P = exp2(S - max) as fp16.
-template <int D>
-__device__ __forceinline__ void online_softmax_update(float (&s)[FaTraits<D>::kBlockN / 8][4],
-                                                      uint32_t (&pf)[FaTraits<D>::kBlockN / 8][2],
+// `scale` > 0 multiplies raw scores on the fly (interior tiles: one FFMA per score feeds exp2); masked tiles arrive
+// already scaled and pass 1.
+template <int D, int W>
+__device__ __forceinline__ void online_softmax_update(float (&s)[FaTraits<D, W>::kBlockN / 8][4],
+                                                      uint32_t (&pf)[FaTraits<D, W>::kBlockN / 8][2],
                                                       float (&o)[D / 8][4], float (&row_max)[2],
-                                                      float (&row_sum)[2]) {
-  using T = FaTraits<D>;
+                                                      float (&row_sum)[2], float scale) {
+  using T = FaTraits<D, W>;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float mx = -INFINITY;
@@ -192,7 +198,7 @@ __device__ __forceinline__ void online_softmax_update(float (&s)[FaTraits<D>::kB
     // The 4 threads of a quad hold the row's columns.
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float new_max = fmaxf(row_max[h], mx);
+    const float new_max = fmaxf(row_max[h], mx * scale);  // scale > 0: max(s * scale) = scale * max(s)
     // A row with nothing visible yet keeps max -inf; subtracting 0 then makes every p exactly 0 (no NaN).
     const float ref = new_max == -INFINITY ? 0.f : new_max;
     const float alpha = exp2f(row_max[h] - ref);
@@ -200,8 +206,8 @@ __device__ __forceinline__ void online_softmax_update(float (&s)[FaTraits<D>::kB
     float sum = 0.f;
 #pragma unroll
     for (int n = 0; n < T::kBlockN / 8; ++n) {
-      s[n][2 * h] = exp2f(s[n][2 * h] - ref);
-      s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - ref);
+      s[n][2 * h] = exp2f(fmaf(s[n][2 * h], scale, -ref));
+      s[n][2 * h + 1] = exp2f(fmaf(s[n][2 * h + 1], scale, -ref));
       sum += s[n][2 * h] + s[n][2 * h + 1];
     }
     row_sum[h] = row_sum[h] * alpha + sum;
@@ -218,22 +224,22 @@ __device__ __forceinline__ void online_softmax_update(float (&s)[FaTraits<D>::kB
   }
 }
 
-template <int D>
-__global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FaArgs a) {
-  using T = FaTraits<D>;
+template <int D, int W>
+__global__ void __launch_bounds__(W * 32) flash_fwd_kernel(const FaArgs a) {
+  using T = FaTraits<D, W>;
   __shared__ __align__(16) half smem[T::kSmemElems];
   half* sk = smem;
   half* sv = smem + T::kTileElems;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row0 = blockIdx.x * kBlockM;
+  const int row0 = blockIdx.x * T::kBlockM;
   const int b = blockIdx.y / a.num_kv_heads, kv_head = blockIdx.y % a.num_kv_heads;
   const int split = blockIdx.z;
   const int off = a.seqlen_k - a.seqlen_q;
 
   // Keys any row of this CTA can see (bottom-right aligned causal/window); whole tiles outside are skipped.
   const int qpos_lo = row0 / a.group;
-  const int qpos_hi = min(a.seqlen_q - 1, (row0 + kBlockM - 1) / a.group);
+  const int qpos_hi = min(a.seqlen_q - 1, (row0 + T::kBlockM - 1) / a.group);
   int key_end = a.seqlen_k, key_begin = 0;
   if (a.causal) key_end = min(key_end, qpos_hi + off + 1);
   if (a.window >= 0) key_begin = max(key_begin, qpos_lo + off - a.window + 1);
@@ -257,11 +263,11 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FaArgs a) {
   const half* vbase = a.v + b * a.v_sb + kv_head * a.v_sh;
   uint4 kregs[T::kKvLoads], vregs[T::kKvLoads];
   if (t_begin < t_end) {
-    load_kv_regs<D>(kregs, kbase, a.k_ss, t_begin * T::kBlockN, a.seqlen_k);
-    load_kv_regs<D>(vregs, vbase, a.v_ss, t_begin * T::kBlockN, a.seqlen_k);
+    load_kv_regs<D, W>(kregs, kbase, a.k_ss, t_begin * T::kBlockN, a.seqlen_k);
+    load_kv_regs<D, W>(vregs, vbase, a.v_ss, t_begin * T::kBlockN, a.seqlen_k);
   }
   // Q goes through the K/V buffer: fragments stay in registers for the whole key loop.
-  load_q_tile<D>(smem, a, b, kv_head, row0);
+  load_q_tile<D, W>(smem, a, b, kv_head, row0);
   __syncthreads();
   uint32_t qf[D / 8][2];
 #pragma unroll
@@ -274,44 +280,37 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FaArgs a) {
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   // Warps whose 16 rows are all padding (decode: rows = group < 64) still load tiles but skip the math.
   const bool warp_active = row0 + warp * 16 < a.rows;
-  const bool plain = !a.alibi && !a.bias;
+  const bool plain = !a.alibi && !a.bias && a.scale_log2 > 0.f;
 
   if (t_begin < t_end) {
-    store_kv_regs<D>(sk, kregs);
-    store_kv_regs<D>(sv, vregs);
+    store_kv_regs<D, W>(sk, kregs);
+    store_kv_regs<D, W>(sv, vregs);
     __syncthreads();
   }
   for (int t = t_begin; t < t_end; ++t) {
     const int key0 = t * T::kBlockN;
     const bool has_next = t + 1 < t_end;
     if (has_next) {  // in flight while the tensor cores work on tile t
-      load_kv_regs<D>(kregs, kbase, a.k_ss, key0 + T::kBlockN, a.seqlen_k);
-      load_kv_regs<D>(vregs, vbase, a.v_ss, key0 + T::kBlockN, a.seqlen_k);
+      load_kv_regs<D, W>(kregs, kbase, a.k_ss, key0 + T::kBlockN, a.seqlen_k);
+      load_kv_regs<D, W>(vregs, vbase, a.v_ss, key0 + T::kBlockN, a.seqlen_k);
     }
     if (warp_active) {
       float s[T::kBlockN / 8][4];
       uint32_t pf[T::kBlockN / 8][2];
-      qk_product<D>(s, qf, sk, lane);
+      qk_product<D, W>(s, qf, sk, lane);
       // Interior tiles of a plain (no bias/ALiBi) attention need only the scale: skip the per-element masks.
       const bool interior = plain && key0 + T::kBlockN <= a.seqlen_k && qpos_hi < a.seqlen_q &&
-                            row0 + kBlockM <= a.rows &&
+                            row0 + T::kBlockM <= a.rows &&
                             (!a.causal || key0 + T::kBlockN - 1 <= qpos_lo + off) &&
                             (a.window < 0 || key0 > qpos_hi + off - a.window);
-      if (interior) {
-#pragma unroll
-        for (int n = 0; n < T::kBlockN / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[n][e] *= a.scale_log2;
-      } else {
-        mask_scores<D>(s, a, ri, key0, lane);
-      }
-      online_softmax_update<D>(s, pf, o, row_max, row_sum);
-      pv_product<D>(o, pf, sv, lane);
+      if (!interior) mask_scores<D, W>(s, a, ri, key0, lane);
+      online_softmax_update<D, W>(s, pf, o, row_max, row_sum, interior ? a.scale_log2 : 1.f);
+      pv_product<D, W>(o, pf, sv, lane);
     }
     __syncthreads();
     if (has_next) {
-      store_kv_regs<D>(sk, kregs);
-      store_kv_regs<D>(sv, vregs);
+      store_kv_regs<D, W>(sk, kregs);
+      store_kv_regs<D, W>(sv, vregs);
       __syncthreads();
     }
   }
@@ -386,10 +385,10 @@ int choose_splits(int ctas, int key_tiles) {
   return std::max(1, std::min(splits, kMaxSplits));
 }
 
-template <int D>
+template <int D, int W>
 vlmx_status launch(FaArgs a, cudaStream_t stream) {
-  using T = FaTraits<D>;
-  const int m_blocks = (a.rows + kBlockM - 1) / kBlockM;
+  using T = FaTraits<D, W>;
+  const int m_blocks = (a.rows + T::kBlockM - 1) / T::kBlockM;
   const int ctas = m_blocks * a.batch * a.num_kv_heads;
   const int key_tiles = (a.seqlen_k + T::kBlockN - 1) / T::kBlockN;
   a.splits = choose_splits(ctas, key_tiles);
@@ -409,7 +408,7 @@ vlmx_status launch(FaArgs a, cudaStream_t stream) {
     a.part_ml = a.part_o + rows * D;
   }
   dim3 grid(m_blocks, a.batch * a.num_kv_heads, a.splits);
-  flash_fwd_kernel<D><<<grid, kThreads, 0, stream>>>(a);
+  flash_fwd_kernel<D, W><<<grid, T::kThreads, 0, stream>>>(a);
   vlmx_status st = check_launch("flash_fwd_kernel");
   if (st == VLMX_OK && a.splits > 1) {
     flash_combine_kernel<<<static_cast<unsigned>(static_cast<int64_t>(a.batch) * a.num_heads * a.seqlen_q),
@@ -418,6 +417,17 @@ vlmx_status launch(FaArgs a, cudaStream_t stream) {
   }
   if (workspace) cudaFreeAsync(workspace, stream);
   return st;
+}
+
+// 8 warps when 128-row CTAs still give every SM at least one; else 4 (decode, short or few sequences).
+// VLMX_FA_WARPS=4|8 pins the choice (benchmarks compare both).
+template <int D>
+vlmx_status launch_head_dim(const FaArgs& a, cudaStream_t stream) {
+  const char* env = getenv("VLMX_FA_WARPS");
+  const int forced = env ? atoi(env) : 0;
+  const int64_t ctas8 = static_cast<int64_t>((a.rows + 127) / 128) * a.batch * a.num_kv_heads;
+  const bool eight = forced ? forced == 8 : (a.rows >= 128 && ctas8 >= sm_count());
+  return eight ? launch<D, 8>(a, stream) : launch<D, 4>(a, stream);
 }
 
 bool stride_ok(int64_t s) { return s >= 0 && s % 8 == 0; }
@@ -496,10 +506,10 @@ extern "C" vlmx_status vlmx_flash_attention_fwd(const vlmx_attention_params* p, 
   a.alibi_pow2 = 1;
   while (a.alibi_pow2 < p->num_heads) a.alibi_pow2 *= 2;
   switch (p->head_dim) {
-    case 64: return launch<64>(a, stream);
-    case 72: return launch<72>(a, stream);
-    case 80: return launch<80>(a, stream);
-    case 96: return launch<96>(a, stream);
-    default: return launch<128>(a, stream);
+    case 64: return launch_head_dim<64>(a, stream);
+    case 72: return launch_head_dim<72>(a, stream);
+    case 80: return launch_head_dim<80>(a, stream);
+    case 96: return launch_head_dim<96>(a, stream);
+    default: return launch_head_dim<128>(a, stream);
   }
 }
