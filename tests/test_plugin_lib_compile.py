@@ -160,6 +160,9 @@ def test_output_types_shapes_and_serialization_round_trip(host_check, case):
     assert res["reserialized"] == res["serialized"]
     if op == "GatherTopK":
         assert res["size_tensors"] == [{"output": 2, "opt": shapes[0][1], "upper": shapes[0][1]}]
+        assert res["workspace"] == shapes[0][0] * shapes[0][1]  # topk_rank's int8 kept mask [B, N]
+    else:
+        assert res["workspace"] == 0
 
 
 def test_cuda_kernel_ops_accept_fp16_only(host_check):
@@ -197,7 +200,7 @@ def test_triton_ops_accept_the_dtypes_their_manifest_provides(host_check, tmp_pa
     assert fp16["formats"] == [True, True, True]
     assert fp32["formats"][0] is False and "quantize_per_token for float32" in err
     gather = _case("GatherTopK", {}, ["half", "float", "int64"], [(1, 10, 8), (1, 10), (1,)])
-    m = _manifest(tmp_path / "m2.json", [("gather_rows", "float16"), ("topk_select", "float32")])
+    m = _manifest(tmp_path / "m2.json", [("gather_rows", "float16"), ("topk_rank", "float32"), ("topk_compact", None)])
     _, (ok,), _ = host_check([gather], manifest=m)
     assert ok["formats"] == [True] * 6
 

@@ -158,7 +158,7 @@ std::string opTritonKernel(OpAttrs const& a) {
     case gen::kGeluQuant: return "gelu_quant";
     case gen::kNormQuant: return "norm_quant";
     case gen::kTokenImportance: return "token_importance";
-    case gen::kGatherTopK: return "gather_rows";  // after topk_select (float32 scores)
+    case gen::kGatherTopK: return "gather_rows";  // after topk_rank (float32 scores) and topk_compact
     default: return "";
     }
 }
@@ -257,7 +257,7 @@ bool opSupportsFormat(OpAttrs const& a, int32_t pos, PluginTensorDesc const* des
     if (d.type != DataType::kHALF && d.type != DataType::kFLOAT) return false;
     CubinRegistry& reg = CubinRegistry::instance();
     bool const ok = reg.has(opTritonKernel(a), dtypeName(d.type))
-        && (a.op() != gen::kGatherTopK || reg.has("topk_select", "float32"));
+        && (a.op() != gen::kGatherTopK || (reg.has("topk_rank", "float32") && reg.has("topk_compact", "float32")));
     if (!ok) {
         static std::set<std::string> reported;
         std::string const err = reg.lastError();
@@ -332,8 +332,14 @@ std::string opCheckShapes(OpAttrs const& a, PluginTensorDesc const* in, int32_t 
     return "";
 }
 
+size_t opWorkspaceSize(OpAttrs const& a, DynamicPluginTensorDesc const* in, int32_t nbIn) {
+    if (a.op() != gen::kGatherTopK || nbIn < 1 || in[0].max.nbDims < 2) return 0;
+    // topk_rank's kept mask: one int8 per (batch, token) at the profile's largest shape.
+    return static_cast<size_t>(in[0].max.d[0] * in[0].max.d[1]);
+}
+
 std::string opEnqueue(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn, PluginTensorDesc const* out,
-    int32_t nbOut, void const* const* inputs, void* const* outputs, cudaStream_t stream) {
+    int32_t nbOut, void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) {
     (void) nbOut;
     std::string const err = opCheckShapes(a, in, nbIn, out, nbOut);
     if (!err.empty()) return err;
@@ -404,9 +410,15 @@ std::string opEnqueue(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn
         e = cudaCheck(cudaMemcpyAsync(outputs[2], inputs[2], sizeof(int64_t), cudaMemcpyDeviceToDevice, stream),
             "cudaMemcpyAsync(size tensor)");
         if (!e.empty()) return e;
-        KernelArgs select;
-        select.ptr("scores_ptr", inputs[1]).ptr("idx_ptr", outputs[1]).i64("N", N).i64("keep", keep).i64("B", B);
-        e = tritonLaunch("topk_select", DataType::kFLOAT, select, stream);
+        // Same sequence as plugins/triton_ops.gather_topk: rank -> kept mask [B, N] int8 (workspace), compact ->
+        // ascending indices, gather rows.
+        KernelArgs rank;
+        rank.ptr("scores_ptr", inputs[1]).ptr("kept_ptr", workspace).i64("N", N).i64("keep", keep).i64("B", B);
+        e = tritonLaunch("topk_rank", DataType::kFLOAT, rank, stream);
+        if (!e.empty()) return e;
+        KernelArgs compact;
+        compact.ptr("kept_ptr", workspace).ptr("idx_ptr", outputs[1]).i64("N", N).i64("keep", keep).i64("B", B);
+        e = tritonLaunch("topk_compact", DataType::kFLOAT, compact, stream);  // dtype-free kernel: any dtype matches
         if (!e.empty() || in[0].dims.d[2] == 0) return e;
         args.ptr("x_ptr", inputs[0]).ptr("idx_ptr", outputs[1]).ptr("out_ptr", outputs[0]);
         args.i64("N", N).i64("keep", keep).i64("C", in[0].dims.d[2]).i64("B", B);

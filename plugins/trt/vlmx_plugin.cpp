@@ -210,9 +210,9 @@ int32_t VlmxPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t n
     return 0;
 }
 
-size_t VlmxPlugin::getWorkspaceSize(DynamicPluginTensorDesc const*, int32_t, DynamicPluginTensorDesc const*,
-    int32_t) const noexcept {
-    return 0;  // every kernel works in place on its inputs/outputs
+size_t VlmxPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    DynamicPluginTensorDesc const*, int32_t) const noexcept {
+    return opWorkspaceSize(attrs_, inputs, nbInputs);
 }
 
 int32_t VlmxPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out,
@@ -224,10 +224,10 @@ int32_t VlmxPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, 
 }
 
 int32_t VlmxPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
-    void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept {
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept {
     try {
         std::string const err = opEnqueue(attrs_, inputDesc, numInputs_, outputDesc, getNbOutputs(), inputs, outputs,
-            stream);
+            workspace, stream);
         if (!err.empty()) logMessage(ILogger::Severity::kERROR, opName(attrs_.op()) + ": " + err);
         return err.empty() ? 0 : -1;
     } catch (std::exception const& e) {

@@ -138,10 +138,13 @@ bool opSupportsFormat(OpAttrs const& a, int32_t pos, nvinfer1::PluginTensorDesc 
 std::string opCheckShapes(OpAttrs const& a, nvinfer1::PluginTensorDesc const* in, int32_t nbIn,
     nvinfer1::PluginTensorDesc const* out, int32_t nbOut);
 
+//! Scratch memory the op needs at the profile's largest shapes (GatherTopK's kept mask), in bytes.
+size_t opWorkspaceSize(OpAttrs const& a, nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbIn);
+
 //! Launches the op; returns an error message or "".
 std::string opEnqueue(OpAttrs const& a, nvinfer1::PluginTensorDesc const* in, int32_t nbIn,
     nvinfer1::PluginTensorDesc const* out, int32_t nbOut, void const* const* inputs, void* const* outputs,
-    cudaStream_t stream);
+    void* workspace, cudaStream_t stream);
 
 //! Name of the Triton kernel an op launches (as in plugins/triton_aot.py; "" for the CUDA C ABI ops).
 std::string opTritonKernel(OpAttrs const& a);

@@ -249,11 +249,18 @@ int main(int argc, char** argv) {
             io[static_cast<size_t>(i)].desc.type = i < nbIn ? inTypes[static_cast<size_t>(i)]
                                                              : outTypes[static_cast<size_t>(i - nbIn)];
             io[static_cast<size_t>(i)].desc.format = TensorFormat::kLINEAR;
+            if (i < nbIn) {  // a profile whose min = max = the given input shape
+                Dims d{};
+                d.nbDims = inExprs[static_cast<size_t>(i)].nbDims;
+                for (int32_t j = 0; j < d.nbDims; ++j) d.d[j] = inExprs[static_cast<size_t>(i)].d[j]->getConstantValue();
+                io[static_cast<size_t>(i)].desc.dims = io[static_cast<size_t>(i)].min = io[static_cast<size_t>(i)].max = d;
+            }
         }
+        size_t const workspace = build->getWorkspaceSize(io.data(), nbIn, io.data() + nbIn, nbOut);
         std::cout << "{\"created\": true, \"name\": \"" << core->getPluginName() << "\", \"cloned\": "
                   << (cloned ? "true" : "false") << ", \"serialized\": " << serialized
                   << ", \"reserialized\": " << reserialized << ", \"nb_outputs\": " << nbOut
-                  << ", \"types_rc\": " << typesRc << ", \"output_types\": [";
+                  << ", \"workspace\": " << workspace << ", \"types_rc\": " << typesRc << ", \"output_types\": [";
         for (int32_t o = 0; o < nbOut; ++o) std::cout << (o ? ", " : "") << "\"" << typeName(outTypes[o]) << "\"";
         std::cout << "], \"shapes_rc\": " << shapesRc << ", \"output_shapes\": [";
         for (int32_t o = 0; o < nbOut && shapesRc == 0; ++o) {
