@@ -62,6 +62,12 @@ def _ptrs(params) -> tuple[str, ...]:
     return tuple(n for n, t in params if t.startswith("*"))
 
 
+def _row_warps(block_c: int) -> int:
+    """Warps per row program: 16 for 8192, 8 for 2048-4096, at most 4 below (whole rows in registers, several
+    programs resident per SM to hide memory latency)."""
+    return 16 if block_c >= 8192 else 8 if block_c >= 2048 else max(1, min(4, block_c // 128))
+
+
 def _row_specs(kernel: str, dtype: str) -> list[Spec]:
     t = DTYPES[dtype]
     params = {
@@ -81,7 +87,7 @@ def _row_specs(kernel: str, dtype: str) -> list[Spec]:
             one = block is not None
             bc = block or ROW_LOOP_BLOCK
             specs.append(Spec(kernel, f"{t}.a{16 if aligned else 1}.{'c' if one else 'loop'}{bc}", params,
-                              {"BLOCK_C": bc, "ONE_CHUNK": int(one)}, min(16, max(1, bc // 256)),
+                              {"BLOCK_C": bc, "ONE_CHUNK": int(one)}, _row_warps(bc),
                               ("rows", "1", "1"), dtype, {"C": [lo, block]}, div))
             lo = (block or 0) + 1
     return specs
@@ -122,9 +128,11 @@ def all_specs() -> list[Spec]:
             specs += _row_specs(kernel, dtype)
     for dtype in DTYPES:
         specs += _token_importance_specs(dtype)
-    specs.append(Spec("topk_select", "fp32", (("scores_ptr", "*fp32"), ("idx_ptr", "*i64"), ("N", "i32"),
-                                        ("keep", "i32")),
-                      {"BLOCK_I": 128, "BLOCK_J": 128}, 4, ("B", "1", "1"), "float32"))
+    specs.append(Spec("topk_rank", "fp32", (("scores_ptr", "*fp32"), ("kept_ptr", "*i8"), ("N", "i32"),
+                                            ("keep", "i32")),
+                      {"BLOCK_I": 32, "BLOCK_J": 128}, 4, ("cdiv(N,32)", "B", "1"), "float32"))
+    specs.append(Spec("topk_compact", "i8", (("kept_ptr", "*i8"), ("idx_ptr", "*i64"), ("N", "i32"), ("keep", "i32")),
+                      {"BLOCK": 1024}, 4, ("B", "1", "1"), None))
     for dtype in DTYPES:
         specs += _gather_specs(dtype)
     return specs

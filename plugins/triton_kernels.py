@@ -41,13 +41,12 @@ def _row_scale(amax):
 def _quantize(y, scale):
     """rint(y / scale) half-to-even, clamped to +-127, as float (exactly representable).
 
+    Clamping the quotient to +-127 before rounding gives the same result as after (the bounds are integers).
     Rounding adds and subtracts 1.5 * 2^23: for |v| <= 2^22 the fp32 add (round-to-nearest-even) leaves exactly
-    rint(v). v is clamped to +-128 first, which changes no clamped result and keeps the trick in range. Plain
-    fp32 ops (no libdevice) so the same code also runs under TRITON_INTERPRET for CPU tests.
+    rint(v). Plain fp32 ops (no libdevice) so the same code also runs under TRITON_INTERPRET for CPU tests.
     """
-    v = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -128.0), 128.0)
-    q = (v + _RINT_MAGIC) - _RINT_MAGIC
-    return tl.minimum(tl.maximum(q, -_QMAX), _QMAX)
+    v = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -_QMAX), _QMAX)
+    return (v + _RINT_MAGIC) - _RINT_MAGIC
 
 
 @triton.jit
@@ -56,10 +55,12 @@ def _gelu(x, approx_tanh):
 
     0.5 * (1 + tanh(u)) is evaluated as sigmoid(2u) = 1 / (1 + exp(-2u)) (the same function, without the
     cancellation of 1 + tanh for large negative u)."""
-    u2 = 1.5957691216057308 * (x + 0.044715 * x * x * x)
-    tanh_form = x / (1.0 + tl.exp(-u2))
-    erf_form = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    return tl.where(approx_tanh != 0, tanh_form, erf_form)
+    # A uniform (scalar) branch: only the selected form is evaluated.
+    if approx_tanh != 0:
+        y = x / (1.0 + tl.exp(-1.5957691216057308 * (x + 0.044715 * x * x * x)))
+    else:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    return y
 
 
 # ------------------------------------------------------------------------------------------------ quantize
@@ -217,27 +218,34 @@ def token_importance_kernel(q_ptr, k_ptr, out_ptr, T, N, D, group, q_stride_b, q
 
 
 @triton.jit
-def topk_select_kernel(scores_ptr, idx_ptr, N, keep, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Program b: token i is kept when fewer than `keep` tokens beat it (higher score, or equal score and lower
-    index: the stable descending sort of the reference); kept indices are written in ascending order to
-    idx[b, :keep] (int64) via a running prefix count."""
-    b = tl.program_id(0).to(tl.int64)
+def topk_rank_kernel(scores_ptr, kept_ptr, N, keep, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Program (i-block, b): token i is kept (kept[b, i] = 1, else 0) when fewer than `keep` tokens beat it:
+    a higher score, or an equal score at a lower index (the stable descending sort of the reference)."""
+    b = tl.program_id(1).to(tl.int64)
     row = scores_ptr + b * N
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ivalid = i < N
+    si = tl.load(row + i, mask=ivalid, other=0.0)
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for j0 in range(0, N, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        sj = tl.load(row + j, mask=j < N, other=0.0)
+        beats = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum((beats & (j[None, :] < N)).to(tl.int32), axis=1)
+    tl.store(kept_ptr + b * N + i, ((rank < keep) & ivalid).to(tl.int8), mask=ivalid)
+
+
+@triton.jit
+def topk_compact_kernel(kept_ptr, idx_ptr, N, keep, BLOCK: tl.constexpr):
+    """Program b: the indices of kept[b, :] in ascending order, via a running prefix count, to idx[b, :keep]."""
+    b = tl.program_id(0).to(tl.int64)
     count = tl.full([], 0, dtype=tl.int32)
-    for i0 in range(0, N, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
-        ivalid = i < N
-        si = tl.load(row + i, mask=ivalid, other=0.0)
-        rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-        for j0 in range(0, N, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            sj = tl.load(row + j, mask=j < N, other=0.0)
-            beats = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (j[None, :] < i[:, None]))
-            rank += tl.sum((beats & (j[None, :] < N)).to(tl.int32), axis=1)
-        kept = (rank < keep) & ivalid
-        pos = count + tl.cumsum(kept.to(tl.int32), axis=0) - 1
-        tl.store(idx_ptr + b * keep + pos, i.to(tl.int64), mask=kept)
-        count += tl.sum(kept.to(tl.int32), axis=0)
+    for i0 in range(0, N, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        kept = tl.load(kept_ptr + b * N + i, mask=i < N, other=0).to(tl.int32)
+        pos = count + tl.cumsum(kept, axis=0) - 1
+        tl.store(idx_ptr + b * keep + pos, i.to(tl.int64), mask=(kept != 0) & (pos < keep))
+        count += tl.sum(kept, axis=0)
 
 
 @triton.jit
@@ -259,6 +267,7 @@ KERNELS = {
     "gelu_quant": gelu_quant_kernel,
     "norm_quant": norm_quant_kernel,
     "token_importance": token_importance_kernel,
-    "topk_select": topk_select_kernel,
+    "topk_rank": topk_rank_kernel,
+    "topk_compact": topk_compact_kernel,
     "gather_rows": gather_rows_kernel,
 }

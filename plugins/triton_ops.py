@@ -153,7 +153,9 @@ def gather_topk(x, scores, keep):
     idx = torch.empty((b, k), dtype=torch.int64, device=x.device)
     out = torch.empty((b, k, c), dtype=x.dtype, device=x.device)
     if b:
-        _launch("topk_select", x, "float32", {"scores_ptr": s, "idx_ptr": idx, "N": n, "keep": k, "B": b})
+        kept = torch.empty((b, n), dtype=torch.int8, device=x.device)
+        _launch("topk_rank", x, "float32", {"scores_ptr": s, "kept_ptr": kept, "N": n, "keep": k, "B": b})
+        _launch("topk_compact", x, None, {"kept_ptr": kept, "idx_ptr": idx, "N": n, "keep": k, "B": b})
         if c:
             _launch("gather_rows", x, dt, {"x_ptr": x, "idx_ptr": idx, "out_ptr": out, "N": n, "keep": k, "C": c,
                                            "B": b})
