@@ -221,3 +221,79 @@ def test_invalid_fields_are_refused_with_a_message(host_check, attrs):
     _, (res,), err = host_check([_case("FlashAttention", attrs, ["half"], [(1, 4, 256)])])
     assert res == {"created": False}
     assert "vlmx::FlashAttention" in err
+
+
+@pytest.fixture(scope="module")
+def real_manifest(tmp_path_factory):
+    """A manifest + cubins from plugins/triton_aot.py (host compile for sm_75; skipped without a usable Triton)."""
+    try:
+        from vlmx.plugins import triton_aot
+
+        out = tmp_path_factory.mktemp("triton75")
+        triton_aot.compile_all("trt-sm75", out, kernels=["quantize_per_token", "topk_rank", "topk_compact",
+                                                         "gather_rows"], jobs=1)
+    except (ImportError, RuntimeError) as e:
+        pytest.skip(f"cannot compile the Triton kernels here: {e}")
+    return out / "manifest.json"
+
+
+@pytest.fixture(scope="module")
+def select_check(tmp_path_factory):
+    inc = INCLUDES[-1]
+    exe = tmp_path_factory.mktemp("select") / "cubin_select_check"
+    cudart = CUDA_INC.parent / "lib64"
+    r = subprocess.run(["g++", "-O1", *_flags(inc), str(trt_build.TRT_DIR / "tests" / "cubin_select_check.cpp"),
+                        str(trt_build.TRT_DIR / "cubin_loader.cpp"), f"-L{cudart}", "-lcudart", "-ldl", "-o", str(exe)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def run(manifest, cases):
+        r = subprocess.run([str(exe), str(manifest)], input="\n".join(cases) + "\n", capture_output=True, text=True,
+                           env=dict(os.environ, LD_LIBRARY_PATH=str(cudart)), timeout=60)
+        return r.returncode, [json.loads(ln) for ln in r.stdout.splitlines()]
+
+    return run
+
+
+SELECT_CASES = [  # (kernel, dtype, launch values): pointers as byte addresses
+    ("quantize_per_token", "float16", {"x_ptr": 4096, "q_ptr": 8192, "scale_ptr": 256, "C": 1152, "rows": 729}),
+    ("quantize_per_token", "float16", {"x_ptr": 4098, "q_ptr": 8192, "scale_ptr": 256, "C": 1152, "rows": 729}),
+    ("quantize_per_token", "float32", {"x_ptr": 4096, "q_ptr": 8192, "scale_ptr": 256, "C": 4304, "rows": 5}),
+    ("quantize_per_token", "float16", {"x_ptr": 4096, "q_ptr": 8192, "scale_ptr": 256, "C": 20000, "rows": 1}),
+    ("quantize_per_token", "float16", {"x_ptr": 4096, "q_ptr": 8192, "scale_ptr": 256, "C": 77, "rows": 3}),
+    ("topk_rank", "float32", {"scores_ptr": 4096, "kept_ptr": 8192, "N": 576, "keep": 144, "B": 2}),
+    ("topk_compact", "float32", {"kept_ptr": 8192, "idx_ptr": 4096, "N": 576, "keep": 144, "B": 2}),
+    ("gather_rows", "float16", {"x_ptr": 4096, "idx_ptr": 64, "out_ptr": 8192, "N": 576, "keep": 144, "C": 4096, "B": 2}),
+    ("gather_rows", "float32", {"x_ptr": 4100, "idx_ptr": 64, "out_ptr": 8192, "N": 576, "keep": 144, "C": 33, "B": 1}),
+    ("token_importance", "float16", {"q_ptr": 0, "k_ptr": 0, "T": 1, "N": 1, "D": 64}),  # not in this manifest
+]
+
+
+def test_cpp_loader_selects_the_same_specialisation_as_the_python_loader(real_manifest, select_check):
+    from vlmx.plugins import cubin_loader
+
+    manifest = cubin_loader.read_manifest(real_manifest.parent)
+    cases = [f"{k}|{dt}|" + ";".join(f"{n}={'p' if n.endswith('_ptr') else 'i'}:{v}" for n, v in vals.items())
+             for k, dt, vals in SELECT_CASES]
+    rc, got = select_check(real_manifest, cases)
+    assert rc == 0 and len(got) == len(SELECT_CASES)
+    print("C++ selections:", [r["spec"] for r in got])
+    assert sum(r["spec"] is not None for r in got) == len(SELECT_CASES) - 1  # all but token_importance
+    for (kernel, dtype, vals), res in zip(SELECT_CASES, got):
+        try:
+            entry = cubin_loader.select_entry(manifest, kernel, dtype, vals)
+        except cubin_loader.LoaderError:
+            entry = None
+        assert res["spec"] == (entry["spec"] if entry else None), (kernel, dtype, vals)
+        if entry:
+            assert tuple(res["grid"]) == tuple(cubin_loader.grid_of(entry, vals))
+            assert res["threads"] == entry["threads_per_block"]
+
+
+def test_real_manifest_enables_gather_topk_and_quantize(host_check, real_manifest):
+    _, (q16, q32, gather, gelu), err = host_check([
+        _case("QuantizePerToken", {}, ["half"], [(4, 64)]), _case("QuantizePerToken", {}, ["float"], [(4, 64)]),
+        _case("GatherTopK", {}, ["half", "float", "int64"], [(1, 10, 8), (1, 10), (1,)]),
+        _case("GeluQuant", {}, ["half"], [(4, 64)])], manifest=real_manifest)
+    assert q16["formats"] == q32["formats"] == [True, True, True] and gather["formats"] == [True] * 6
+    assert gelu["formats"][0] is False and "gelu_quant for float16 is not in" in err  # not compiled into it
