@@ -197,6 +197,9 @@ class _OutputAllocator:
                     self.buffers[name] = buf = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
                 return buf.data_ptr()
 
+            def reallocate_output_async(self, name, memory, size, alignment, stream=None):
+                return self.reallocate_output(name, memory, size, alignment)  # torch allocates stream-ordered
+
             def notify_shape(self, name, shape):
                 self.shapes[name] = tuple(shape)
 
