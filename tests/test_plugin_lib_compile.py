@@ -165,6 +165,35 @@ def test_output_types_shapes_and_serialization_round_trip(host_check, case):
         assert res["workspace"] == 0
 
 
+@pytest.mark.parametrize("case, problem", [
+    (("FlashAttention", {"num_heads": 8, "head_dim": 64}, ["half"] * 3, [(2, 7, 500), (2, 9, 512), (2, 9, 512)]),
+     "must end in num_heads\\*head_dim=512"),
+    (("FlashAttention", {"num_heads": 8, "num_kv_heads": 3, "head_dim": 64}, ["half"] * 3,
+      [(2, 7, 512), (2, 9, 192), (2, 9, 192)]), "positive multiple of num_kv_heads=3"),
+    (("FlashAttention", {"num_heads": 2, "head_dim": 64}, ["half"] * 4,
+      [(1, 7, 128), (1, 9, 128), (1, 9, 128), (1, 1, 7, 1)]), "must have rank 1..4 and end in the key length 9"),
+    (("FlashAttention", {"num_heads": 2, "head_dim": 64, "layout": "packed"}, ["half"], [(1, 7, 300)]),
+     "must end in \\(num_heads \\+ 2\\*num_kv_heads\\)\\*head_dim = 384"),
+    (("W8A8Linear", {}, ["int8", "float", "int8", "float"], [(4, 40), (4, 1), (32, 40), (32,)]),
+     "K = 40 must be a multiple of 16"),
+    (("W8A8Linear", {}, ["int8", "float", "int8", "float"], [(4, 64), (4, 1), (32, 48), (32,)]),
+     "must be \\[N, K\\] with K = 64"),
+    (("TokenImportance", {"num_heads": 4, "head_dim": 64}, ["half", "half"], [(2, 6, 256), (2, 50, 64)]),
+     "do not match num_heads, num_kv_heads, head_dim"),
+    (("GatherTopK", {}, ["half", "float", "int64"], [(2, 576, 64), (2, 575), (1,)]), "must be \\[B, N\\] of x"),
+])
+def test_runtime_shape_checks_refuse_inconsistent_shapes(host_check, case, problem):
+    import re
+
+    _, (res,), err = host_check([_case(*case)])
+    assert res["shape_check"] == -1 and re.search(problem, err), err
+
+
+def test_consistent_shapes_pass_the_runtime_check(host_check):
+    _, results, err = host_check([_case(*c[:4]) for c in SHAPE_CASES])
+    assert [r["shape_check"] for r in results] == [0] * len(SHAPE_CASES), err
+
+
 def test_cuda_kernel_ops_accept_fp16_only(host_check):
     fa = {"num_heads": 2, "head_dim": 64}
     _, (half, single), _ = host_check([_case("FlashAttention", fa, ["half"] * 3, [(1, 4, 128)] * 3),

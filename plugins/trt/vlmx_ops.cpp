@@ -296,6 +296,17 @@ std::string opCheckShapes(OpAttrs const& a, PluginTensorDesc const* in, int32_t 
             return "bsd q " + dimsToString(in[0].dims) + ", k " + dimsToString(in[1].dims) + " must end in num_heads*head_dim="
                 + std::to_string(H * D) + " and num_kv_heads*head_dim=" + std::to_string(Hkv * D);
         }
+        int32_t const biasPos = layout == kLayoutPacked ? (nbIn == 2 ? 1 : -1) : (nbIn == 4 ? 3 : -1);
+        if (biasPos >= 0) {
+            // The kernel reads bias rows contiguously over keys: only B, H and Sq may broadcast.
+            Dims const& b = in[biasPos].dims;
+            Dims const& k = layout == kLayoutPacked ? in[0].dims : in[1].dims;
+            int64_t const sk = layout == kLayoutBhsd ? k.d[2] : k.d[1];
+            if (b.nbDims < 1 || b.nbDims > 4 || lastDim(b) != sk) {
+                return "bias " + dimsToString(b) + " must have rank 1..4 and end in the key length " + std::to_string(sk)
+                    + " (broadcasting over batch, heads and queries only)";
+            }
+        }
         break;
     }
     case gen::kW8A8Linear: {

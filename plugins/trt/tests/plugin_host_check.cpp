@@ -257,10 +257,15 @@ int main(int argc, char** argv) {
             }
         }
         size_t const workspace = build->getWorkspaceSize(io.data(), nbIn, io.data() + nbIn, nbOut);
+        // Runtime shape check with the concrete input shapes (what onShapeChange sees before enqueue).
+        std::vector<PluginTensorDesc> rtIn(static_cast<size_t>(nbIn)), rtOut(static_cast<size_t>(nbOut));
+        for (int32_t i = 0; i < nbIn; ++i) rtIn[static_cast<size_t>(i)] = io[static_cast<size_t>(i)].desc;
+        for (int32_t o = 0; o < nbOut; ++o) rtOut[static_cast<size_t>(o)] = io[static_cast<size_t>(nbIn + o)].desc;
+        int32_t const shapeCheck = runtime->onShapeChange(rtIn.data(), nbIn, rtOut.data(), nbOut);
         std::cout << "{\"created\": true, \"name\": \"" << core->getPluginName() << "\", \"cloned\": "
                   << (cloned ? "true" : "false") << ", \"serialized\": " << serialized
                   << ", \"reserialized\": " << reserialized << ", \"nb_outputs\": " << nbOut
-                  << ", \"workspace\": " << workspace << ", \"types_rc\": " << typesRc << ", \"output_types\": [";
+                  << ", \"workspace\": " << workspace << ", \"shape_check\": " << shapeCheck << ", \"types_rc\": " << typesRc << ", \"output_types\": [";
         for (int32_t o = 0; o < nbOut; ++o) std::cout << (o ? ", " : "") << "\"" << typeName(outTypes[o]) << "\"";
         std::cout << "], \"shapes_rc\": " << shapesRc << ", \"output_shapes\": [";
         for (int32_t o = 0; o < nbOut && shapesRc == 0; ++o) {
