@@ -87,26 +87,28 @@ def _nvcc_version(nvcc: str) -> str:
     return subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout.strip()
 
 
-def cache_key(target: str, ptx_only: bool, nvcc: str) -> str:
+def cache_key(target: str, ptx_only: bool, nvcc: str, defines: tuple[str, ...] = ()) -> str:
     """Hash of every source/header, the flags and the compiler version: a changed input means a rebuild."""
     h = hashlib.sha256()
     for path in sorted(CSRC.iterdir()):
         if path.suffix in (".cu", ".cuh", ".h"):
             h.update(path.name.encode() + b"\0" + path.read_bytes())
-    h.update(" ".join(BASE_FLAGS + gencode_flags(target, ptx_only)).encode())
+    h.update(" ".join(BASE_FLAGS + gencode_flags(target, ptx_only) + [f"-D{d}" for d in defines]).encode())
     h.update(_nvcc_version(nvcc).encode())
     return h.hexdigest()[:16]
 
 
 def build(target: str = DEFAULT_TARGET, out_dir: str | Path | None = None, ptx_only: bool = False,
-          verbose: bool = True, threads: int = 0) -> Path:
+          verbose: bool = True, threads: int = 0, defines: tuple[str, ...] = ()) -> Path:
     """Compile (or reuse) the kernel library for ``target``; returns the path of the .so.
 
-    threads: nvcc ``--threads`` (0 = one per gencode). Raises :class:`BuildError` when nvcc fails.
+    threads: nvcc ``--threads`` (0 = one per gencode); defines: ``NAME=VALUE`` tuning macros passed as ``-D``
+    (variants for benchmarks). Raises :class:`BuildError` when nvcc fails.
     """
+    defines = tuple(defines)
     nvcc = find_nvcc()
     out_root = Path(out_dir) if out_dir else DEFAULT_OUT
-    key = cache_key(target, ptx_only, nvcc)
+    key = cache_key(target, ptx_only, nvcc, defines)
     lib = out_root / key / library_name(target, ptx_only)
     if lib.exists():
         if verbose:
@@ -116,7 +118,7 @@ def build(target: str = DEFAULT_TARGET, out_dir: str | Path | None = None, ptx_o
     # Build into a temporary name and rename: parallel builds of the same key never see a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    cmd = [nvcc, *BASE_FLAGS, *gencode_flags(target, ptx_only), f"--threads={threads}", f"-I{CSRC}", "-o", tmp,
+    cmd = [nvcc, *BASE_FLAGS, *gencode_flags(target, ptx_only), *[f"-D{d}" for d in defines], f"--threads={threads}", f"-I{CSRC}", "-o", tmp,
            *map(str, sources())]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -201,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="build every target (in parallel processes)")
     parser.add_argument("--ptx-only", action="store_true", help="embed compute_75 PTX only (forces the driver JIT)")
     parser.add_argument("--out-dir", default=None, help=f"cache directory (default {DEFAULT_OUT})")
+    parser.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                        help="tuning macro for a benchmark variant (repeatable)")
     parser.add_argument("--jobs", type=int, default=0, help="parallel nvcc processes for --all (0 = CPU count)")
     args = parser.parse_args(argv)
     try:
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, path in build_all(args.out_dir, jobs=args.jobs).items():
                 print(f"{name}: {path}")
         else:
-            print(build(args.target, args.out_dir, args.ptx_only))
+            print(build(args.target, args.out_dir, args.ptx_only, defines=tuple(args.define)))
     except (BuildError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -17,18 +17,17 @@ if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/build.txt"
 SM=$($PY -c 'import torch; a,b=torch.cuda.get_device_capability(); print(a*10+b)')
-(
-  set -e
-  $PY -m vlmx.plugins.build --target trt-sm75 --ptx-only
-  $PY -m vlmx.plugins.build --target "trt-sm$SM"
-) >>"$OUT/build.txt" 2>&1 || { cat "$OUT/build.txt"; exit 1; }
-PTX_LIB=$(grep -o '/[^ ]*libvlmx_kernels_ptx75.so' "$OUT/build.txt" | tail -1)
-NATIVE_LIB=$(grep -o "/[^ ]*libvlmx_kernels_sm$SM.so" "$OUT/build.txt" | tail -1)
+build() { $PY -m vlmx.plugins.build "$@" 2>&1 | tee -a "$OUT/build.txt" | tail -1; }
+PTX_LIB=$(build --target trt-sm75 --ptx-only) && NATIVE_LIB=$(build --target "trt-sm$SM") &&
+  MINB3_LIB=$(build --target trt-sm75 --ptx-only --define VLMX_FA_SMALL_D_MIN_BLOCKS=3) ||
+  { cat "$OUT/build.txt"; exit 1; }
+[ -f "$PTX_LIB" ] && [ -f "$NATIVE_LIB" ] && [ -f "$MINB3_LIB" ] || { cat "$OUT/build.txt"; exit 1; }
 echo "ptx lib: $PTX_LIB  native lib: $NATIVE_LIB"
 # The PTX-only library has no SASS at all, so every kernel in it goes through the driver JIT for compute_75 code.
 $PY -c "import sys; from vlmx.plugins.build import fatbin_entries as f; print('fatbin entries (kind, sm, bytes):', f(sys.argv[1]))" "$PTX_LIB" | tee -a "$OUT/build.txt"
 export VLMX_BENCH_COMMAND="bash scripts/device_kernels.sh $*"
-timeout 240 $PY scripts/bench_kernels.py --ptx-lib "$PTX_LIB" --native-lib "$NATIVE_LIB" --out "$OUT" "$@" 2>&1 \
+timeout 300 $PY scripts/bench_kernels.py --ptx-lib "$PTX_LIB" --native-lib "$NATIVE_LIB" \
+  --variant-lib "ptx75_minblocks3=$MINB3_LIB" --out "$OUT" "$@" 2>&1 \
   | tee "$OUT/bench_log.txt"
 BENCH_RC=${PIPESTATUS[0]}
 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/kernels_sanitize.py "$NATIVE_LIB" \

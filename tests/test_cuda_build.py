@@ -24,6 +24,15 @@ def test_gencode_flags_follow_the_target_table():
         kbuild.gencode_flags("trt-sm12")
 
 
+def test_cache_key_covers_flags_and_defines(monkeypatch):
+    monkeypatch.setattr(kbuild, "_nvcc_version", lambda nvcc: "nvcc 13.0")
+    keys = {kbuild.cache_key("trt-sm75", False, "nvcc"), kbuild.cache_key("trt-sm75", True, "nvcc"),
+            kbuild.cache_key("trt-sm86", False, "nvcc"),
+            kbuild.cache_key("trt-sm75", False, "nvcc", ("VLMX_FA_SMALL_D_MIN_BLOCKS=3",))}
+    assert len(keys) == 4
+    assert kbuild.cache_key("trt-sm75", False, "nvcc") == kbuild.cache_key("trt-sm75", False, "nvcc")
+
+
 def test_importing_plugins_does_nothing():
     code = "import sys, vlmx.plugins; assert 'vlmx.plugins.cuda_ops' not in sys.modules, sorted(sys.modules)"
     subprocess.run([kbuild.sys.executable, "-c", code], check=True)

@@ -21,6 +21,9 @@ namespace vlmx {
 namespace {
 
 // ------------------------------------------------------------------------------------------------ traits table
+#ifndef VLMX_FA_SMALL_D_MIN_BLOCKS
+#define VLMX_FA_SMALL_D_MIN_BLOCKS 1
+#endif
 constexpr int kMaxSplits = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -44,6 +47,10 @@ struct FaTraits {
   // K and V tiles share one buffer; Q is staged through the same memory before the first K/V tile lands.
   static constexpr int kSmemElems = (2 * kTileElems > kBlockM * kPitch) ? 2 * kTileElems : kBlockM * kPitch;
   static constexpr int kKvLoads = (kBlockN * kChunks + kThreads - 1) / kThreads;  // uint4 per thread per tensor
+  // CTAs per SM the register budget must allow. VLMX_FA_SMALL_D_MIN_BLOCKS=3 caps 4-warp D <= 72 kernels at 168
+  // registers (12 resident warps instead of 8 on a 64K-register SM) at the price of ~100 bytes of spills; the
+  // default 1 keeps them spill-free (bench/results compares both).
+  static constexpr int kMinBlocks = (W == 4 && D <= 72) ? VLMX_FA_SMALL_D_MIN_BLOCKS : 1;
 };
 
 struct FaArgs {
@@ -149,18 +156,29 @@ __device__ __forceinline__ void pv_product(float (&o)[D / 8][4], const uint32_t 
   }
 }
 
-// Per-row state of the two rows (g and g + 8 of the warp's m16 tile) that this thread's fragments touch.
+// Per-row state of the two rows (g and g + 8 of the warp's m16 tile) that this thread's fragments touch. Built
+// on demand inside mask_scores: keeping it live across the key loop costs 8 registers the interior tiles never use.
 struct RowInfo {
   int qpos;            // query position; -1 for padding rows past seqlen_q * group
   float slope_log2;    // ALiBi slope * log2(e)
   const half* bias;    // bias row (key 0) or nullptr
 };
 
+__device__ __forceinline__ RowInfo row_info(const FaArgs& a, int b, int kv_head, int r) {
+  RowInfo ri;
+  ri.qpos = r < a.rows ? r / a.group : -1;
+  const int head = kv_head * a.group + (r < a.rows ? r % a.group : 0);
+  ri.slope_log2 = a.alibi ? alibi_slope(head, a.num_heads, a.alibi_pow2, a.alibi_bias_max) * kLog2e : 0.f;
+  ri.bias = (a.bias && r < a.rows) ? a.bias + b * a.bias_sb + head * a.bias_sh + ri.qpos * a.bias_sq : nullptr;
+  return ri;
+}
+
 // Scales S into the log2 domain and applies ALiBi, bias, causal/window and key-length masks (masked -> -inf).
 template <int D, int W>
 __device__ __forceinline__ void mask_scores(float (&s)[FaTraits<D, W>::kBlockN / 8][4], const FaArgs& a,
-                                            const RowInfo (&ri)[2], int key0, int lane) {
+                                            int b, int kv_head, int row, int key0, int lane) {
   using T = FaTraits<D, W>;
+  const RowInfo ri[2] = {row_info(a, b, kv_head, row), row_info(a, b, kv_head, row + 8)};
   const int off = a.seqlen_k - a.seqlen_q;
 #pragma unroll
   for (int n = 0; n < T::kBlockN / 8; ++n) {
@@ -225,7 +243,7 @@ __device__ __forceinline__ void online_softmax_update(float (&s)[FaTraits<D, W>:
 }
 
 template <int D, int W>
-__global__ void __launch_bounds__(W * 32) flash_fwd_kernel(const FaArgs a) {
+__global__ void __launch_bounds__(W * 32, FaTraits<D, W>::kMinBlocks) flash_fwd_kernel(const FaArgs a) {
   using T = FaTraits<D, W>;
   __shared__ __align__(16) half smem[T::kSmemElems];
   half* sk = smem;
@@ -247,17 +265,6 @@ __global__ void __launch_bounds__(W * 32) flash_fwd_kernel(const FaArgs a) {
   const int tile_hi = key_end > key_begin ? (key_end + T::kBlockN - 1) / T::kBlockN : 0;
   const int t_begin = min(tile_hi, tile_lo + split * a.tiles_per_split);
   const int t_end = min(tile_hi, t_begin + a.tiles_per_split);
-
-  RowInfo ri[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = row0 + warp * 16 + lane / 4 + h * 8;
-    ri[h].qpos = r < a.rows ? r / a.group : -1;
-    const int head = kv_head * a.group + (r < a.rows ? r % a.group : 0);
-    ri[h].slope_log2 = a.alibi ? alibi_slope(head, a.num_heads, a.alibi_pow2, a.alibi_bias_max) * kLog2e : 0.f;
-    ri[h].bias = (a.bias && r < a.rows) ? a.bias + b * a.bias_sb + head * a.bias_sh + ri[h].qpos * a.bias_sq
-                                        : nullptr;
-  }
 
   const half* kbase = a.k + b * a.k_sb + kv_head * a.k_sh;
   const half* vbase = a.v + b * a.v_sb + kv_head * a.v_sh;
@@ -303,7 +310,7 @@ __global__ void __launch_bounds__(W * 32) flash_fwd_kernel(const FaArgs a) {
                             row0 + T::kBlockM <= a.rows &&
                             (!a.causal || key0 + T::kBlockN - 1 <= qpos_lo + off) &&
                             (a.window < 0 || key0 > qpos_hi + off - a.window);
-      if (!interior) mask_scores<D, W>(s, a, ri, key0, lane);
+      if (!interior) mask_scores<D, W>(s, a, b, kv_head, row0 + warp * 16 + lane / 4, key0, lane);
       online_softmax_update<D, W>(s, pf, o, row_max, row_sum, interior ? a.scale_log2 : 1.f);
       pv_product<D, W>(o, pf, sv, lane);
     }
@@ -376,11 +383,12 @@ __global__ void flash_combine_kernel(const FaArgs a, int head_dim) {
   }
 }
 
-// How many CTAs split the key range: enough to give every SM ~2 CTAs, at least 2 tiles per split.
+// How many CTAs split the key range: enough for ~4 CTAs per SM (decode CTAs are mostly loading, so they need
+// company to keep enough bytes in flight), at least 2 tiles per split.
 int choose_splits(int ctas, int key_tiles) {
   const int sms = sm_count();
   if (sms <= 0 || ctas >= 2 * sms || key_tiles < 4) return 1;
-  int splits = (2 * sms + ctas - 1) / ctas;
+  int splits = (4 * sms + ctas - 1) / ctas;
   splits = std::min(splits, key_tiles / 2);
   return std::max(1, std::min(splits, kMaxSplits));
 }
