@@ -19,7 +19,7 @@ from vlmx.torch_ref.op_table import OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION, get_o
 
 pytestmark = pytest.mark.nvcc
 
-SOURCES = ("vlmx_plugin.cpp", "vlmx_ops.cpp", "cubin_loader.cpp")
+SOURCES = ("vlmx_plugin.cpp", "vlmx_ops.cpp", "attention_launch.cpp", "cubin_loader.cpp")
 FIELD_TYPES = {"int": 5, "float": 1, "string": 6}  # PluginFieldType kINT32, kFLOAT32, kCHAR
 
 

@@ -59,86 +59,6 @@ std::string kernelError(vlmx_status st) {
     return std::string("kernel returned status ") + std::to_string(static_cast<int>(st)) + ": " + vlmx_last_error();
 }
 
-//! Strides of a bias broadcastable to [B, H, Sq, Sk] (right-aligned, size-1 dims broadcast with stride 0).
-void biasStrides(Dims const& d, vlmx_attention_params& p) {
-    int64_t shape[4] = {1, 1, 1, 1};
-    for (int32_t i = 0; i < d.nbDims && i < 4; ++i) shape[4 - d.nbDims + i] = d.d[i];
-    int64_t const sq = shape[3];
-    int64_t const sh = shape[2] * sq;
-    int64_t const sb = shape[1] * sh;
-    p.bias_stride_q = shape[2] == 1 ? 0 : sq;
-    p.bias_stride_h = shape[1] == 1 ? 0 : sh;
-    p.bias_stride_b = shape[0] == 1 ? 0 : sb;
-}
-
-std::string attentionEnqueue(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn, void const* const* inputs,
-    void* const* outputs, cudaStream_t stream) {
-    vlmx_attention_params p{};
-    std::string const& layout = a.getString("layout");
-    int32_t const H = a.getInt("num_heads");
-    int32_t const Hkv = kvHeads(a);
-    int32_t const D = a.getInt("head_dim");
-    Dims const& q = in[0].dims;
-    p.batch = static_cast<int>(q.d[0]);
-    p.num_heads = H;
-    p.num_kv_heads = Hkv;
-    p.head_dim = D;
-    int32_t biasPos = -1;
-    if (layout == kLayoutPacked) {
-        int64_t const row = static_cast<int64_t>(H + 2 * Hkv) * D;
-        int64_t const S = q.d[1];
-        char const* base = static_cast<char const*>(inputs[0]);
-        p.q = base;
-        p.k = base + static_cast<int64_t>(H) * D * 2;  // fp16: 2 bytes per element
-        p.v = base + static_cast<int64_t>(H + Hkv) * D * 2;
-        p.seqlen_q = p.seqlen_k = static_cast<int>(S);
-        p.q_stride_b = p.k_stride_b = p.v_stride_b = S * row;
-        p.q_stride_s = p.k_stride_s = p.v_stride_s = row;
-        p.q_stride_h = p.k_stride_h = p.v_stride_h = D;
-        p.o_stride_b = S * H * D;
-        p.o_stride_s = static_cast<int64_t>(H) * D;
-        p.o_stride_h = D;
-        biasPos = nbIn == 2 ? 1 : -1;
-    } else {
-        Dims const& k = in[1].dims;
-        p.q = inputs[0];
-        p.k = inputs[1];
-        p.v = inputs[2];
-        if (layout == kLayoutBhsd) {  // [B, H, S, D]
-            p.seqlen_q = static_cast<int>(q.d[2]);
-            p.seqlen_k = static_cast<int>(k.d[2]);
-            p.q_stride_b = p.o_stride_b = static_cast<int64_t>(H) * q.d[2] * D;
-            p.q_stride_h = p.o_stride_h = q.d[2] * D;
-            p.q_stride_s = p.o_stride_s = D;
-            p.k_stride_b = p.v_stride_b = static_cast<int64_t>(Hkv) * k.d[2] * D;
-            p.k_stride_h = p.v_stride_h = k.d[2] * D;
-            p.k_stride_s = p.v_stride_s = D;
-        } else {  // bsd: [B, S, H*D]
-            p.seqlen_q = static_cast<int>(q.d[1]);
-            p.seqlen_k = static_cast<int>(k.d[1]);
-            p.q_stride_b = p.o_stride_b = q.d[1] * H * D;
-            p.q_stride_s = p.o_stride_s = static_cast<int64_t>(H) * D;
-            p.q_stride_h = p.o_stride_h = D;
-            p.k_stride_b = p.v_stride_b = k.d[1] * Hkv * D;
-            p.k_stride_s = p.v_stride_s = static_cast<int64_t>(Hkv) * D;
-            p.k_stride_h = p.v_stride_h = D;
-        }
-        biasPos = nbIn == 4 ? 3 : -1;
-    }
-    p.o = outputs[0];
-    if (biasPos >= 0) {
-        p.bias = inputs[biasPos];
-        biasStrides(in[biasPos].dims, p);
-    }
-    p.scale = a.getFloat("scale");
-    p.causal = a.getInt("causal");
-    p.window = a.getInt("window");
-    p.alibi = a.getInt("alibi");
-    p.alibi_bias_max = a.getInt("alibi_bias_max");
-    vlmx_status const st = vlmx_flash_attention_fwd(&p, stream);
-    return st == VLMX_OK ? "" : kernelError(st);
-}
-
 std::string tritonLaunch(std::string const& kernel, DataType t, KernelArgs const& args, cudaStream_t stream) {
     return CubinRegistry::instance().launch(kernel, dtypeName(t), args, stream) == 0
         ? "" : CubinRegistry::instance().lastError();
@@ -359,7 +279,7 @@ std::string opEnqueue(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn
     int64_t const cols = lastDim(in[0].dims);
     KernelArgs args;
     switch (a.op()) {
-    case gen::kFlashAttention: return attentionEnqueue(a, in, nbIn, inputs, outputs, stream);
+    case gen::kFlashAttention: return launchFlashAttention(a, in, nbIn, inputs, outputs, stream);
     case gen::kW8A8Linear: {
         if (out[0].type != DataType::kHALF) return "only float16 output is implemented by the W8A8 kernel";
         vlmx_status const st = vlmx_w8a8_linear(static_cast<int8_t const*>(inputs[0]),

@@ -141,6 +141,10 @@ std::string opCheckShapes(OpAttrs const& a, nvinfer1::PluginTensorDesc const* in
 //! Scratch memory the op needs at the profile's largest shapes (GatherTopK's kept mask), in bytes.
 size_t opWorkspaceSize(OpAttrs const& a, nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbIn);
 
+//! FlashAttention through the CUDA C ABI (attention_launch.cpp); returns an error message or "".
+std::string launchFlashAttention(OpAttrs const& a, nvinfer1::PluginTensorDesc const* in, int32_t nbIn,
+    void const* const* inputs, void* const* outputs, cudaStream_t stream);
+
 //! Launches the op; returns an error message or "".
 std::string opEnqueue(OpAttrs const& a, nvinfer1::PluginTensorDesc const* in, int32_t nbIn,
     nvinfer1::PluginTensorDesc const* out, int32_t nbOut, void const* const* inputs, void* const* outputs,
