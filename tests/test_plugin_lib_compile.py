@@ -347,3 +347,24 @@ def test_plugin_library_links_completely_against_the_kernel_library(tmp_path):
     names = {ln.split()[-1] for ln in exported.splitlines() if ln.strip()}
     assert {"getCreators", "setLoggerFinder"} <= names
     assert not [n for n in names if n.startswith("_ZN4vlmx")], "internal symbols must stay hidden"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("nvcc") is None, reason="needs cmake and nvcc")
+def test_cmake_builds_the_library_with_the_kernels_for_sm75(tmp_path):
+    """The Dockerfile's build step: CMake + nvcc (sm_75 SASS + compute_75 PTX), here against the headers only."""
+    root = tmp_path / "trt"
+    (root).mkdir()
+    (root / "include").symlink_to(INCLUDES[-1])
+    build = tmp_path / "build"
+    r = subprocess.run(["cmake", "-S", str(trt_build.TRT_DIR), "-B", str(build), f"-DTENSORRT_ROOT={root}",
+                        "-DVLMX_CUDA_ARCH=75", f"-DCMAKE_CUDA_COMPILER={shutil.which('nvcc')}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "building against the TensorRT headers only" in r.stdout and "for sm_75 + compute_75" in r.stdout
+    r = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    exported = subprocess.run(["nm", "-D", "--defined-only", str(build / trt_build.LIBRARY_NAME)],
+                              capture_output=True, text=True).stdout
+    for name in ("getCreators", "setLoggerFinder", "vlmx_flash_attention_fwd", "vlmx_w8a8_linear"):
+        assert f" {name}\n" in exported + "\n", name
