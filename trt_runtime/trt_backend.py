@@ -151,6 +151,13 @@ class TensorRTRunner(Runner):
             raise ValueError(f"{self.engine_path.name}: missing inputs {missing}; got {sorted(feed)}")
         held = {}
         for n in self.input_names:
+            if self.engine.is_shape_inference_io(n):  # shape tensors (e.g. TopK's k) live in host memory
+                host = np.ascontiguousarray(np.asarray(feed[n].cpu() if hasattr(feed[n], "cpu") else feed[n],
+                                                       dtype=self.trt.module.nptype(self.engine.get_tensor_dtype(n))))
+                held[n] = host
+                self.context.set_input_shape(n, host.shape)
+                self.context.set_tensor_address(n, host.ctypes.data)
+                continue
             x = self._to_device(n, feed[n])
             held[n] = x
             shape = x.shape if isinstance(x, _CudaArray) else tuple(x.shape)
