@@ -180,3 +180,66 @@ def test_missing_tensorrt_is_reported_with_install_hint(monkeypatch):
         ti.import_tensorrt("auto")
     with pytest.raises(ValueError, match="choose one of"):
         ti.import_tensorrt("onnxruntime")
+
+
+def _vlmx_op_model(op: str, ins, outs, attrs: dict):
+    """One vlmx node backed by the exporter's function body (vlmx.export.functions)."""
+    functions = pytest.importorskip("vlmx.export.functions", reason="the exporter's function bodies are not here")
+    from vlmx.export.domain import node_attrs, register_schemas
+    from vlmx.torch_ref.op_table import OPS
+
+    register_schemas()
+    node = oh.make_node(op, [i.name for i in ins], [o.name for o in outs], domain="vlmx", name=op,
+                        **node_attrs(OPS[op], attrs))
+    m = oh.make_model(oh.make_graph([node], "g", ins, outs), opset_imports=[oh.make_opsetid("", 23),
+                                                                            oh.make_opsetid("vlmx", 1)])
+    m.ir_version = 10
+    return functions.attach_functions(m)
+
+
+F16, F32, I8, I64 = TP.FLOAT16, TP.FLOAT, TP.INT8, TP.INT64
+BODY_CASES = {  # name: (op, inputs, outputs, attrs)
+    "attention-gqa-causal": ("FlashAttention", [_io("q", [1, 16, 128]), _io("k", [1, 16, 64]), _io("v", [1, 16, 64])],
+                             [_io("o", [1, 16, 128])], {"num_heads": 2, "num_kv_heads": 1, "head_dim": 64,
+                                                         "causal": 1}),
+    "attention-alibi": ("FlashAttention", [_io("q", [1, 16, 128]), _io("k", [1, 16, 128]), _io("v", [1, 16, 128])],
+                        [_io("o", [1, 16, 128])], {"num_heads": 2, "head_dim": 64, "alibi": 1, "causal": 1}),
+    "quantize": ("QuantizePerToken", [_io("x", [4, 64])], [_io("q", [4, 64], I8), _io("scale", [4, 1], F32)], {}),
+    "gelu-quant": ("GeluQuant", [_io("x", [4, 64])], [_io("q", [4, 64], I8), _io("scale", [4, 1], F32)], {}),
+    "norm-quant": ("NormQuant", [_io("x", [4, 64]), _io("weight", [64]), _io("bias", [64])],
+                   [_io("q", [4, 64], I8), _io("scale", [4, 1], F32)], {}),
+    "token-importance": ("TokenImportance", [_io("q_text", [1, 5, 128]), _io("k_vis", [1, 20, 128])],
+                         [_io("scores", [1, 20], F32)], {"num_heads": 2, "head_dim": 64}),
+    "gather-topk": ("GatherTopK", [_io("x", [1, 20, 32]), _io("scores", [1, 20], F32), _io("keep", [1], I64)],
+                    [_io("x_kept", [1, "k", 32]), _io("idx", [1, "k"], I64)], {}),
+}
+
+
+@needs_rtx
+@pytest.mark.parametrize("name", sorted(BODY_CASES))
+def test_rtx_builds_every_vlmx_function_body_for_sm75(tmp_path, name):
+    """TensorRT-RTX has no plugins: each vlmx node's model-local function body is inlined and built natively."""
+    from vlmx.trt_runtime.engine_build import build_engine
+
+    op, ins, outs, attrs = BODY_CASES[name]
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(_vlmx_op_model(op, ins, outs, attrs), str(path))
+    profile = {"keep": {"values": {"min": [1], "opt": [5], "max": [20]}}} if op == "GatherTopK" else {}
+    entry = build_engine(RTX, path, tmp_path / f"{name}.plan", profile, progress=False, default_shape_value=20)
+    print(f"{name}: {entry['bytes']} bytes, {len(entry['layers'])} engine layers: "
+          f"{[ln.split(',')[0] for ln in entry['layers']]}")
+    assert entry["bytes"] > 0 and entry["layers"] and entry["vlmx_nodes"]["plugin_or_body"] == [f"{op}:{op}"]
+
+
+@needs_rtx
+def test_rtx_refuses_w8a8_bodies_with_a_hint(tmp_path):
+    """MatMulInteger (the W8A8Linear body) is not importable by TensorRT-RTX: the error says what to do instead."""
+    model = _vlmx_op_model("W8A8Linear", [_io("x", [4, 64], I8), _io("x_scale", [4, 1], F32),
+                                          _io("w", [32, 64], I8), _io("w_scale", [32], F32)],
+                           [_io("y", [4, 32])], {})
+    path = tmp_path / "w8a8.onnx"
+    onnx.save(model, str(path))
+    from vlmx.trt_runtime.engine_build import build_engine
+
+    with pytest.raises(EngineBuildError, match="MatMulInteger.*--backend tensorrt and the vlmx plugin library"):
+        build_engine(RTX, path, tmp_path / "w8a8.plan", progress=False)

@@ -184,7 +184,11 @@ def build_engine(trt: TensorRT, onnx_path, plan_path, profile: dict | None = Non
         parser.set_flag(override)  # our creators win over the vlmx function bodies (DESIGN: precedence rule)
     if not parser.parse_from_file(str(onnx_path)):
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(f"{trt.flavour} {trt.version} could not parse {onnx_path}: " + " | ".join(errs))
+        hint = ""
+        if trt.is_rtx and any("MatMulInteger" in e for e in errs):
+            hint = (" (TensorRT-RTX cannot import MatMulInteger, the body of vlmx W8A8Linear: build W8A8 exports "
+                    "with --backend tensorrt and the vlmx plugin library, or export with --precision fp16)")
+        raise EngineBuildError(f"{trt.flavour} {trt.version} could not parse {onnx_path}: " + " | ".join(errs) + hint)
     network_layers = [f"{network.get_layer(i).name} [{str(network.get_layer(i).type).split('.')[-1]}]"
                       for i in range(network.num_layers)]
     config = builder.create_builder_config()
