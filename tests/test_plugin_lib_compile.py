@@ -250,6 +250,7 @@ def test_bad_manifest_is_reported_with_its_path(host_check, tmp_path):
     {"num_heads": 4},                                         # head_dim is required
     {"num_heads": 4, "head_dim": 64, "layout": "sbhd"},       # not a layout choice
     {"num_heads": 4, "head_dim": 64, "heads": 3},             # not a field of the op
+    {"num_heads": 4, "head_dim": 64, "layout": ""},           # empty string is not a layout either
 ])
 def test_invalid_fields_are_refused_with_a_message(host_check, attrs):
     _, (res,), err = host_check([_case("FlashAttention", attrs, ["half"], [(1, 4, 256)])])

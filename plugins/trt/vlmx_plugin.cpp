@@ -84,6 +84,9 @@ std::string OpAttrs::parse(PluginFieldCollection const* fc) {
         if (field.data == nullptr || field.length < 1) {
             if (a.kind == gen::AttrKind::kString && field.data != nullptr) {
                 v.s.clear();  // empty string attribute
+                if (!inChoices(a.choices, v.s)) {
+                    return opName(op_) + ": " + field.name + "=\"\" is not allowed; choose one of " + a.choices;
+                }
                 seen[static_cast<size_t>(i)] = true;
                 continue;
             }
