@@ -165,9 +165,13 @@ def test_target_names_resolve():
 @needs_rtx
 def test_vlm_build_cli(tmp_path, capsys):
     export = make_export(tmp_path / "cli")
-    assert build_cli.main(["--artifacts", str(export), "--backend", "tensorrt-rtx", "--graph", "embed"]) == 0
+    assert build_cli.main(["--artifacts", str(export), "--backend", "tensorrt-rtx", "--graph", "embed",
+                           "--print-layers"]) == 0
     out = capsys.readouterr()
     assert "embed:" in out.out and "[vlm-build] embed" in out.err and "[build embed]" in out.err
+    meta = json.loads((export / "engines" / "engines.json").read_text())
+    assert f"{len(meta['engines']['embed']['layers'])} layers (builder log (engines.json)):" in out.out
+    assert "LayerType: gemm" in out.out
     assert build_cli.main(["--artifacts", str(tmp_path / "missing"), "--backend", "tensorrt-rtx"]) == 2
     assert "not a directory" in capsys.readouterr().err
 

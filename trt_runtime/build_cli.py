@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", default=None, help="timing cache file (default: <out>/timing.cache)")
     p.add_argument("--graph", action="append", default=None, help="build only this graph (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no build progress")
+    p.add_argument("--print-layers", action="store_true", help="print each engine's layer list after the build")
     return p
 
 
@@ -40,6 +41,13 @@ def main(argv=None) -> int:
         return 2
     for graph, path in paths.items():
         print(f"{graph}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        if args.print_layers:
+            from .trt_backend import engine_layers
+
+            source, lines = engine_layers(path)
+            print(f"  {len(lines)} layers ({source}):")
+            for line in lines:
+                print(f"    {line}")
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from .artifacts import sha256_file
 from .engine_build import ENGINES_FORMAT, ENGINES_JSON
 from .runner import Runner
-from .trt_import import import_tensorrt
+from .trt_import import TensorRTUnavailable, import_tensorrt
 
 
 class EngineMismatch(RuntimeError):
@@ -220,6 +220,29 @@ class _OutputAllocator:
                 return out
 
         return Allocator()
+
+
+def engine_layers(engine_path) -> tuple[str, list[str]]:
+    """The engine's layers: from the engine inspector where the plan deserializes (a GPU), else the layer list the
+    builder logged into ``engines.json``. Returns (source, lines)."""
+    meta = read_engines_json(engine_path) or {}
+    entry = next((e for e in meta.get("engines", {}).values() if e.get("file") == Path(engine_path).name), {})
+    try:
+        trt = import_tensorrt(meta.get("backend", "auto"))
+        sm, _ = _device()
+    except (ImportError, TensorRTUnavailable):
+        sm = None
+    if sm is not None:
+        mod = trt.module
+        runtime = mod.Runtime(mod.Logger(mod.Logger.ERROR))
+        lib = (meta.get("plugin_lib") or {}).get("path")
+        if lib and trt.has_plugins and Path(lib).is_file():
+            runtime.get_plugin_registry().load_library(lib)
+        engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if engine is not None:
+            info = engine.create_engine_inspector().get_engine_information(mod.LayerInformationFormat.ONELINE)
+            return "engine inspector", [ln for ln in info.splitlines() if ln.strip()]
+    return "builder log (engines.json)", list(entry.get("layers", []))
 
 
 def graph_runners(artifacts, plugin_lib=None, engines_dir=None, return_torch=False, **_) -> dict[str, Runner]:
