@@ -4,10 +4,14 @@
 ``<kernel>.<spec>.cubin`` and ``.ptx`` for every specialisation in :data:`SPECS` and a self-describing manifest
 read by :mod:`vlmx.plugins.cubin_loader` (Python) and the TensorRT plugin library (C++).
 
-Specialisations. Row kernels (quantize_per_token, gelu_quant, norm_quant) hold a whole row in registers for
-``C <= 8192`` with ``BLOCK_C`` = the next power of two (128 … 8192), and loop over 4096-wide chunks above that.
-Every kernel exists in an ``a16`` build (pointers and the row length / strides divisible by 16, which lets Triton
-emit 16-byte vector loads) and an ``a1`` build without that promise (odd sizes, offset views), for fp16 and fp32.
+Specialisations (118 per target, the same list for every target). Row kernels (quantize_per_token, gelu_quant,
+norm_quant) hold a whole row in registers for ``C <= 8192`` with ``BLOCK_C`` = the next power of two (128 … 8192)
+and loop over 4096-wide chunks above that; token_importance has ``BLOCK_D`` in 32/64/128/256 (head_dim <= 256);
+gather_rows loops over 1024-wide chunks. Each of these exists in an ``a16`` build (pointers and the row length /
+strides divisible by 16, which lets Triton emit 16-byte vector loads) and an ``a1`` build without that promise (odd
+sizes, offset views), for fp16 and fp32. gather_topk's selection is topk_rank (grid over token blocks; writes a
+kept mask, a B x N int8 workspace) then topk_compact (one program per batch row; writes ascending indices).
+Modes (clip, GELU variant, LayerNorm/RMSNorm, per-token/per-tensor, bias) are runtime arguments.
 
 Manifest entry (one per specialisation), all data, no code::
 
@@ -18,6 +22,11 @@ Manifest entry (one per specialisation), all data, no code::
     grid          3 strings, each an integer, a value name, or cdiv(name,int): evaluated over the launch values
     match         {dtype, ranges: {name: [min, max|null]}}; divisible_by_16: values that must be multiples of 16
                   (pointers: byte addresses). The loader takes the first entry whose match and divisibility hold.
+    ptx_param_types  the .entry parameter types read back from the PTX (checked against params + trailing)
+    build_key     hash of Triton version, sm, spec and kernel source: unchanged entries are not recompiled
+
+Launch: block = (threads_per_block, 1, 1), dynamic shared memory = shared_bytes (opt in above 48 KB), parameters =
+params in order, then one 0 pointer per trailing param. Top level: target, sm, triton_version, trailing_params.
 
 Supported Triton: :data:`SUPPORTED_TRITON` (``constexprs=`` API of 3.3+; trailing scratch params from metadata).
 """
