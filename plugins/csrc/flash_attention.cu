@@ -47,10 +47,11 @@ struct FaTraits {
   // K and V tiles share one buffer; Q is staged through the same memory before the first K/V tile lands.
   static constexpr int kSmemElems = (2 * kTileElems > kBlockM * kPitch) ? 2 * kTileElems : kBlockM * kPitch;
   static constexpr int kKvLoads = (kBlockN * kChunks + kThreads - 1) / kThreads;  // uint4 per thread per tensor
-  // CTAs per SM the register budget must allow. VLMX_FA_SMALL_D_MIN_BLOCKS=3 caps 4-warp D <= 72 kernels at 168
-  // registers (12 resident warps instead of 8 on a 64K-register SM) at the price of ~100 bytes of spills; the
-  // default 1 keeps them spill-free (bench/results compares both).
-  static constexpr int kMinBlocks = (W == 4 && D <= 72) ? VLMX_FA_SMALL_D_MIN_BLOCKS : 1;
+  // CTAs per SM the register budget must allow. 3 caps the 4-warp D = 64 kernel at 168 registers (12 resident
+  // warps instead of 8 on a 64K-register SM) for ~100 bytes of spills: 6% faster on ViT-L/336 in
+  // bench/results/kernels_h100_final (variant "minblocks3"), while D = 72 got 8% slower with it, so only D = 64.
+  // VLMX_FA_SMALL_D_MIN_BLOCKS applies the cap to D = 72 as well (tuning builds via --define).
+  static constexpr int kMinBlocks = (W == 4 && D == 64) ? 3 : (W == 4 && D == 72) ? VLMX_FA_SMALL_D_MIN_BLOCKS : 1;
 };
 
 struct FaArgs {
@@ -427,14 +428,17 @@ vlmx_status launch(FaArgs a, cudaStream_t stream) {
   return st;
 }
 
-// 8 warps when 128-row CTAs still give every SM at least one; else 4 (decode, short or few sequences).
+// 8 warps when 128-row CTAs still give every SM at least one AND the key loop is long (Sk >= 1024) enough to
+// amortise a CTA's prologue (Q tile, first K/V tile) and epilogue; else 4, whose two or three resident CTAs per SM
+// overlap each other's prologues. Measured on the H100 (bench/results/kernels_h100_final): 8 warps win at
+// Sk 2048-4096 (up to 8%), 4 warps win at Sk 577/729 (ViT-L, SigLIP: 5-9%) and for decode.
 // VLMX_FA_WARPS=4|8 pins the choice (benchmarks compare both).
 template <int D>
 vlmx_status launch_head_dim(const FaArgs& a, cudaStream_t stream) {
   const char* env = getenv("VLMX_FA_WARPS");
   const int forced = env ? atoi(env) : 0;
   const int64_t ctas8 = static_cast<int64_t>((a.rows + 127) / 128) * a.batch * a.num_kv_heads;
-  const bool eight = forced ? forced == 8 : (a.rows >= 128 && ctas8 >= sm_count());
+  const bool eight = forced ? forced == 8 : (a.rows >= 128 && a.seqlen_k >= 1024 && ctas8 >= sm_count());
   return eight ? launch<D, 8>(a, stream) : launch<D, 4>(a, stream);
 }
 
