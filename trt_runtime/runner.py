@@ -13,7 +13,7 @@ import numpy as np
 
 BACKENDS = {
     "onnxruntime": "vlmx.trt_runtime.ort_backend",
-    "tensorrt": "vlmx.trt_runtime.trt_graphs",
+    "tensorrt": "vlmx.trt_runtime.trt_backend",
     "torch": "vlmx.trt_runtime.torch_backend",
 }
 DEFAULT_BACKEND = "onnxruntime"

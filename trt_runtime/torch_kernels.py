@@ -2,7 +2,7 @@
 
 - :func:`enable_vlmx_kernels` builds (or reuses) the CUDA kernel library and registers the CUDA implementations
   of the ``vlmx::*`` ops (flash attention, W8A8 GEMM; Triton cubins for the fused quantization ops when present).
-- :func:`register_hf_attention` adds an ``attn_implementation="vlmx"`` to transformers, so Llama/Mistral-style
+- :func:`register_hf_attention` adds the exporter's vlmx ``attn_implementation`` to transformers, so Llama-style
   language models call our flash attention kernel without swapping modules.
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ import torch
 
 from vlmx.torch_ref import ops  # noqa: F401  (defines torch.ops.vlmx.*)
 
-HF_ATTENTION_NAME = "vlmx"
 _STATE: dict = {}
 
 
@@ -44,28 +43,8 @@ def enable_vlmx_kernels(target: str | None = None, ptx_only: bool = False, trito
     return dict(_STATE)
 
 
-def _vlmx_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                            **kwargs):
-    """transformers attention function: [B,H,S,D] q/k/v (GQA kept) → ([B,S,H,D] output, None)."""
-    b, h, sq, d = query.shape
-    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    bias = None
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, : key.shape[-2]]
-        bias = (torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
-                if mask.dtype == torch.bool else mask.to(query.dtype))
-        causal = False  # the mask already encodes causality
-    o = torch.ops.vlmx.flash_attention(query, key, value, bias, num_heads=h, num_kv_heads=key.shape[1], head_dim=d,
-                                       scale=float(scaling or d ** -0.5), causal=int(causal and sq > 1),
-                                       layout="bhsd")
-    return o.transpose(1, 2).contiguous(), None
-
-
 def register_hf_attention() -> str:
-    """Register ``attn_implementation="vlmx"`` (attention + SDPA-style masks) with transformers; returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    """Register the vlmx flash-attention ``attn_implementation`` with transformers; returns its name."""
+    from vlmx.export.hf_attention import register
 
-    AttentionInterface.register(HF_ATTENTION_NAME, _vlmx_attention_forward)
-    AttentionMaskInterface.register(HF_ATTENTION_NAME, sdpa_mask)
-    return HF_ATTENTION_NAME
+    return register()
