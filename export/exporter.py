@@ -1,0 +1,135 @@
+"""torch → ONNX for one graph: ``torch.onnx.export(dynamo=True)`` with the vlmx translation table, then the
+model-local function of every vlmx node, written with external data when the weights pass the 2 GB protobuf limit.
+
+Weights are streamed: the exporter writes initializers straight from the torch tensors to the file (or the
+``.onnx.data`` file), and the post-export steps re-open only the graph (``load_external_data=False``), so no second
+full copy of the weights is ever held.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from . import domain
+from .functions import attach_functions
+from .model_configs import GraphSpec
+
+#: Protobuf's hard limit is 2 GiB; above this many initializer bytes the weights go to ``<file>.data``.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+MIN_OPSET = 17
+MAX_OPSET = 23
+
+
+class ExportError(RuntimeError):
+    """torch.onnx could not export a graph; the message names the graph and the cause."""
+
+
+def check_opset(opset: int) -> int:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"--opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} "
+                         "(the ONNX Attention op of --attention native needs 23)")
+    return opset
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct parameter/buffer storages a module holds."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def dynamic_shapes(spec: GraphSpec) -> tuple:
+    """torch.export dynamic shapes from the spec's named axes (``"past+1"`` becomes ``Dim("past") + 1``)."""
+    dims: dict[str, object] = {}
+
+    def dim(name: str):
+        base, _, plus = name.partition("+")
+        if base not in dims:
+            dims[base] = torch.export.Dim(base, min=1)
+        return dims[base] + int(plus) if plus else dims[base]
+
+    flat = [{axis: dim(n) for axis, n in spec.dynamic_axes.get(name, {}).items()} or None for name in spec.inputs]
+    params = inspect.signature(spec.module.forward).parameters.values()
+    fixed = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):  # forward(a, b, *rest): rest is one tuple entry
+        return (*flat[:len(fixed)], tuple(flat[len(fixed):]))
+    return tuple(flat)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warnings per stage; the CLI shows its own progress instead."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postprocess=None) -> Path:
+    """Export ``spec`` to ``out_dir/<name>.onnx``; ``postprocess(model_proto) -> model_proto`` runs on the graph
+    (weights stay on disk) before the vlmx functions are attached. Returns the file path."""
+    check_opset(opset)
+    out = Path(out_dir) / spec.file
+    external = weight_bytes(spec.module) > EXTERNAL_DATA_THRESHOLD
+    try:
+        with _quiet(), torch.no_grad():
+            prog = torch.onnx.export(spec.module, tuple(spec.inputs.values()), input_names=list(spec.inputs),
+                                     output_names=spec.outputs, dynamic_shapes=dynamic_shapes(spec),
+                                     opset_version=opset, dynamo=True,
+                                     custom_translation_table=domain.translation_table(), optimize=True)
+            prog.save(str(out), external_data=external)
+    except Exception as e:  # noqa: BLE001 - torch.onnx raises many types; one message names the graph
+        raise ExportError(f"exporting the {spec.name} graph failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    del prog
+    model = onnx.load(str(out), load_external_data=False)
+    rename_dims(model.graph, spec.dim_names)
+    if postprocess is not None:
+        model = postprocess(model)
+    attach_functions(model)
+    onnx.save(model, str(out))
+    return out
+
+
+def rename_dims(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Rename symbolic dimensions (``dim_param``) of every typed value in the graph."""
+    if not names:
+        return
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in names:
+                d.dim_param = names[d.dim_param]
+
+
+def data_files(onnx_path: str | Path) -> list[Path]:
+    """External data files an ONNX file references (relative to its directory)."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    names = set()
+    for init in model.graph.initializer:
+        for kv in init.external_data:
+            if kv.key == "location":
+                names.add(kv.value)
+    return [Path(onnx_path).parent / n for n in sorted(names)]
+
+
+def file_size(path: str | Path) -> int:
+    return os.path.getsize(path)

@@ -1,0 +1,140 @@
+"""The torch modules that become the exported graphs (the artifact contract's I/O, flat tensors in and out).
+
+Each wraps the parts of a transformers LLaVA model one graph needs; none knows a model name. Per-family knowledge
+(feature layer, [CLS], position ids) comes in as constructor arguments from :mod:`vlmx.export.model_configs`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmx.torch_ref import pruning
+
+
+def _lm(model):
+    return model.model.language_model
+
+
+def _feature_layer_index(feature_layer: int, num_layers: int) -> int:
+    """hidden_states index → the encoder layer that produced it (hidden_states[0] is the embedding output)."""
+    idx = feature_layer % (num_layers + 1)
+    if idx == 0:
+        raise ValueError(f"vision_feature_layer={feature_layer} selects the embeddings; no attention produced it")
+    return idx - 1
+
+
+class VisionGraph(nn.Module):
+    """``pixel_values`` → ``image_features`` (after the projector) [, ``cls_attention`` (CLIP towers)]."""
+
+    def __init__(self, model, feature_layer: int, drop_cls: bool, cls_attention: bool):
+        super().__init__()
+        self.model = model
+        self.feature_layer = feature_layer
+        self.drop_cls = drop_cls
+        self.cls_attention = cls_attention
+
+    def forward(self, pixel_values):
+        tower = self.model.model.vision_tower
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states
+        feats = hidden[self.feature_layer]
+        if self.drop_cls:
+            feats = feats[:, 1:]
+        image_features = self.model.model.multi_modal_projector(feats)
+        if not self.cls_attention:
+            return image_features
+        return image_features, self._cls_attention(tower, hidden)
+
+    def _cls_attention(self, tower, hidden):
+        """Head-averaged softmax of the [CLS] query over all keys at the feature layer, renormalised over patches."""
+        inner = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
+        layers = inner.encoder.layers
+        li = _feature_layer_index(self.feature_layer, len(layers))
+        layer = layers[li]
+        x = layer.layer_norm1(hidden[li])
+        attn = layer.self_attn
+        b, s, _ = x.shape
+        h = attn.num_heads
+        d = attn.head_dim
+        q = attn.q_proj(x[:, :1]).float().view(b, 1, h, d).transpose(1, 2)
+        k = attn.k_proj(x).float().view(b, s, h, d).transpose(1, 2)
+        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1)
+        return pruning.cls_importance(p[:, :, 0, :])
+
+
+class EmbedGraph(nn.Module):
+    """``input_ids`` → ``inputs_embeds``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class ScoreGraph(nn.Module):
+    """``text_embeds``, ``image_features`` → ``scores``: vlmx TokenImportance of LM layer-0 queries (normed text)
+    vs layer-0 keys (normed image features), no rotary."""
+
+    def __init__(self, model, norm: nn.Module, q_proj: nn.Module, k_proj: nn.Module, num_heads: int,
+                 num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.norm, self.q_proj, self.k_proj = norm, q_proj, k_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+
+    def forward(self, text_embeds, image_features):
+        q = self.q_proj(self.norm(text_embeds))
+        k = self.k_proj(self.norm(image_features))
+        return pruning.token_importance(q, k, self.num_heads, self.head_dim, self.num_kv_heads, impl="vlmx")
+
+
+class PruneGraph(nn.Module):
+    """``image_features``, ``scores``, ``keep`` → ``kept_features``, ``kept_index`` (vlmx GatherTopK)."""
+
+    def forward(self, image_features, scores, keep):
+        return torch.ops.vlmx.gather_topk(image_features, scores, keep)
+
+
+def _flat_cache(cache, num_layers: int) -> list[torch.Tensor]:
+    out = []
+    for layer in cache.layers[:num_layers]:
+        out += [layer.keys, layer.values]
+    return out
+
+
+class PrefillGraph(nn.Module):
+    """``inputs_embeds``, ``attention_mask`` [, ``position_ids``] → ``logits`` (float32), ``present.{i}.key/value``."""
+
+    def __init__(self, model, num_layers: int, position_ids: bool):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+        self.position_ids = position_ids
+
+    def _run(self, inputs_embeds, attention_mask, position_ids, cache):
+        from transformers import DynamicCache
+
+        kw = {"position_ids": position_ids} if self.position_ids else {}
+        cache = DynamicCache(config=_lm(self.model).config) if cache is None else cache
+        out = _lm(self.model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
+                              use_cache=True, **kw)
+        logits = self.model.lm_head(out.last_hidden_state).float()
+        return (logits, *_flat_cache(out.past_key_values, self.num_layers))
+
+    def forward(self, inputs_embeds, attention_mask, position_ids=None):
+        return self._run(inputs_embeds, attention_mask, position_ids, None)
+
+
+class DecodeGraph(PrefillGraph):
+    """One decode step: ``inputs_embeds`` [B,1,C], ``attention_mask`` [B,past+1] [, ``position_ids``],
+    ``past.{i}.key/value`` → ``logits``, ``present.{i}.key/value`` (past + 1 positions)."""
+
+    def forward(self, inputs_embeds, attention_mask, *rest):
+        from transformers import DynamicCache
+
+        position_ids = rest[0] if self.position_ids else None
+        past = rest[1:] if self.position_ids else rest
+        cache = DynamicCache(config=_lm(self.model).config)
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        return self._run(inputs_embeds, attention_mask, position_ids, cache)

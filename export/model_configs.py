@@ -1,0 +1,270 @@
+"""Per-family export knowledge (Optimum-style): one config object per model family, registered in one table.
+
+A family config knows its graphs' input/output names, dynamic axes, TensorRT profiles, seeded dummy inputs,
+which modules to swap for each ``--attention`` mode and where the layer-0 projections for visual-token scoring
+live. The driver (:mod:`vlmx.export.exporter`) is generic: it asks :func:`family_for` for a preset's config and
+never looks at a model name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vlmx.torch_ref.op_table import OPS
+
+from . import graphs, hf_attention
+
+GRAPH_NAMES = ("vision", "embed", "score", "prune", "prefill", "decode")
+#: Dummy sizes: batch 2 and distinct odd lengths, so no dynamic axis is specialised by accident.
+DUMMY = {"batch": 2, "seq": 9, "text_len": 7, "past": 6}
+
+
+@dataclass
+class GraphSpec:
+    """One graph to export: the module, its named dummy inputs, output names and dynamic axes."""
+
+    name: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    profile: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    #: renames of exporter-made axis names (data-dependent sizes come out as ``u0``, ``u1``, ...)
+    dim_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+
+@dataclass
+class ExportContext:
+    """What one export run fixes: the model and its preset spec, attention mode, dtype and seed."""
+
+    model: nn.Module
+    spec: object  # vlmx.torch_ref.models.PresetSpec
+    attention: str = "plugin"
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+    max_batch: int = 4
+
+    def generator(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1000 + salt)
+
+
+class SliceProj(nn.Module):
+    """Output columns ``[start, end)`` of a fused projection (MPT's ``Wqkv``) as a projection of its own."""
+
+    def __init__(self, proj: nn.Module, start: int, end: int):
+        super().__init__()
+        self.proj, self.start, self.end = proj, start, end
+
+    def forward(self, x):
+        return self.proj(x)[..., self.start:self.end]
+
+
+class LlavaFamily:
+    """LLaVA-1.5: CLIP vision tower with [CLS], Llama language model with rotary position ids."""
+
+    name = "llava"
+    vision = "clip"
+    language = "llama"
+    position_ids = True
+
+    # ------------------------------------------------------------------------------------------- model surgery
+    def prepare(self, model: nn.Module, attention: str) -> nn.Module:
+        """Swap in the modules that express attention as ``attention`` asks (one call per family)."""
+        hf_attention.set_attention(model, attention)
+        return model
+
+    def ops_used(self, attention: str, precision: str) -> list[str]:
+        """vlmx ops the export will contain (before quantization passes add theirs)."""
+        ops = {"TokenImportance", "GatherTopK"}
+        if attention == "plugin":
+            ops.add("FlashAttention")
+        if precision == "w8a8":
+            ops |= {"W8A8Linear", "QuantizePerToken"}
+        return sorted(o for o in ops if o in OPS)
+
+    # ------------------------------------------------------------------------------------------- model facts
+    def lm_dims(self, model) -> dict:
+        c = model.config.text_config
+        heads = c.num_attention_heads
+        return {"lm_hidden": c.hidden_size, "num_layers": c.num_hidden_layers, "num_heads": heads,
+                "num_kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+                "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads, "vocab_size": c.vocab_size}
+
+    def model_info(self, ctx: ExportContext) -> dict:
+        from vlmx.torch_ref import models
+
+        s = ctx.spec
+        info = models.preset_info(s)
+        return {"vision": self.vision, "language": self.language, "image_size": s.image_size,
+                "num_image_tokens": s.num_image_tokens, "has_cls": s.has_cls, **self.lm_dims(ctx.model),
+                "bos_token_id": info["bos_token_id"], "eos_token_id": info["eos_token_id"],
+                "image_token_id": s.image_token_id, "position_ids": self.position_ids,
+                "dtype": str(ctx.dtype).removeprefix("torch.")}
+
+    def score_modules(self, model):
+        """(input norm, q projection, k projection) of LM layer 0."""
+        layer = model.model.language_model.layers[0]
+        return layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj
+
+    # ------------------------------------------------------------------------------------------- graphs
+    def graphs(self, ctx: ExportContext) -> list[GraphSpec]:
+        return [self.vision_graph(ctx), self.embed_graph(ctx), self.score_graph(ctx), self.prune_graph(ctx),
+                self.prefill_graph(ctx), self.decode_graph(ctx)]
+
+    def _randn(self, ctx, salt, *shape, std=1.0):
+        return (torch.randn(*shape, generator=ctx.generator(salt)) * std).to(ctx.dtype)
+
+    def _embeds(self, ctx, salt, batch, length):
+        vocab = ctx.model.config.text_config.vocab_size
+        ids = torch.randint(0, vocab, (batch, length), generator=ctx.generator(salt))
+        with torch.no_grad():
+            return ctx.model.get_input_embeddings()(ids)
+
+    def _profile(self, ctx, shapes: dict[str, tuple]) -> dict:
+        """min/opt/max per input from ``{input: ((min...), (opt...), (max...))}``."""
+        return {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in shapes.items()}
+
+    def vision_graph(self, ctx):
+        s, b = ctx.spec, DUMMY["batch"]
+        has_cls = s.has_cls
+        module = graphs.VisionGraph(ctx.model, s.feature_layer, drop_cls=has_cls and s.select_strategy == "default",
+                                    cls_attention=has_cls)
+        px = (3, s.image_size, s.image_size)
+        return GraphSpec("vision", module, {"pixel_values": self._randn(ctx, 1, b, *px)},
+                         ["image_features"] + (["cls_attention"] if has_cls else []),
+                         {"pixel_values": {0: "batch"}},
+                         self._profile(ctx, {"pixel_values": ((1, *px), (1, *px), (ctx.max_batch, *px))}))
+
+    def embed_graph(self, ctx):
+        b, n, max_seq = DUMMY["batch"], DUMMY["seq"], ctx.spec.max_seq_len
+        vocab = ctx.model.config.text_config.vocab_size
+        ids = torch.randint(0, vocab, (b, n), generator=ctx.generator(2))
+        return GraphSpec("embed", graphs.EmbedGraph(ctx.model), {"input_ids": ids}, ["inputs_embeds"],
+                         {"input_ids": {0: "batch", 1: "seq"}},
+                         self._profile(ctx, {"input_ids": ((1, 1), (1, 64), (ctx.max_batch, max_seq))}))
+
+    def score_graph(self, ctx):
+        d = self.lm_dims(ctx.model)
+        b, t, n, c = DUMMY["batch"], DUMMY["text_len"], ctx.spec.num_image_tokens, d["lm_hidden"]
+        norm, q, k = self.score_modules(ctx.model)
+        module = graphs.ScoreGraph(ctx.model, norm, q, k, d["num_heads"], d["num_kv_heads"], d["head_dim"])
+        inputs = {"text_embeds": self._embeds(ctx, 3, b, t), "image_features": self._randn(ctx, 4, b, n, c)}
+        prof = {"text_embeds": ((1, 1, c), (1, 32, c), (ctx.max_batch, ctx.spec.max_seq_len, c)),
+                "image_features": ((1, n, c), (1, n, c), (ctx.max_batch, n, c))}
+        return GraphSpec("score", module, inputs, ["scores"],
+                         {"text_embeds": {0: "batch", 1: "text_len"}, "image_features": {0: "batch"}},
+                         self._profile(ctx, prof))
+
+    def prune_graph(self, ctx):
+        d = self.lm_dims(ctx.model)
+        b, n, c = DUMMY["batch"], ctx.spec.num_image_tokens, d["lm_hidden"]
+        scores = torch.softmax(torch.randn(b, n, generator=ctx.generator(6)), dim=-1)
+        inputs = {"image_features": self._randn(ctx, 5, b, n, c), "scores": scores,
+                  "keep": torch.tensor([max(1, n // 2)], dtype=torch.int64)}
+        prof = {"image_features": ((1, n, c), (1, n, c), (ctx.max_batch, n, c)),
+                "scores": ((1, n), (1, n), (ctx.max_batch, n)), "keep": ((1,), (1,), (1,))}
+        return GraphSpec("prune", graphs.PruneGraph(), inputs, ["kept_features", "kept_index"],
+                         {"image_features": {0: "batch"}, "scores": {0: "batch"}}, self._profile(ctx, prof),
+                         dim_names={"u0": "keep"})
+
+    def _lm_inputs(self, ctx, salt, b, n, past):
+        inputs = {"inputs_embeds": self._embeds(ctx, salt, b, n)}
+        mask = torch.ones(b, past + n, dtype=torch.int64)
+        if past == 0 and b > 1:
+            mask[1, :2] = 0  # left padding in the second row
+        inputs["attention_mask"] = mask
+        if self.position_ids:
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            inputs["position_ids"] = pos[:, past:]
+        return inputs
+
+    def _kv_names(self, ctx, prefix):
+        return [f"{prefix}.{i}.{kv}" for i in range(self.lm_dims(ctx.model)["num_layers"]) for kv in ("key", "value")]
+
+    def prefill_graph(self, ctx):
+        d = self.lm_dims(ctx.model)
+        b, n = DUMMY["batch"], DUMMY["seq"]
+        inputs = self._lm_inputs(ctx, 7, b, n, 0)
+        dyn = {k: {0: "batch", 1: "seq"} for k in inputs}
+        mx, c = ctx.spec.max_seq_len, d["lm_hidden"]
+        opt = min(mx, ctx.spec.num_image_tokens + 32)
+        prof = {"inputs_embeds": ((1, 1, c), (1, opt, c), (ctx.max_batch, mx, c))}
+        prof.update({k: ((1, 1), (1, opt), (ctx.max_batch, mx)) for k in inputs if k != "inputs_embeds"})
+        module = graphs.PrefillGraph(ctx.model, d["num_layers"], self.position_ids)
+        return GraphSpec("prefill", module, inputs, ["logits"] + self._kv_names(ctx, "present"), dyn,
+                         self._profile(ctx, prof))
+
+    def decode_graph(self, ctx):
+        d = self.lm_dims(ctx.model)
+        b, p = DUMMY["batch"], DUMMY["past"]
+        inputs = self._lm_inputs(ctx, 8, b, 1, p)
+        dyn = {"inputs_embeds": {0: "batch"}, "attention_mask": {0: "batch", 1: "past+1"}}
+        if self.position_ids:
+            dyn["position_ids"] = {0: "batch"}
+        kv_shape = (d["num_kv_heads"], d["head_dim"])
+        for i, name in enumerate(self._kv_names(ctx, "past")):
+            inputs[name] = self._randn(ctx, 100 + i, b, kv_shape[0], p, kv_shape[1])
+            dyn[name] = {0: "batch", 2: "past"}
+        mx, c, mb = ctx.spec.max_seq_len, d["lm_hidden"], ctx.max_batch
+        opt = min(mx - 1, ctx.spec.num_image_tokens + 32)
+        prof = {"inputs_embeds": ((1, 1, c), (1, 1, c), (mb, 1, c)),
+                "attention_mask": ((1, 2), (1, opt + 1), (mb, mx))}
+        if self.position_ids:
+            prof["position_ids"] = ((1, 1), (1, 1), (mb, 1))
+        for name in self._kv_names(ctx, "past"):
+            prof[name] = ((1, kv_shape[0], 1, kv_shape[1]), (1, kv_shape[0], opt, kv_shape[1]),
+                          (mb, kv_shape[0], mx - 1, kv_shape[1]))
+        module = graphs.DecodeGraph(ctx.model, d["num_layers"], self.position_ids)
+        return GraphSpec("decode", module, inputs, ["logits"] + self._kv_names(ctx, "present"), dyn,
+                         self._profile(ctx, prof))
+
+
+class LlavaSiglipFamily(LlavaFamily):
+    """LLaVA with a SigLIP tower: no [CLS] (no ``cls_attention`` output), every patch token kept."""
+
+    name = "llava-siglip"
+    vision = "siglip"
+
+
+class LlavaMptFamily(LlavaFamily):
+    """LLaVA with MPT: ALiBi instead of rotary positions (no ``position_ids``), fused ``Wqkv``."""
+
+    name = "llava-mpt"
+    language = "mpt"
+    position_ids = False
+    _MPT_IMPL = {"plugin": "vlmx", "native": "sdpa", "decomposed": "torch"}
+
+    def prepare(self, model, attention):
+        from vlmx.torch_ref.mpt_attention import swap_mpt_attention
+
+        hf_attention.set_attention(model.model.vision_tower, attention)
+        return swap_mpt_attention(model, self._MPT_IMPL[attention])
+
+    def lm_dims(self, model) -> dict:
+        c = model.config.text_config
+        return {"lm_hidden": c.d_model, "num_layers": c.n_layers, "num_heads": c.n_heads,
+                "num_kv_heads": c.n_heads, "head_dim": c.d_model // c.n_heads, "vocab_size": c.vocab_size}
+
+    def score_modules(self, model):
+        block = model.model.language_model.blocks[0]
+        c = self.lm_dims(model)["lm_hidden"]
+        wqkv = block.attn.Wqkv
+        return block.norm_1, SliceProj(wqkv, 0, c), SliceProj(wqkv, c, 2 * c)
+
+
+FAMILIES: dict[str, LlavaFamily] = {f.name: f for f in (LlavaFamily(), LlavaSiglipFamily(), LlavaMptFamily())}
+
+
+def family_for(spec) -> LlavaFamily:
+    """The family config whose vision tower and language model match the preset spec."""
+    for fam in FAMILIES.values():
+        if (fam.vision, fam.language) == (spec.vision, spec.language):
+            return fam
+    raise ValueError(f"preset {spec.name} pairs a {spec.vision} tower with a {spec.language} language model; "
+                     f"vlm-export knows {[(f.vision, f.language) for f in FAMILIES.values()]}")
