@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--ptx-only", action="store_true", help="run the kernels from compute_75 PTX (Turing ISA)")
+    p.add_argument("--triton-dir", default=None, help="Triton AOT manifest directory (vlmx.plugins.triton_aot)")
     p.add_argument("--skip-prefill", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -168,7 +169,8 @@ def main(argv=None) -> int:
         return 2
     from vlmx.trt_runtime.torch_kernels import enable_vlmx_kernels
 
-    kernels = enable_vlmx_kernels("trt-sm75" if args.ptx_only else None, ptx_only=args.ptx_only)
+    kernels = enable_vlmx_kernels("trt-sm75" if args.ptx_only else None, ptx_only=args.ptx_only,
+                                  triton_dir=args.triton_dir)
     results = {"device": torch.cuda.get_device_name(), "kernels": kernels, "ptx_only": args.ptx_only}
     bench_vision(results)
     if not args.skip_prefill:

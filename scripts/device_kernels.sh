@@ -6,15 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-command -v nvcc >/dev/null || export PATH=/usr/local/cuda/bin:$PATH
-if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1; then
-  # No editable install possible: map the import package vlmx.<part> onto the repo's part directories by links.
-  mkdir -p /tmp/vlmx_pkg/vlmx && for part in torch_ref export plugins trt_runtime; do
-    [ -d "$part" ] && ln -sfn "$PWD/$part" "/tmp/vlmx_pkg/vlmx/$part"; done
-  export PYTHONPATH=/tmp/vlmx_pkg${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/build.txt"
 SM=$($PY -c 'import torch; a,b=torch.cuda.get_device_capability(); print(a*10+b)')
 build() { $PY -m vlmx.plugins.build "$@" 2>&1 | tee -a "$OUT/build.txt" | tail -1; }

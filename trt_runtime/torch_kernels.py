@@ -14,8 +14,12 @@ from vlmx.torch_ref import ops  # noqa: F401  (defines torch.ops.vlmx.*)
 _STATE: dict = {}
 
 
-def enable_vlmx_kernels(target: str | None = None, ptx_only: bool = False, triton: bool = True) -> dict:
+def enable_vlmx_kernels(target: str | None = None, ptx_only: bool = False, triton: bool = True,
+                        triton_dir: str | None = None) -> dict:
     """Register the vlmx CUDA kernels for the current GPU (``ptx_only``: Turing PTX through the driver JIT).
+
+    ``triton_dir``: a Triton AOT manifest directory (``python -m vlmx.plugins.triton_aot``); with ``ptx_only`` its
+    PTX is loaded, so the fused quantization / pruning kernels also run the sm_75 instruction set.
 
     Returns what was registered: ``{"cuda": lib_path, "triton": bool}``. Raises RuntimeError without a GPU.
     """
@@ -36,7 +40,7 @@ def enable_vlmx_kernels(target: str | None = None, ptx_only: bool = False, trito
         try:
             from vlmx.plugins import triton_ops
 
-            triton_ops.register()
+            triton_ops.register(kernel_dir=triton_dir, prefer="ptx" if ptx_only else None)
             _STATE["triton"] = True
         except Exception as e:  # noqa: BLE001 - Triton is optional; the reference kernels still run on CUDA
             _STATE["triton_error"] = f"{type(e).__name__}: {e}"
