@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import json
+import re
 import logging
 import os
 import warnings
@@ -25,6 +27,9 @@ from .model_configs import GraphSpec
 #: Protobuf's hard limit is 2 GiB; above this many initializer bytes the weights go to ``<file>.data``.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MIN_OPSET = 17
+#: Model metadata key holding :func:`layer_outputs` of the exported graph.
+LAYER_OUTPUTS_KEY = "vlmx.layer_outputs"
+_LAYER_SCOPE = re.compile(r"'([\w.]*\.layers\.\d+)'")
 MAX_OPSET = 23
 
 
@@ -103,11 +108,24 @@ def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postproc
     del prog
     model = onnx.load(str(out), load_external_data=False)
     rename_dims(model.graph, spec.dim_names)
+    layers = layer_outputs(model)
     if postprocess is not None:
         model = postprocess(model)
+    model.metadata_props.add(key=LAYER_OUTPUTS_KEY, value=json.dumps(layers))
     attach_functions(model)
     onnx.save(model, str(out))
     return out
+
+
+def layer_outputs(model: onnx.ModelProto) -> dict[str, str]:
+    """``{module path of a numbered layer: output of its last node}`` from the exporter's scope metadata (the
+    per-layer tensors of the accuracy report; graph passes keep these names)."""
+    last = {}
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        for scope in _LAYER_SCOPE.findall(scopes):
+            last[scope] = node.output[0]
+    return last
 
 
 def rename_dims(graph: onnx.GraphProto, names: dict[str, str]) -> None:

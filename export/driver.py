@@ -1,0 +1,177 @@
+"""The generic export driver: preset → model → graphs → passes → reference → report → manifest.
+
+It never branches on a model name: everything model-specific comes from the family config
+(:mod:`vlmx.export.model_configs`). The output directory is written as ``<out>.tmp-<pid>`` and renamed into
+place only when complete; on any error the temporary directory is removed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import hf_attention
+from .exporter import check_opset, export_graph
+from .manifest import graph_entry, write_manifest
+from .model_configs import ExportContext, family_for
+from .passes import calibrate, fuse_qkv, insert_quant, run_passes, strip_functions
+from .passes.cleanup import cleanup
+
+PRECISIONS = ("fp16", "w8a8", "fp32")
+PRUNE_METHODS = ("text", "cls")
+#: Graphs that carry the model's linear layers (quantized under --precision w8a8).
+QUANT_GRAPHS = ("vision", "prefill", "decode")
+#: Graphs written to reference.npz / checked by the report.
+REFERENCE_GRAPHS = ("vision", "embed", "score", "prune", "prefill", "decode")
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``vlm-export`` takes (validated by :func:`vlmx.export.cli.validate`)."""
+
+    model: str
+    out: Path
+    checkpoint: str | None = None
+    target: str = "trt-sm75"
+    precision: str = "fp16"
+    attention: str = "plugin"
+    opset: int | None = None
+    calib: int = 0
+    keep: float = 1.0
+    prune: str = "text"
+    seed: int = 0
+    plugins_only: bool = False
+    overwrite: bool = False
+    report: bool = True
+
+    def resolved_opset(self) -> int:
+        """--opset, or the smallest one the options need (23 for native attention, 19 for static Q/DQ, else 18)."""
+        if self.opset is not None:
+            return check_opset(self.opset)
+        if self.attention == "native":
+            return hf_attention.NATIVE_ATTENTION_OPSET
+        return 19 if self.calib else 18
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32 if self.precision == "fp32" else torch.float16
+
+
+class _NoProgress:
+    def stage(self, name: str):
+        return _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _to_numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict):
+    """The pass list of one graph for these options (the passes never see CLI flags, only their arguments)."""
+
+    def post(model):
+        passes = [fuse_qkv]
+        if opts.precision == "w8a8" and name in QUANT_GRAPHS:
+            if opts.calib:
+                feeds = _calib_feeds(spec_inputs, opts.calib, opts.seed)
+                amax = calibrate(run_passes(model, [fuse_qkv]), feeds)
+                passes.append(lambda g: insert_quant(g, "static", amax))
+            else:
+                passes.append(lambda g: insert_quant(g, "dynamic"))
+        passes.append(cleanup)
+        if opts.plugins_only:
+            passes.append(strip_functions)
+        return run_passes(model, passes, functions=not opts.plugins_only)
+
+    return post
+
+
+def _calib_feeds(inputs: dict, n: int, seed: int) -> list[dict]:
+    """``n`` calibration feeds: the dummy inputs with float tensors re-drawn at the same scale."""
+    rng = np.random.default_rng(seed + 12345)
+    feeds = []
+    for _ in range(n):
+        feed = {}
+        for k, v in inputs.items():
+            a = _to_numpy(v)
+            if np.issubdtype(a.dtype, np.floating) and a.ndim >= 2:
+                std = float(np.std(a.astype(np.float32))) or 1.0
+                a = (rng.standard_normal(a.shape) * std).astype(a.dtype)
+            feed[k] = a
+        feeds.append(feed)
+    return feeds
+
+
+def export_model(opts: ExportOptions, progress=None) -> dict:
+    """Run the whole export into ``opts.out``; returns the manifest. Options must already be validated."""
+    from vlmx.torch_ref import models
+    from vlmx.torch_ref.op_table import markdown_table
+    from vlmx.torch_ref.targets import get_target
+
+    from .domain import ops_used
+    from .report import build_report
+
+    progress = progress or _NoProgress()
+    out = Path(opts.out)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        spec = models.get_preset(opts.model)
+        family = family_for(spec)
+        with progress.stage("build model"):
+            model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
+            family.prepare(model, opts.attention)
+            ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed)
+        opset = opts.resolved_opset()
+        entries, references, used, vision_module = {}, {}, set(), None
+        for g in family.graphs(ctx):
+            with progress.stage(f"export {g.name}"):
+                with torch.no_grad():
+                    outs = g.module(*g.inputs.values())
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
+                                      "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}
+                path = export_graph(g, tmp, opset, postprocess=_graph_passes(opts, g.name, g.inputs))
+                import onnx
+
+                used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
+                entries[g.name] = graph_entry(path, g.dynamic_axes, g.profile)
+                if g.name == "vision":
+                    vision_module = g.module
+        with progress.stage("reference + report"):
+            np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
+                                              for part in ("inputs", "outputs") for k, v in r[part].items()})
+            (tmp / "vlmx_ops.md").write_text(markdown_table() + "\n")
+            report = None
+            if opts.report and not opts.plugins_only:
+                report = build_report(tmp, references, opts.precision, vision_module)
+        with progress.stage("manifest"):
+            target = get_target(opts.target)
+            fields = {"model": spec.name, "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
+                      "target": target.name, "sm": target.sm, "precision": opts.precision,
+                      "attention": opts.attention, "opset": opset, "keep": opts.keep, "prune": opts.prune,
+                      "seed": opts.seed, "plugins_only": opts.plugins_only, "ops_used": sorted(used),
+                      "model_info": family.model_info(ctx), "graphs": entries, "reference": "reference.npz",
+                      "report": {"passed": report["passed"], "file": "report.json"} if report else None}
+            manifest = write_manifest(tmp, fields)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
