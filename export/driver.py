@@ -6,6 +6,7 @@ place only when complete; on any error the temporary directory is removed.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass
@@ -114,6 +115,20 @@ def _calib_feeds(inputs: dict, n: int, seed: int) -> list[dict]:
     return feeds
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() else t
+
+
+def reference_graphs(family, ctx: ExportContext) -> dict:
+    """The graphs of the torch reference: the exported model itself in float32, else a float32 copy with the
+    same (upcast) weights, so float16 / w8a8 exports are judged against a higher-precision reference."""
+    if ctx.dtype == torch.float32:
+        return {g.name: g for g in family.graphs(ctx)}
+    ref_model = copy.deepcopy(ctx.model).to(torch.float32)
+    ref_ctx = ExportContext(ref_model, ctx.spec, ctx.attention, torch.float32, ctx.seed, ctx.max_batch)
+    return {g.name: g for g in family.graphs(ref_ctx)}
+
+
 def export_model(opts: ExportOptions, progress=None) -> dict:
     """Run the whole export into ``opts.out``; returns the manifest. Options must already be validated."""
     from vlmx.torch_ref import models
@@ -136,12 +151,14 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
             model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
             family.prepare(model, opts.attention)
             ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed)
+            ref_graphs = reference_graphs(family, ctx)
         opset = opts.resolved_opset()
         entries, references, used, vision_module = {}, {}, set(), None
         for g in family.graphs(ctx):
             with progress.stage(f"export {g.name}"):
+                ref = ref_graphs[g.name]
                 with torch.no_grad():
-                    outs = g.module(*g.inputs.values())
+                    outs = ref.module(*(_upcast(v) for v in g.inputs.values()))
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
                                       "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}
@@ -151,7 +168,7 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                 used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
                 entries[g.name] = graph_entry(path, g.dynamic_axes, g.profile)
                 if g.name == "vision":
-                    vision_module = g.module
+                    vision_module = ref.module
         with progress.stage("reference + report"):
             np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
                                               for part in ("inputs", "outputs") for k, v in r[part].items()})
