@@ -95,10 +95,10 @@ def compare(directory, backends=("onnxruntime", "tensorrt"), threshold: float | 
         run_results = Comparator.run(polygraphy_runners(art, graph, list(backends)), data_loader=[ref["inputs"]])
         run_results.append((REFERENCE_RUNNER, [IterationResult(ref["outputs"], runner_name=REFERENCE_RUNNER)]))
         results[graph] = {}
-        for runner_name, _ in list(run_results)[:-1]:
+        ref_index = len(run_results) - 1
+        for index, (runner_name, _) in enumerate(list(run_results)[:-1]):
             errors: dict = {}
-            acc = Comparator.compare_accuracy(run_results, comparisons=[(run_results.index(runner_name),
-                                                                         len(run_results) - 1)],
+            acc = Comparator.compare_accuracy(run_results, comparisons=[(index, ref_index)],
                                               compare_func=_relative_compare(thr, errors))
             results[graph][runner_name] = errors
             passed &= bool(acc) and bool(errors)
