@@ -1,7 +1,8 @@
 """CI: TensorRT-RTX on the CPU parses and builds the llava-tiny export for ComputeCapability.SM75.
 
-``vlm-export --model llava-tiny --attention native|decomposed --out DIR`` then ``build_engines(DIR,
+``vlm-export --model llava-tiny --attention native|decomposed|plugin --out DIR`` then ``build_engines(DIR,
 backend="tensorrt-rtx")``; every graph of the export must build, and the test prints each engine's layer list.
+With ``plugin`` the vlmx FlashAttention nodes build from their function bodies (TensorRT-RTX has no plugins).
 Skipped with a reason when TensorRT-RTX or the exporter is not available.
 """
 import json
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(export_main is None, reason=EXPORT_REASON)]
 
 
-@pytest.mark.parametrize("attention", ["native", "decomposed"])
+@pytest.mark.parametrize("attention", ["native", "decomposed", "plugin"])
 def test_llava_tiny_export_builds_for_sm75_with_tensorrt_rtx(tmp_path, attention):
     out = tmp_path / f"llava-tiny-{attention}"
     assert export_main(["--model", "llava-tiny", "--attention", attention, "--out", str(out)]) in (0, None)
@@ -44,3 +45,11 @@ def test_llava_tiny_export_builds_for_sm75_with_tensorrt_rtx(tmp_path, attention
         for line in entry["layers"]:
             print("   ", line[:200])
         assert entry["bytes"] > 0 and entry["layers"], graph
+    vision, prefill = meta["engines"]["vision"], meta["engines"]["prefill"]
+    native_attention = [ln for ln in vision["network_layers"] + prefill["network_layers"] if "[ATTENTION_" in ln]
+    if attention == "native":  # the ONNX Attention op maps to TensorRT's attention layer
+        assert native_attention
+    else:
+        assert not native_attention
+    if attention == "plugin":  # FlashAttention nodes carry function bodies, which TensorRT-RTX inlines
+        assert any(n.startswith("FlashAttention:") for n in vision["vlmx_nodes"]["plugin_or_body"])
