@@ -3,7 +3,7 @@
 ```
 q ─(Mul c₁)─┐
             MatMul ─ Mul/Div(scale) ─ Add(mask) ─ (Cast) ─ Softmax ─ (Cast) ─ MatMul ─ o
-k ─ Transpose(0,1,3,2) ─(Mul c₂)─┘                                  v ─┘
+k ─ Transpose(…,3,2) ─(Mul c₂)─┘                                       v ─┘
    =>   q, k, v, mask ─ vlmx.FlashAttention(num_heads, num_kv_heads, head_dim, scale = scale·c₁·c₂) ─ o
 ```
 
@@ -104,16 +104,20 @@ def _match(softmax: gs.Node, outputs: set):
     q, c1 = _strip_scalar_mul(node.inputs[0])
     kt, c2 = _strip_scalar_mul(node.inputs[1])
     tr = _producer(kt)
-    if tr is None or tr.op != "Transpose" or list(tr.attrs.get("perm", [])) != [0, 1, 3, 2]:
+    perm = list(tr.attrs.get("perm", [])) if tr is not None and tr.op == "Transpose" else []
+    if len(perm) != 4 or perm[0] != 0:
         return None
-    k = tr.inputs[0]
+    k_src = tr.inputs[0]
+    k_perm = [perm[0], perm[1], perm[3], perm[2]]  # kᵀ = x.transpose(perm)  ⇒  k = x.transpose(k_perm)
     heads, head_dim = _static(q, 1), _static(q, 3)
     if heads is None or head_dim is None:
         return None
-    kv_heads = _static(k, 1) or heads
+    src_shape = k_src.shape if k_src.shape is not None and len(k_src.shape) == 4 else None
+    kv_heads = src_shape[k_perm[1]] if src_shape is not None else None
+    kv_heads = int(kv_heads) if isinstance(kv_heads, (int, np.integer)) else heads
     if kv_heads < 1 or heads % kv_heads:
         return None
-    return {"q": q, "k": k, "v": v, "bias": bias, "out": pv, "heads": heads, "kv_heads": kv_heads,
+    return {"q": q, "k": k_src, "k_perm": k_perm, "v": v, "bias": bias, "out": pv, "heads": heads, "kv_heads": kv_heads,
             "head_dim": head_dim, "scale": scale * c1 * c2}
 
 
@@ -125,7 +129,12 @@ def fuse_attention(graph: gs.Graph) -> gs.Graph:
         m = _match(sm, outputs)
         if m is None:
             continue
-        inputs = [m["q"], m["k"], m["v"]]
+        k = m["k"]
+        if m["k_perm"] != [0, 1, 2, 3]:
+            k = gs.Variable(f"{sm.name or i}_fa_k", dtype=k.dtype)
+            graph.nodes.append(gs.Node("Transpose", f"{sm.name or i}_fa_k_transpose", attrs={"perm": m["k_perm"]},
+                                       inputs=[m["k"]], outputs=[k]))
+        inputs = [m["q"], k, m["v"]]
         bias = m["bias"]
         if bias is not None:
             if bias.dtype is not None and m["q"].dtype is not None and bias.dtype != m["q"].dtype:
