@@ -133,8 +133,8 @@ SHAPE_CASES = [
     ("FlashAttention", {"num_heads": 16, "head_dim": 64, "layout": "bhsd", "scale": 0.125},
      ["half"] * 4, [(1, 16, 577, 64), (1, 16, 577, 64), (1, 16, 577, 64), (1, 1, 1, 577)], ["half"],
      [[1, 16, 577, 64]]),
-    ("FlashAttention", {"num_heads": 4, "head_dim": 32, "layout": "packed", "alibi": 1},
-     ["half"], [(1, 5, 384)], ["half"], [[1, 5, 128]]),
+    ("FlashAttention", {"num_heads": 4, "head_dim": 64, "layout": "packed", "alibi": 1},
+     ["half"], [(1, 5, 768)], ["half"], [[1, 5, 256]]),
     ("W8A8Linear", {}, ["int8", "float", "int8", "float", "half"], [(2, 5, 64), (2, 5, 1), (96, 64), (96,), (96,)],
      ["half"], [[2, 5, 96]]),
     ("W8A8Linear", {"out_dtype": "float16"}, ["int8", "float", "int8", "float"], [(730, 1152), (730, 1), (4304, 1152),
@@ -197,6 +197,16 @@ def test_runtime_shape_checks_refuse_inconsistent_shapes(host_check, case, probl
 def test_consistent_shapes_pass_the_runtime_check(host_check):
     _, results, err = host_check([_case(*c[:4]) for c in SHAPE_CASES])
     assert [r["shape_check"] for r in results] == [0] * len(SHAPE_CASES), err
+    assert [r["configure_rc"] for r in results] == [0] * len(SHAPE_CASES), err
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 256])
+def test_build_refuses_attention_head_dims_the_kernel_lacks(host_check, head_dim):
+    """llava-tiny's vision tower has head_dim 16: the build must fail with what to do, not the first inference."""
+    _, (res,), err = host_check([_case("FlashAttention", {"num_heads": 4, "head_dim": head_dim, "layout": "bhsd"},
+                                       ["half"] * 3, [(1, 4, 17, head_dim)] * 3)])
+    assert res["created"] and res["configure_rc"] == -1
+    assert f"head_dim {head_dim} is not implemented" in err and "--attention native or decomposed" in err
 
 
 def test_cuda_kernel_ops_accept_fp16_only(host_check):

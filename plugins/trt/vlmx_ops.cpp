@@ -187,6 +187,27 @@ bool opSupportsFormat(OpAttrs const& a, int32_t pos, PluginTensorDesc const* des
     return true;
 }
 
+std::string opCheckAttrs(OpAttrs const& a) {
+    if (a.op() == gen::kFlashAttention) {
+        int32_t const D = a.getInt("head_dim");
+        if (D != 64 && D != 72 && D != 80 && D != 96 && D != 128) {
+            return "head_dim " + std::to_string(D) + " is not implemented by the sm_75 flash attention kernel "
+                "(64, 72, 80, 96, 128); export this model with --attention native or decomposed";
+        }
+    }
+    if (a.op() == gen::kFlashAttention || a.op() == gen::kTokenImportance) {
+        int32_t const H = a.getInt("num_heads");
+        if (H <= 0 || a.getInt("head_dim") <= 0 || H % kvHeads(a) != 0) {
+            return "num_heads=" + std::to_string(H) + " must be a positive multiple of num_kv_heads="
+                + std::to_string(kvHeads(a)) + " and head_dim positive";
+        }
+    }
+    if (a.op() == gen::kTokenImportance && a.getInt("head_dim") > 256) {
+        return "head_dim " + std::to_string(a.getInt("head_dim")) + " exceeds the Triton kernel's 256";
+    }
+    return "";
+}
+
 std::string opCheckShapes(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn, PluginTensorDesc const* out,
     int32_t nbOut) {
     (void) out;

@@ -210,7 +210,9 @@ int32_t VlmxPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t n
     (void) in;
     (void) out;
     numInputs_ = nbInputs;
-    return 0;
+    std::string const err = opCheckAttrs(attrs_);
+    if (!err.empty()) logMessage(ILogger::Severity::kERROR, opName(attrs_.op()) + ": " + err);
+    return err.empty() ? 0 : -1;
 }
 
 size_t VlmxPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,

@@ -134,6 +134,10 @@ std::string opOutputShapes(OpAttrs const& a, nvinfer1::DimsExprs const* in, int3
 bool opSupportsFormat(OpAttrs const& a, int32_t pos, nvinfer1::PluginTensorDesc const* desc, int32_t nbIn,
     int32_t nbOut);
 
+//! Attribute values the kernels cannot run (FlashAttention head_dim, heads); checked when the build configures the
+//! plugin so an unsupported node fails the build instead of the first inference. Returns an error message or "".
+std::string opCheckAttrs(OpAttrs const& a);
+
 //! Validates concrete shapes before launch (heads vs hidden size, K % 16, ...); returns an error message or "".
 std::string opCheckShapes(OpAttrs const& a, nvinfer1::PluginTensorDesc const* in, int32_t nbIn,
     nvinfer1::PluginTensorDesc const* out, int32_t nbOut);

@@ -256,6 +256,7 @@ int main(int argc, char** argv) {
                 io[static_cast<size_t>(i)].desc.dims = io[static_cast<size_t>(i)].min = io[static_cast<size_t>(i)].max = d;
             }
         }
+        int32_t const configureRc = build->configurePlugin(io.data(), nbIn, io.data() + nbIn, nbOut);
         size_t const workspace = build->getWorkspaceSize(io.data(), nbIn, io.data() + nbIn, nbOut);
         // Runtime shape check with the concrete input shapes (what onShapeChange sees before enqueue).
         std::vector<PluginTensorDesc> rtIn(static_cast<size_t>(nbIn)), rtOut(static_cast<size_t>(nbOut));
@@ -265,7 +266,7 @@ int main(int argc, char** argv) {
         std::cout << "{\"created\": true, \"name\": \"" << core->getPluginName() << "\", \"cloned\": "
                   << (cloned ? "true" : "false") << ", \"serialized\": " << serialized
                   << ", \"reserialized\": " << reserialized << ", \"nb_outputs\": " << nbOut
-                  << ", \"workspace\": " << workspace << ", \"shape_check\": " << shapeCheck << ", \"types_rc\": " << typesRc << ", \"output_types\": [";
+                  << ", \"configure_rc\": " << configureRc << ", \"workspace\": " << workspace << ", \"shape_check\": " << shapeCheck << ", \"types_rc\": " << typesRc << ", \"output_types\": [";
         for (int32_t o = 0; o < nbOut; ++o) std::cout << (o ? ", " : "") << "\"" << typeName(outTypes[o]) << "\"";
         std::cout << "], \"shapes_rc\": " << shapesRc << ", \"output_shapes\": [";
         for (int32_t o = 0; o < nbOut && shapesRc == 0; ++o) {
