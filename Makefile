@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmx-installed
-EXTRAS ?= dev,triton
+EXTRAS ?= dev,triton,trt-rtx
 PYTEST_ARGS ?=
 
 .PHONY: install test demo clean
