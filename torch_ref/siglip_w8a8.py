@@ -203,9 +203,10 @@ class RMSNormGeneral(nn.Module):
 
     def forward(self, x: torch.Tensor, quantized_hidden_states_buffer: torch.Tensor | None = None,
                 quantized_scale_buffer: torch.Tensor | None = None, quantized_sum_buffer: torch.Tensor | None = None):
-        weight, bias = (None if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (self.weight, self.bias))
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         q, scale, total = torch.ops.vlmx.norm_quant(
-            x, self.weight if weight is None else weight, self.bias if bias is None else bias, mode=self.mode,
+            x, w, b, mode=self.mode,
             eps=self.variance_epsilon, per_token=int(self.use_per_token_quant), static_scale=self.static_scale,
             clip_range=self.clip_range)
         return (_store(quantized_hidden_states_buffer, q), _store(quantized_scale_buffer, scale),
