@@ -11,10 +11,6 @@ from torch import nn
 from vlmx.torch_ref import pruning
 
 
-def _lm(model):
-    return model.model.language_model
-
-
 def _feature_layer_index(feature_layer: int, num_layers: int) -> int:
     """hidden_states index → the encoder layer that produced it (hidden_states[0] is the embedding output)."""
     idx = feature_layer % (num_layers + 1)
@@ -26,23 +22,23 @@ def _feature_layer_index(feature_layer: int, num_layers: int) -> int:
 class VisionGraph(nn.Module):
     """``pixel_values`` → ``image_features`` (after the projector) [, ``cls_attention`` (CLIP towers)]."""
 
-    def __init__(self, model, feature_layer: int, drop_cls: bool, cls_attention: bool):
+    def __init__(self, tower: nn.Module, projector: nn.Module, feature_layer: int, drop_cls: bool,
+                 cls_attention: bool):
         super().__init__()
-        self.model = model
+        self.tower, self.projector = tower, projector
         self.feature_layer = feature_layer
         self.drop_cls = drop_cls
         self.cls_attention = cls_attention
 
     def forward(self, pixel_values):
-        tower = self.model.model.vision_tower
-        hidden = tower(pixel_values, output_hidden_states=True).hidden_states
+        hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states
         feats = hidden[self.feature_layer]
         if self.drop_cls:
             feats = feats[:, 1:]
-        image_features = self.model.model.multi_modal_projector(feats)
+        image_features = self.projector(feats)
         if not self.cls_attention:
             return image_features
-        return image_features, self._cls_attention(tower, hidden)
+        return image_features, self._cls_attention(self.tower, hidden)
 
     def _cls_attention(self, tower, hidden):
         """Head-averaged softmax of the [CLS] query over all keys at the feature layer, renormalised over patches."""
@@ -64,9 +60,9 @@ class VisionGraph(nn.Module):
 class EmbedGraph(nn.Module):
     """``input_ids`` → ``inputs_embeds``."""
 
-    def __init__(self, model):
+    def __init__(self, embedding: nn.Module):
         super().__init__()
-        self.embed = model.get_input_embeddings()
+        self.embed = embedding
 
     def forward(self, input_ids):
         return self.embed(input_ids)
@@ -76,7 +72,7 @@ class ScoreGraph(nn.Module):
     """``text_embeds``, ``image_features`` → ``scores``: vlmx TokenImportance of LM layer-0 queries (normed text)
     vs layer-0 keys (normed image features), no rotary."""
 
-    def __init__(self, model, norm: nn.Module, q_proj: nn.Module, k_proj: nn.Module, num_heads: int,
+    def __init__(self, norm: nn.Module, q_proj: nn.Module, k_proj: nn.Module, num_heads: int,
                  num_kv_heads: int, head_dim: int):
         super().__init__()
         self.norm, self.q_proj, self.k_proj = norm, q_proj, k_proj
@@ -105,9 +101,9 @@ def _flat_cache(cache, num_layers: int) -> list[torch.Tensor]:
 class PrefillGraph(nn.Module):
     """``inputs_embeds``, ``attention_mask`` [, ``position_ids``] → ``logits`` (float32), ``present.{i}.key/value``."""
 
-    def __init__(self, model, num_layers: int, position_ids: bool):
+    def __init__(self, lm: nn.Module, lm_head: nn.Module, num_layers: int, position_ids: bool):
         super().__init__()
-        self.model = model
+        self.lm, self.lm_head = lm, lm_head
         self.num_layers = num_layers
         self.position_ids = position_ids
 
@@ -115,10 +111,10 @@ class PrefillGraph(nn.Module):
         from transformers import DynamicCache
 
         kw = {"position_ids": position_ids} if self.position_ids else {}
-        cache = DynamicCache(config=_lm(self.model).config) if cache is None else cache
-        out = _lm(self.model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
+        cache = DynamicCache(config=self.lm.config) if cache is None else cache
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
                               use_cache=True, **kw)
-        logits = self.model.lm_head(out.last_hidden_state).float()
+        logits = self.lm_head(out.last_hidden_state).float()
         return (logits, *_flat_cache(out.past_key_values, self.num_layers))
 
     def forward(self, inputs_embeds, attention_mask, position_ids=None):
@@ -134,7 +130,7 @@ class DecodeGraph(PrefillGraph):
 
         position_ids = rest[0] if self.position_ids else None
         past = rest[1:] if self.position_ids else rest
-        cache = DynamicCache(config=_lm(self.model).config)
+        cache = DynamicCache(config=self.lm.config)
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         return self._run(inputs_embeds, attention_mask, position_ids, cache)

@@ -133,7 +133,8 @@ class LlavaFamily:
     def vision_graph(self, ctx):
         s, b = ctx.spec, DUMMY["batch"]
         has_cls = s.has_cls
-        module = graphs.VisionGraph(ctx.model, s.feature_layer, drop_cls=has_cls and s.select_strategy == "default",
+        module = graphs.VisionGraph(ctx.model.model.vision_tower, ctx.model.model.multi_modal_projector,
+                                    s.feature_layer, drop_cls=has_cls and s.select_strategy == "default",
                                     cls_attention=has_cls)
         px = (3, s.image_size, s.image_size)
         return GraphSpec("vision", module, {"pixel_values": self._randn(ctx, 1, b, *px)},
@@ -145,7 +146,7 @@ class LlavaFamily:
         b, n, max_seq = DUMMY["batch"], DUMMY["seq"], ctx.spec.max_seq_len
         vocab = ctx.model.config.text_config.vocab_size
         ids = torch.randint(0, vocab, (b, n), generator=ctx.generator(2))
-        return GraphSpec("embed", graphs.EmbedGraph(ctx.model), {"input_ids": ids}, ["inputs_embeds"],
+        return GraphSpec("embed", graphs.EmbedGraph(ctx.model.get_input_embeddings()), {"input_ids": ids}, ["inputs_embeds"],
                          {"input_ids": {0: "batch", 1: "seq"}},
                          self._profile(ctx, {"input_ids": ((1, 1), (1, 64), (ctx.max_batch, max_seq))}))
 
@@ -153,7 +154,7 @@ class LlavaFamily:
         d = self.lm_dims(ctx.model)
         b, t, n, c = DUMMY["batch"], DUMMY["text_len"], ctx.spec.num_image_tokens, d["lm_hidden"]
         norm, q, k = self.score_modules(ctx.model)
-        module = graphs.ScoreGraph(ctx.model, norm, q, k, d["num_heads"], d["num_kv_heads"], d["head_dim"])
+        module = graphs.ScoreGraph(norm, q, k, d["num_heads"], d["num_kv_heads"], d["head_dim"])
         inputs = {"text_embeds": self._embeds(ctx, 3, b, t), "image_features": self._randn(ctx, 4, b, n, c)}
         prof = {"text_embeds": ((1, 1, c), (1, 32, c), (ctx.max_batch, ctx.spec.max_seq_len, c)),
                 "image_features": ((1, n, c), (1, n, c), (ctx.max_batch, n, c))}
@@ -196,7 +197,7 @@ class LlavaFamily:
         opt = min(mx, ctx.spec.num_image_tokens + 32)
         prof = {"inputs_embeds": ((1, 1, c), (1, opt, c), (ctx.max_batch, mx, c))}
         prof.update({k: ((1, 1), (1, opt), (ctx.max_batch, mx)) for k in inputs if k != "inputs_embeds"})
-        module = graphs.PrefillGraph(ctx.model, d["num_layers"], self.position_ids)
+        module = graphs.PrefillGraph(ctx.model.model.language_model, ctx.model.lm_head, d["num_layers"], self.position_ids)
         return GraphSpec("prefill", module, inputs, ["logits"] + self._kv_names(ctx, "present"), dyn,
                          self._profile(ctx, prof))
 
@@ -220,7 +221,7 @@ class LlavaFamily:
         for name in self._kv_names(ctx, "past"):
             prof[name] = ((1, kv_shape[0], 1, kv_shape[1]), (1, kv_shape[0], opt, kv_shape[1]),
                           (mb, kv_shape[0], mx - 1, kv_shape[1]))
-        module = graphs.DecodeGraph(ctx.model, d["num_layers"], self.position_ids)
+        module = graphs.DecodeGraph(ctx.model.model.language_model, ctx.model.lm_head, d["num_layers"], self.position_ids)
         return GraphSpec("decode", module, inputs, ["logits"] + self._kv_names(ctx, "present"), dyn,
                          self._profile(ctx, prof))
 

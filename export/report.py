@@ -93,7 +93,7 @@ def vision_layer_errors(vision_path: Path, vision_module, pixel_values: np.ndarr
     import torch
 
     model = onnx.load(str(vision_path))
-    tower = vision_module.model.model.vision_tower
+    tower = vision_module.tower
     layers = getattr(tower, "vision_model", tower).encoder.layers
     scope = next((n for n, m in vision_module.named_modules() if m is layers), None)
     if scope is None:
