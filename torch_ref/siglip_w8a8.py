@@ -23,12 +23,18 @@ Choices, documented:
   so export with dynamic batch/sequence traces a purely functional graph. ``QuantSiglipEncoder.use_buffer = False``
   gives the functional path in eager mode too (bit-identical results).
 - Attention goes through :func:`vlmx.torch_ref.attention.attend` with ``impl=self.attn_impl`` (default ``"eager"``).
+- dtypes. Each layer computes in fp16 (residual stream included) and hands back the dtype it was given, so the
+  encoder is a drop-in for fp16 and fp32 models (in an fp32 model the fp16 stream is widened between layers,
+  losslessly). The layer and attention classes subclass transformers' ``SiglipEncoderLayer``/``SiglipAttention``
+  *only* so that transformers' output recorder (it finds modules by class) still collects ``output_hidden_states``
+  (LLaVA's feature layer) and ``output_attentions`` from a ``SiglipVisionModel``; they run neither base ``__init__``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.siglip import modeling_siglip as hf_siglip
 
 from . import ops  # noqa: F401  (defines torch.ops.vlmx.*)
 from .attention import attend, check_impl
@@ -101,9 +107,13 @@ class ActivationBuffer:
         self.allocations += 1
         self._views(t)
 
-    def bind(self, tokens: int) -> "ActivationBuffer":
-        """Views for ``tokens`` rows; grows the allocation first when it is too small. Returns ``self``."""
-        if tokens > self.capacity:
+    def bind(self, tokens: int, device: torch.device | str | None = None) -> "ActivationBuffer":
+        """Views for ``tokens`` rows; (re-)allocates first when the allocation is too small or on another device
+        than ``device`` (the activations' device). Returns ``self``."""
+        if device is not None and torch.device(device) != self.device:
+            self.device = torch.device(device)
+            self.allocate_activation_buffer(max(tokens, self.capacity))
+        elif tokens > self.capacity:
             self.allocate_activation_buffer(tokens)
         elif tokens != self.tokens:
             self._views(tokens)
@@ -170,7 +180,11 @@ class W8A8OF16LinearDynamicInputScale(nn.Module):
         if x.dtype != torch.int8 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected int8 activations [..., {self.in_features}], got {x.dtype} "
                              f"{tuple(x.shape)}; quantize them per token first (vlmx::quantize_per_token)")
-        y = torch.ops.vlmx.w8a8_linear(x, x_scale, self.weight, self.w_scale, self.bias, out_dtype=self.out_dtype)
+        # module.to(dtype) casts floating buffers too; the op wants fp32 w_scale and a bias in the output dtype
+        out = getattr(torch, self.out_dtype)
+        w_scale = self.w_scale if self.w_scale.dtype == torch.float32 else self.w_scale.float()
+        bias = self.bias if self.bias is None or self.bias.dtype == out else self.bias.to(out)
+        y = torch.ops.vlmx.w8a8_linear(x, x_scale, self.weight, w_scale, bias, out_dtype=self.out_dtype)
         return _store(output_buffer, y)
 
 
@@ -213,11 +227,11 @@ class RMSNormGeneral(nn.Module):
                 _store(quantized_sum_buffer, total))
 
 
-class QuantSiglipFlashAttention2(nn.Module):
+class QuantSiglipFlashAttention2(hf_siglip.SiglipAttention):
     """SigLIP self-attention: W8A8 fused ``qkv_proj``, attention via :func:`attend`, per-token quant, W8A8 out."""
 
     def __init__(self, module: nn.Module):
-        super().__init__()
+        nn.Module.__init__(self)  # not SiglipAttention.__init__: no float q/k/v/out projections
         self.embed_dim, self.num_heads = module.embed_dim, module.num_heads
         self.head_dim = self.embed_dim // self.num_heads
         self.scale = float(getattr(module, "scale", self.head_dim ** -0.5))
@@ -260,11 +274,11 @@ class QuantSiglipMLP(nn.Module):
         return self.fc2(hq, hscale, buffer and buffer.in_out_fc2_act_buffer)
 
 
-class QuantSiglipEncoderLayer(nn.Module):
-    """One W8A8 SigLIP layer: fp16 ``[B, S, C]`` in and out (see the module docstring for the graph)."""
+class QuantSiglipEncoderLayer(hf_siglip.SiglipEncoderLayer):
+    """One W8A8 SigLIP layer on ``[B, S, C]``: computes in fp16, returns ``(hidden in the input dtype, weights)``."""
 
     def __init__(self, module: nn.Module, clip_range: float = 0.0):
-        super().__init__()
+        nn.Module.__init__(self)  # not SiglipEncoderLayer.__init__: no float layers
         self.embed_dim = module.embed_dim
 
         def norm(ln: nn.LayerNorm) -> RMSNormGeneral:
@@ -275,11 +289,14 @@ class QuantSiglipEncoderLayer(nn.Module):
         self.self_attn = QuantSiglipFlashAttention2(module.self_attn)
         self.layer_norm2 = norm(module.layer_norm2)
         self.mlp = QuantSiglipMLP(module.mlp)
+        # keep transformers' output recorders if they were installed on the float modules already
+        self._forward_hooks.update(module._forward_hooks)
+        self.self_attn._forward_hooks.update(module.self_attn._forward_hooks)
 
     def forward(self, hidden_states: torch.Tensor, buffer: ActivationBuffer | None = None,
                 attention_mask: torch.Tensor | None = None, output_attentions: bool = False):
         b, s, c = hidden_states.shape
-        x = hidden_states.reshape(-1, c)
+        x = hidden_states.reshape(-1, c).to(torch.float16)
         bufs = (None, None, None) if buffer is None else (buffer.quantized_hidden_states_buffer,
                                                          buffer.quantized_scale_buffer, buffer.quantized_sum_buffer)
         q, scale, _ = self.layer_norm1(x, *bufs)
@@ -287,7 +304,7 @@ class QuantSiglipEncoderLayer(nn.Module):
         x = x + attn
         q, scale, _ = self.layer_norm2(x, *bufs)
         x = x + self.mlp(q, scale, buffer)
-        return x.view(b, s, c), weights
+        return x.view(b, s, c).to(hidden_states.dtype), weights
 
 
 class QuantSiglipEncoder(nn.Module):
@@ -319,25 +336,23 @@ class QuantSiglipEncoder(nn.Module):
         bsz, seqlen, _ = inputs_embeds.shape
         buffer = None
         if self.use_buffer and _eager():
-            buffer = self.buffer.bind(bsz * seqlen)
+            buffer = self.buffer.bind(bsz * seqlen, inputs_embeds.device)
             self.bsz, self.seqlen = bsz, seqlen
         want_hidden = bool(output_hidden_states if output_hidden_states is not None
                            else getattr(self.config, "output_hidden_states", False))
         want_attn = bool(output_attentions if output_attentions is not None
                          else getattr(self.config, "output_attentions", False))
-        out_dtype = inputs_embeds.dtype
-        h = inputs_embeds.to(torch.float16)
+        h = inputs_embeds
         states, attentions = [], []
         for layer in self.layers:
             if want_hidden:
-                states.append(h.to(out_dtype))
+                states.append(h)
             h, weights = layer(h, buffer, attention_mask, want_attn)
             if want_attn:
                 attentions.append(weights)
-        last = h.to(out_dtype)
         if want_hidden:
-            states.append(last)
-        out = BaseModelOutput(last_hidden_state=last, hidden_states=tuple(states) if want_hidden else None,
+            states.append(h)
+        out = BaseModelOutput(last_hidden_state=h, hidden_states=tuple(states) if want_hidden else None,
                               attentions=tuple(attentions) if want_attn else None)
         if return_dict is False:
             return out.to_tuple()
