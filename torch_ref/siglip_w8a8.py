@@ -21,7 +21,9 @@ Choices, documented:
   results are *also written* into the buffers (tinychat's in-place interface: callers may read them there); while
   ``torch.compiler.is_compiling()`` (torch.export, torch.compile) no buffer is touched and no shape decision is made,
   so export with dynamic batch/sequence traces a purely functional graph. ``QuantSiglipEncoder.use_buffer = False``
-  gives the functional path in eager mode too (bit-identical results).
+  gives the functional path in eager mode too (bit-identical results). With these reference ops each buffer write
+  is one extra copy and saves no allocation; the buffers pay off once a backend writes into them in place (tinychat's
+  kernels do; the vlmx op table has no out-variants).
 - Attention goes through :func:`vlmx.torch_ref.attention.attend` with ``impl=self.attn_impl`` (default ``"eager"``).
 - dtypes. Each layer computes in fp16 (residual stream included) and hands back the dtype it was given, so the
   encoder is a drop-in for fp16 and fp32 models (in an fp32 model the fp16 stream is widened between layers,
@@ -59,7 +61,8 @@ def _store(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
         return value
     if buffer.shape != value.shape or buffer.dtype != value.dtype:
         raise ValueError(f"buffer of shape {tuple(buffer.shape)} {buffer.dtype} cannot hold a result of shape "
-                         f"{tuple(value.shape)} {value.dtype}; size the ActivationBuffer for this batch × sequence")
+                         f"{tuple(value.shape)} {value.dtype}; bind the ActivationBuffer to this batch × sequence "
+                         "(ActivationBuffer.bind) and keep it float16, or pass no buffer")
     return buffer.copy_(value)
 
 
