@@ -35,9 +35,7 @@ class OrtRunner(Runner):
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def _infer(self, feed):
-        missing = [n for n in self.input_names if n not in feed]
-        if missing:
-            raise ValueError(f"{self.path}: missing inputs {missing}; got {sorted(feed)}")
+        self.check_feed(feed, self.input_names, self.path)
         cast = {}
         for n in self.input_names:
             arr = np.asarray(feed[n])

@@ -38,6 +38,13 @@ class Runner:
             raise RuntimeError(f"{self.name}: call activate() before infer()")
         return self._infer(feed)
 
+    @staticmethod
+    def check_feed(feed: Mapping, names: list[str], what: str) -> None:
+        """Raise one clear error naming every input of ``what`` that ``feed`` lacks."""
+        missing = [n for n in names if n not in feed]
+        if missing:
+            raise ValueError(f"{what}: missing inputs {missing}; got {sorted(feed)}")
+
     def deactivate(self) -> None:
         if self.is_active:
             self._deactivate()

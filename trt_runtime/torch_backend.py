@@ -38,9 +38,7 @@ class TorchGraphRunner(Runner):
         return t
 
     def _infer(self, feed):
-        missing = [n for n in self.input_names if n not in feed]
-        if missing:
-            raise ValueError(f"torch graph {self.graph}: missing inputs {missing}; got {sorted(feed)}")
+        self.check_feed(feed, self.input_names, f"torch graph {self.graph}")
         args = [self._tensor(n, feed[n]) for n in self.input_names]
         with torch.inference_mode():
             out = self.module(*args)

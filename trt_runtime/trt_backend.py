@@ -146,9 +146,7 @@ class TensorRTRunner(Runner):
     def _infer(self, feed):
         import torch
 
-        missing = [n for n in self.input_names if n not in feed]
-        if missing:
-            raise ValueError(f"{self.engine_path.name}: missing inputs {missing}; got {sorted(feed)}")
+        self.check_feed(feed, self.input_names, self.engine_path.name)
         held = {}
         for n in self.input_names:
             if self.engine.is_shape_inference_io(n):  # shape tensors (e.g. TopK's k) live in host memory
