@@ -17,6 +17,7 @@ import torch
 
 from . import hf_attention
 from .exporter import check_opset, export_graph
+from .functions import strip_vlmx_functions
 from .manifest import graph_entry, write_manifest
 from .model_configs import ExportContext, family_for
 from .passes import calibrate, fuse_qkv, insert_quant, run_passes, strip_functions
@@ -79,12 +80,24 @@ def _to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict):
-    """The pass list of one graph for these options (the passes never see CLI flags, only their arguments)."""
+def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: dict):
+    """The pass list of one graph for these options (the passes never see CLI flags, only their arguments).
 
-    def post(model):
+    Weight-rewriting passes (fuse_qkv, insert_quant) need the weights in memory; a graph whose weights were
+    streamed to external data (over 1.8 GB: the 7B language models) keeps its float linears and only gets the
+    graph-level steps. ``applied[name]`` records what ran.
+    """
+
+    def post(model, external=False):
+        if external:
+            if opts.plugins_only:
+                strip_vlmx_functions(model)
+            applied[name] = ["strip_functions"] if opts.plugins_only else []
+            return model
         passes = [fuse_qkv]
+        names = ["fuse_qkv"]
         if opts.precision == "w8a8" and name in QUANT_GRAPHS:
+            names.append("insert_quant(static)" if opts.calib else "insert_quant(dynamic)")
             if opts.calib:
                 feeds = _calib_feeds(spec_inputs, opts.calib, opts.seed)
                 amax = calibrate(run_passes(model, [fuse_qkv]), feeds)
@@ -92,8 +105,11 @@ def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict):
             else:
                 passes.append(lambda g: insert_quant(g, "dynamic"))
         passes.append(cleanup)
+        names.append("cleanup")
         if opts.plugins_only:
             passes.append(strip_functions)
+            names.append("strip_functions")
+        applied[name] = names
         return run_passes(model, passes, functions=not opts.plugins_only)
 
     return post
@@ -153,7 +169,7 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
             ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed)
             ref_graphs = reference_graphs(family, ctx)
         opset = opts.resolved_opset()
-        entries, references, used, vision_module = {}, {}, set(), None
+        entries, references, used, vision_module, applied = {}, {}, set(), None, {}
         for g in family.graphs(ctx):
             with progress.stage(f"export {g.name}"):
                 ref = ref_graphs[g.name]
@@ -162,11 +178,12 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
                                       "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}
-                path = export_graph(g, tmp, opset, postprocess=_graph_passes(opts, g.name, g.inputs))
+                path = export_graph(g, tmp, opset, postprocess=_graph_passes(opts, g.name, g.inputs, applied))
                 import onnx
 
                 used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
                 entries[g.name] = graph_entry(path, g.dynamic_axes, g.profile)
+                entries[g.name]["passes"] = applied.get(g.name, [])
                 if g.name == "vision":
                     vision_module = ref.module
         with progress.stage("reference + report"):

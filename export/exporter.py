@@ -90,8 +90,9 @@ def _quiet():
 
 
 def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postprocess=None) -> Path:
-    """Export ``spec`` to ``out_dir/<name>.onnx``; ``postprocess(model_proto) -> model_proto`` runs on the graph
-    (weights stay on disk) before the vlmx functions are attached. Returns the file path."""
+    """Export ``spec`` to ``out_dir/<name>.onnx``; ``postprocess(model_proto, external) -> model_proto`` runs
+    before the vlmx functions are attached (``external``: the weights live in ``<name>.onnx.data`` and are not
+    loaded, so only graph-level passes may run). Returns the file path."""
     check_opset(opset)
     out = Path(out_dir) / spec.file
     external = weight_bytes(spec.module) > EXTERNAL_DATA_THRESHOLD
@@ -110,7 +111,7 @@ def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postproc
     rename_dims(model.graph, spec.dim_names)
     layers = layer_outputs(model)
     if postprocess is not None:
-        model = postprocess(model)
+        model = postprocess(model, external)
     model.metadata_props.add(key=LAYER_OUTPUTS_KEY, value=json.dumps(layers))
     attach_functions(model)
     onnx.save(model, str(out))
