@@ -80,7 +80,7 @@ def _to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: dict):
+def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: dict, vision_quantized: bool):
     """The pass list of one graph for these options (the passes never see CLI flags, only their arguments).
 
     Weight-rewriting passes (fuse_qkv, insert_quant) need the weights in memory; a graph whose weights were
@@ -96,7 +96,7 @@ def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: di
             return model
         passes = [fuse_qkv]
         names = ["fuse_qkv"]
-        if opts.precision == "w8a8" and name in QUANT_GRAPHS:
+        if opts.precision == "w8a8" and name in QUANT_GRAPHS and not (name == "vision" and vision_quantized):
             names.append("insert_quant(static)" if opts.calib else "insert_quant(dynamic)")
             if opts.calib:
                 feeds = _calib_feeds(spec_inputs, opts.calib, opts.seed)
@@ -165,7 +165,7 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
         family = family_for(spec)
         with progress.stage("build model"):
             model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
-            family.prepare(model, opts.attention)
+            family.prepare(model, opts.attention, opts.precision)
             ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed)
             ref_graphs = reference_graphs(family, ctx)
         opset = opts.resolved_opset()
@@ -178,7 +178,8 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
                                       "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}
-                path = export_graph(g, tmp, opset, postprocess=_graph_passes(opts, g.name, g.inputs, applied))
+                path = export_graph(g, tmp, opset, postprocess=_graph_passes(
+                    opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision)))
                 import onnx
 
                 used |= set(ops_used(onnx.load(str(path), load_external_data=False)))

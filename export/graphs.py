@@ -49,10 +49,14 @@ class VisionGraph(nn.Module):
         x = layer.layer_norm1(hidden[li])
         attn = layer.self_attn
         b, s, _ = x.shape
-        h = attn.num_heads
-        d = attn.head_dim
-        q = attn.q_proj(x[:, :1]).float().view(b, 1, h, d).transpose(1, 2)
-        k = attn.k_proj(x).float().view(b, s, h, d).transpose(1, 2)
+        h, d = attn.num_heads, attn.head_dim
+        if hasattr(attn, "qkv_proj"):  # torch_ref's fused CLIP attention: rows [q | k | v]
+            qk = attn.qkv_proj(x)[..., : 2 * h * d]
+            q, k = qk[:, :1, : h * d], qk[..., h * d:]
+        else:
+            q, k = attn.q_proj(x[:, :1]), attn.k_proj(x)
+        q = q.float().reshape(b, 1, h, d).transpose(1, 2)
+        k = k.float().reshape(b, s, h, d).transpose(1, 2)
         p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1)
         return pruning.cls_importance(p[:, :, 0, :])
 

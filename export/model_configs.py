@@ -74,10 +74,28 @@ class LlavaFamily:
     position_ids = True
 
     # ------------------------------------------------------------------------------------------- model surgery
-    def prepare(self, model: nn.Module, attention: str) -> nn.Module:
-        """Swap in the modules that express attention as ``attention`` asks (one call per family)."""
+    #: ``attn_impl`` of the torch_ref modules (fused CLIP, W8A8 SigLIP, MPT) per ``--attention`` mode
+    ATTN_IMPL = {"plugin": "vlmx", "native": "sdpa", "decomposed": "eager"}
+
+    def prepare(self, model: nn.Module, attention: str, precision: str = "fp16") -> nn.Module:
+        """Swap in the modules that express attention as ``attention`` asks (one call per family): the language
+        model through transformers' attention interface, the CLIP tower as torch_ref's fused-QKV attention."""
+        from vlmx.torch_ref.clip import make_fused_vision_attn
+
         hf_attention.set_attention(model, attention)
+        make_fused_vision_attn(model.model.vision_tower)
+        self.set_attn_impl(model.model.vision_tower, attention)
         return model
+
+    def set_attn_impl(self, module: nn.Module, attention: str) -> None:
+        """Set ``attn_impl`` on every torch_ref attention module below ``module``."""
+        for m in module.modules():
+            if hasattr(m, "attn_impl"):
+                m.attn_impl = self.ATTN_IMPL[attention]
+
+    def quantizes_vision(self, precision: str) -> bool:
+        """True when ``prepare`` already put a W8A8 vision encoder in (no graph-level quantization needed)."""
+        return False
 
     def ops_used(self, attention: str, precision: str) -> list[str]:
         """vlmx ops the export will contain (before quantization passes add theirs)."""
@@ -227,10 +245,26 @@ class LlavaFamily:
 
 
 class LlavaSiglipFamily(LlavaFamily):
-    """LLaVA with a SigLIP tower: no [CLS] (no ``cls_attention`` output), every patch token kept."""
+    """LLaVA with a SigLIP tower: no [CLS] (no ``cls_attention`` output), every patch token kept. Under
+    ``w8a8`` the encoder becomes torch_ref's W8A8 SigLIP (NormQuant / W8A8Linear / GeluQuant / QuantizePerToken)."""
 
     name = "llava-siglip"
     vision = "siglip"
+
+    def prepare(self, model, attention, precision="fp16"):
+        hf_attention.set_attention(model, attention)
+        if self.quantizes_vision(precision):
+            from vlmx.torch_ref.siglip_w8a8 import QuantSiglipEncoder
+
+            tower = model.model.vision_tower
+            inner = getattr(tower, "vision_model", tower)
+            inner.encoder = QuantSiglipEncoder(inner.encoder, bsz=1, seqlen=self_tokens(inner))
+            inner.encoder.use_buffer = False
+            self.set_attn_impl(tower, attention)
+        return model
+
+    def quantizes_vision(self, precision: str) -> bool:
+        return precision == "w8a8"
 
 
 class LlavaMptFamily(LlavaFamily):
@@ -241,10 +275,10 @@ class LlavaMptFamily(LlavaFamily):
     position_ids = False
     _MPT_IMPL = {"plugin": "vlmx", "native": "sdpa", "decomposed": "torch"}
 
-    def prepare(self, model, attention):
+    def prepare(self, model, attention, precision="fp16"):
         from vlmx.torch_ref.mpt_attention import swap_mpt_attention
 
-        hf_attention.set_attention(model.model.vision_tower, attention)
+        super().prepare(model, attention, precision)  # CLIP tower
         return swap_mpt_attention(model, self._MPT_IMPL[attention])
 
     def lm_dims(self, model) -> dict:
@@ -257,6 +291,12 @@ class LlavaMptFamily(LlavaFamily):
         c = self.lm_dims(model)["lm_hidden"]
         wqkv = block.attn.Wqkv
         return block.norm_1, SliceProj(wqkv, 0, c), SliceProj(wqkv, c, 2 * c)
+
+
+def self_tokens(vision_model) -> int:
+    """Tokens per image of a transformers vision model (patches, plus [CLS] where it has one)."""
+    emb = vision_model.embeddings
+    return int(getattr(emb, "num_positions", None) or emb.num_patches)
 
 
 FAMILIES: dict[str, LlavaFamily] = {f.name: f for f in (LlavaFamily(), LlavaSiglipFamily(), LlavaMptFamily())}
