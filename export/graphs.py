@@ -51,12 +51,12 @@ class VisionGraph(nn.Module):
         b, s, _ = x.shape
         h, d = attn.num_heads, attn.head_dim
         if hasattr(attn, "qkv_proj"):  # torch_ref's fused CLIP attention: rows [q | k | v]
-            qk = attn.qkv_proj(x)[..., : 2 * h * d]
-            q, k = qk[:, :1, : h * d], qk[..., h * d:]
+            # the same ops as the attention module, so the exported graph shares its q/k tensors (one qkv GEMM)
+            q, k, _ = (t.transpose(1, 2) for t in attn.qkv_proj(x).view(b, s, 3, h, d).unbind(2))
         else:
-            q, k = attn.q_proj(x[:, :1]), attn.k_proj(x)
-        q = q.float().reshape(b, 1, h, d).transpose(1, 2)
-        k = k.float().reshape(b, s, h, d).transpose(1, 2)
+            q = attn.q_proj(x).view(b, s, h, d).transpose(1, 2)
+            k = attn.k_proj(x).view(b, s, h, d).transpose(1, 2)
+        q, k = q[:, :, :1].float(), k.float()
         p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1)
         return pruning.cls_importance(p[:, :, 0, :])
 
