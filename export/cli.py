@@ -136,6 +136,8 @@ def main(argv=None) -> int:
 
     print(f"vlm-export: wrote {opts.out} ({manifest['model']}, {manifest['precision']}, {manifest['attention']} "
           f"attention, opset {manifest['opset']}, ops {', '.join(manifest['ops_used']) or 'none'})")
+    for note in manifest.get("notes", []):
+        print(f"vlm-export: note: {note}")
     report_path = Path(opts.out) / "report.json"
     if report_path.is_file():
         import json

@@ -7,6 +7,7 @@ place only when complete; on any error the temporary directory is removed.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .manifest import graph_entry, write_manifest
 from .model_configs import ExportContext, family_for
 from .passes import calibrate, fuse_qkv, insert_quant, run_passes, strip_functions
 from .passes.cleanup import cleanup
+from .weights import LARGE_MODEL_BYTES, random_model, weight_bytes_estimate
 
 PRECISIONS = ("fp16", "w8a8", "fp32")
 PRUNE_METHODS = ("text", "cls")
@@ -135,10 +137,11 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
-def reference_graphs(family, ctx: ExportContext) -> dict:
+def reference_graphs(family, ctx: ExportContext, same_dtype: bool = False) -> dict:
     """The graphs of the torch reference: the exported model itself in float32, else a float32 copy with the
-    same (upcast) weights, so float16 / w8a8 exports are judged against a higher-precision reference."""
-    if ctx.dtype == torch.float32:
+    same (upcast) weights, so float16 / w8a8 exports are judged against a higher-precision reference. Large models
+    (``same_dtype``) are their own reference: a float32 copy of a 7B model would not fit next to it."""
+    if ctx.dtype == torch.float32 or same_dtype:
         return {g.name: g for g in family.graphs(ctx)}
     ref_model = copy.deepcopy(ctx.model).to(torch.float32)
     ref_ctx = ExportContext(ref_model, ctx.spec, ctx.attention, torch.float32, ctx.seed, ctx.max_batch)
@@ -163,11 +166,16 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
     try:
         spec = models.get_preset(opts.model)
         family = family_for(spec)
+        large = weight_bytes_estimate(spec, opts.dtype) > LARGE_MODEL_BYTES
         with progress.stage("build model"):
-            model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
+            if large and opts.checkpoint is None:  # no float32 copy of a 7B model
+                _, model, _ = random_model(spec, opts.seed, opts.dtype)
+            else:
+                model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
             family.prepare(model, opts.attention, opts.precision)
             ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed)
-            ref_graphs = reference_graphs(family, ctx)
+            ref_graphs = reference_graphs(family, ctx, same_dtype=large)
+            info = family.model_info(ctx)
         opset = opts.resolved_opset()
         entries, references, used, vision_module, applied = {}, {}, set(), None, {}
         for g in family.graphs(ctx):
@@ -179,7 +187,8 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                 references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
                                       "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}
                 path = export_graph(g, tmp, opset, postprocess=_graph_passes(
-                    opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision)))
+                    opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision)),
+                    functions=not opts.plugins_only)
                 import onnx
 
                 used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
@@ -187,6 +196,12 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                 entries[g.name]["passes"] = applied.get(g.name, [])
                 if g.name == "vision":
                     vision_module = ref.module
+        notes = [f"{g}: weights streamed to external data, so its linear layers stay float (insert_quant needs "
+                 "them in memory)" for g in QUANT_GRAPHS if opts.precision == "w8a8" and g in entries
+                 and not any(p.startswith("insert_quant") for p in entries[g]["passes"])
+                 and not (g == "vision" and family.quantizes_vision(opts.precision))]
+        del model, ctx, ref_graphs, g, ref  # the report's ONNX Runtime sessions need the memory
+        gc.collect()
         with progress.stage("reference + report"):
             np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
                                               for part in ("inputs", "outputs") for k, v in r[part].items()})
@@ -200,8 +215,9 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                       "target": target.name, "sm": target.sm, "precision": opts.precision,
                       "attention": opts.attention, "opset": opset, "keep": opts.keep, "prune": opts.prune,
                       "seed": opts.seed, "plugins_only": opts.plugins_only, "ops_used": sorted(used),
-                      "model_info": family.model_info(ctx), "graphs": entries, "reference": "reference.npz",
-                      "report": {"passed": report["passed"], "file": "report.json"} if report else None}
+                      "model_info": info, "graphs": entries, "reference": "reference.npz",
+                      "report": {"passed": report["passed"], "file": "report.json"} if report else None,
+                      "notes": notes}
             manifest = write_manifest(tmp, fields)
         if out.exists():
             shutil.rmtree(out)

@@ -89,10 +89,12 @@ def _quiet():
             lg.setLevel(lvl)
 
 
-def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postprocess=None) -> Path:
+def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postprocess=None,
+                 functions: bool = True) -> Path:
     """Export ``spec`` to ``out_dir/<name>.onnx``; ``postprocess(model_proto, external) -> model_proto`` runs
     before the vlmx functions are attached (``external``: the weights live in ``<name>.onnx.data`` and are not
-    loaded, so only graph-level passes may run). Returns the file path."""
+    loaded, so only graph-level passes may run). ``functions=False`` leaves the vlmx nodes bare (``--plugins-only``).
+    Returns the file path."""
     check_opset(opset)
     out = Path(out_dir) / spec.file
     external = weight_bytes(spec.module) > EXTERNAL_DATA_THRESHOLD
@@ -113,7 +115,8 @@ def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postproc
     if postprocess is not None:
         model = postprocess(model, external)
     model.metadata_props.add(key=LAYER_OUTPUTS_KEY, value=json.dumps(layers))
-    attach_functions(model)
+    if functions:
+        attach_functions(model)
     onnx.save(model, str(out))
     return out
 

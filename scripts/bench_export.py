@@ -11,7 +11,6 @@ fit the time budget; the table then says so and extrapolates linearly in the lay
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -43,48 +42,13 @@ def current_rss_bytes() -> int:
 def random_model(preset: str, part: str, layers: int | None, seed: int):
     """The preset's LLaVA model in float16, built on the meta device; only the exported part (vision tower +
     projector, or language model + head) is materialised, with random weights filled in place (no float32 copy)."""
-    import torch
+    from vlmx.export.weights import random_model as build
 
-    from vlmx.torch_ref import models
+    def parts(model):
+        return ([model.model.vision_tower, model.model.multi_modal_projector] if part == "vision"
+                else [model.model.language_model, model.lm_head])
 
-    spec = models.get_preset(preset)
-    if layers:
-        spec = dataclasses.replace(spec, text_layers=layers)
-    config = models.make_config(spec)
-    with torch.device("meta"):
-        model = models.model_class(spec)(config)
-    model = model.to(torch.float16).eval()
-    parts = ([model.model.vision_tower, model.model.multi_modal_projector] if part == "vision"
-             else [model.model.language_model, model.lm_head])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in parts:
-            sub.to_empty(device="cpu")
-            for name, p in sub.named_parameters():
-                if p.ndim == 1 and ("norm" in name or "layrnorm" in name):
-                    p.fill_(1.0)
-                elif p.ndim == 1:
-                    p.zero_()
-                else:
-                    _fill_rows(p, gen)
-            for mod in sub.modules():
-                if hasattr(mod, "inv_freq"):  # rotary tables: recompute (non-persistent buffers are garbage)
-                    fresh = type(mod)(mod.config)
-                    mod.inv_freq = fresh.inv_freq
-                    mod.original_inv_freq = fresh.original_inv_freq
-                if isinstance(getattr(mod, "position_ids", None), torch.Tensor):
-                    mod.position_ids = torch.arange(mod.position_ids.shape[-1]).expand((1, -1))
-    return spec, model, parts
-
-
-def _fill_rows(p, gen, rows: int = 4096):
-    """Large tensors are filled a slice at a time, so the float32 scratch stays small."""
-    import torch
-
-    flat = p.view(p.shape[0], -1)
-    for i in range(0, flat.shape[0], rows):
-        chunk = flat[i:i + rows]
-        chunk.copy_(torch.empty(chunk.shape, dtype=torch.float32).normal_(0, 0.02, generator=gen).to(p.dtype))
+    return build(preset, seed, parts=parts, text_layers=layers)
 
 
 def child(part: str, preset: str, layers: int | None, out: Path, seed: int) -> dict:

@@ -49,11 +49,11 @@ def test_failing_export_removes_the_temporary_directory(tmp_path, capsys, monkey
 
     calls = []
 
-    def broken(spec, out_dir, opset=18, postprocess=None):
+    def broken(spec, out_dir, opset=18, postprocess=None, functions=True):
         calls.append(spec.name)
         if len(calls) == 2:
             raise RuntimeError(f"simulated failure exporting {spec.name}")
-        return real(spec, out_dir, opset, postprocess)
+        return real(spec, out_dir, opset, postprocess, functions)
 
     real = driver.export_graph
     monkeypatch.setattr(driver, "export_graph", broken)

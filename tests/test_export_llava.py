@@ -161,3 +161,32 @@ def test_other_families_precisions_and_attention_modes(tmp_path, preset, precisi
     if "no_input" in checks:
         assert checks["no_input"] not in _names(manifest["graphs"]["prefill"]["inputs"])
         assert manifest["model_info"]["position_ids"] is False
+
+
+def test_plugins_only_export_has_bare_vlmx_nodes(tmp_path):
+    out = tmp_path / "bare"
+    manifest = export_model(ExportOptions(model="llava-tiny", out=out, precision="fp32", plugins_only=True))
+    assert manifest["plugins_only"] and manifest["report"] is None
+    for g in GRAPHS:
+        model = onnx.load(str(out / f"{g}.onnx"))
+        assert not model.functions
+        assert "strip_functions" in manifest["graphs"][g]["passes"]
+    assert set(manifest["ops_used"]) == {"FlashAttention", "GatherTopK", "TokenImportance"}
+
+
+def test_meta_device_random_model_is_complete():
+    """Large presets are built on the meta device and filled in place: every tensor real, rotary tables right."""
+    import torch
+
+    from vlmx.export.weights import random_model
+    from vlmx.torch_ref import models
+
+    spec, model, _ = random_model("llava-tiny", seed=1, dtype=torch.float32)
+    assert all(not t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    rotary = model.model.language_model.rotary_emb
+    fresh = type(rotary)(rotary.config)
+    torch.testing.assert_close(rotary.inv_freq, fresh.inv_freq)
+    ids = torch.tensor(models.encode_prompt(spec, "USER: <image>\nhi ASSISTANT:"))[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56)).logits
+    assert torch.isfinite(logits).all() and logits.std() > 0
