@@ -175,6 +175,7 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
             family.prepare(model, opts.attention, opts.precision)
             ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed)
             ref_graphs = reference_graphs(family, ctx, same_dtype=large)
+            ref_fp32 = opts.dtype == torch.float32 or not large
             info = family.model_info(ctx)
         opset = opts.resolved_opset()
         entries, references, used, vision_module, applied = {}, {}, set(), None, {}
@@ -182,7 +183,7 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
             with progress.stage(f"export {g.name}"):
                 ref = ref_graphs[g.name]
                 with torch.no_grad():
-                    outs = ref.module(*(_upcast(v) for v in g.inputs.values()))
+                    outs = ref.module(*(_upcast(v) if ref_fp32 else v for v in g.inputs.values()))
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
                                       "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}

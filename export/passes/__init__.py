@@ -2,20 +2,21 @@
 it in place, cleans up and returns the graph; each is idempotent and knows nothing about files or CLI flags.
 
 :func:`run_passes` applies passes to an ``onnx.ModelProto`` and rebuilds the vlmx functions afterwards (graphsurgeon
-does not carry node overloads), unless ``strip_functions`` ran.
+does not carry node overloads), unless ``strip_functions`` ran. A model without ``value_info`` gets ONNX shape
+inference first (the attention pattern needs ranks and static head sizes).
 """
 from __future__ import annotations
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from .cleanup import cleanup
+from .cleanup import cleanup, infer_shapes
 from .fuse_attention import fuse_attention
 from .fuse_qkv import fuse_qkv
 from .insert_quant import calibrate, insert_quant
 from .strip_functions import strip_functions
 
-__all__ = ["calibrate", "cleanup", "fuse_attention", "fuse_qkv", "insert_quant", "run_passes", "strip_functions"]
+__all__ = ["calibrate", "cleanup", "infer_shapes", "fuse_attention", "fuse_qkv", "insert_quant", "run_passes", "strip_functions"]
 
 
 def run_passes(model: onnx.ModelProto, passes, functions: bool = True) -> onnx.ModelProto:
@@ -24,6 +25,8 @@ def run_passes(model: onnx.ModelProto, passes, functions: bool = True) -> onnx.M
     from vlmx.export.functions import attach_functions
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if not model.graph.value_info:  # patterns need ranks and static head sizes
+        model = infer_shapes(model)
     graph = gs.import_onnx(model)
     for p in passes:
         graph = p(graph)
