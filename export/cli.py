@@ -38,7 +38,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--no-report", action="store_true", help="skip the accuracy report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--build-engines", action="store_true",
+                   help="after the export, build TensorRT / TensorRT-RTX engines into <out>/engines (vlm-build)")
+    p.add_argument("--engine-backend", default="auto",
+                   help="with --build-engines: auto, tensorrt (GPU, plugins) or tensorrt-rtx (CPU builder)")
+    p.add_argument("--plugin-lib", default=None, help="with --build-engines: libvlmx_trt_plugins.so (TensorRT only)")
     return p
+
+
+def check_engine_backend(args) -> None:
+    """With --build-engines, fail before exporting when the engine builder cannot be imported."""
+    if not args.build_engines:
+        if args.engine_backend != "auto" or args.plugin_lib:
+            raise UsageError("--engine-backend/--plugin-lib only apply with --build-engines")
+        return
+    from vlmx.trt_runtime.trt_import import BACKEND_CHOICES, TensorRTUnavailable, import_tensorrt
+
+    if args.engine_backend not in BACKEND_CHOICES:
+        raise UsageError(f"--engine-backend {args.engine_backend} is not known; choose one of "
+                         f"{', '.join(BACKEND_CHOICES)}")
+    try:
+        import_tensorrt(args.engine_backend)
+    except TensorRTUnavailable as e:
+        raise UsageError(f"--build-engines: {e}") from None
 
 
 def validate(args) -> ExportOptions:
@@ -83,6 +105,7 @@ def validate(args) -> ExportOptions:
     if args.prune == "cls" and not spec.has_cls:
         raise UsageError(f"--prune cls needs a [CLS] token, but the {spec.vision} tower of {spec.name} has none; "
                          "use --prune text")
+    check_engine_backend(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {out} already exists; pass --overwrite to replace it or choose another directory")
@@ -144,7 +167,15 @@ def main(argv=None) -> int:
 
         report = json.loads(report_path.read_text())
         print(summary(report))
-        return 0 if report["passed"] else 3
+        if not report["passed"]:
+            return 3
+    if args.build_engines:
+        # Hand the finished export to the next stage (vlm-build); the export itself is complete either way.
+        from vlmx.trt_runtime.build_cli import main as build_main
+
+        build_args = ["--artifacts", str(opts.out), "--backend", args.engine_backend]
+        build_args += ["--plugin-lib", args.plugin_lib] if args.plugin_lib else []
+        return build_main(build_args + (["--quiet"] if args.quiet else []))
     return 0
 
 

@@ -10,7 +10,9 @@ on), a timing cache, and build progress. Writes ``<out>/<graph>.plan`` and ``<ou
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -249,31 +251,45 @@ def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=No
             raise EngineBuildError(f"TensorRT builds for this GPU ({device[0]}, sm_{device[1]}) but the target is "
                                    f"sm_{sm}; build on an sm_{sm} GPU, pass --target sm{device[1]}, or use "
                                    "--backend tensorrt-rtx")
-    out = Path(out_dir) if out_dir else art.root / "engines"
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir) if out_dir else art.root / "engines"
+    # Engines are built under a temporary name and renamed when every graph is done: no half-written directory.
+    out = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if not trt.is_rtx and not timing_cache and (final / "timing.cache").is_file():
+        shutil.copy2(final / "timing.cache", out / "timing.cache")  # reuse the last build's tactics
     cache = None if trt.is_rtx else Path(timing_cache) if timing_cache else out / "timing.cache"
-    names = list(graphs or art.manifest["graphs"])
-    unknown = [g for g in names if g not in art.manifest["graphs"]]
-    if unknown:
-        raise EngineBuildError(f"graphs {unknown} are not in the export; it has {sorted(art.manifest['graphs'])}")
-    default_keep = int(art.info.get("num_image_tokens") or 1)
-    entries, paths = {}, {}
-    for g in names:
-        if progress:
-            print(f"[vlm-build] {g}: {art.graph_path(g).name} -> {out / (g + '.plan')}", file=sys.stderr)
-        entries[g] = build_engine(trt, art.graph_path(g), out / f"{g}.plan", art.graph(g).get("profile"),
-                                  plugin_lib, cache, sm, g, progress, default_keep)
-        paths[g] = out / f"{g}.plan"
-    lib = Path(plugin_lib).resolve() if plugin_lib else None
-    meta = {
-        "format": ENGINES_FORMAT, "format_version": ENGINES_FORMAT_VERSION, "backend": trt.flavour,
-        "tensorrt_version": trt.version, "target_sm": sm,
-        "built_on": {"device": device[0] if device else None, "sm": device[1] if device else None},
-        "plugin_lib": {"path": str(lib), "sha256": sha256_file(lib)} if lib else None,
-        "export": {"root": str(art.root.resolve()), "model": art.model,
-                   "manifest_sha256": sha256_file(art.root / "manifest.json")},
-        "timing_cache": str(cache) if cache else None, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "engines": entries,
-    }
-    (out / ENGINES_JSON).write_text(json.dumps(meta, indent=1))
+    try:
+        names = list(graphs or art.manifest["graphs"])
+        unknown = [g for g in names if g not in art.manifest["graphs"]]
+        if unknown:
+            raise EngineBuildError(f"graphs {unknown} are not in the export; it has {sorted(art.manifest['graphs'])}")
+        default_keep = int(art.info.get("num_image_tokens") or 1)
+        entries, paths = {}, {}
+        for g in names:
+            if progress:
+                print(f"[vlm-build] {g}: {art.graph_path(g).name} -> {out / (g + '.plan')}", file=sys.stderr)
+            entries[g] = build_engine(trt, art.graph_path(g), out / f"{g}.plan", art.graph(g).get("profile"),
+                                      plugin_lib, cache, sm, g, progress, default_keep)
+            paths[g] = out / f"{g}.plan"
+        lib = Path(plugin_lib).resolve() if plugin_lib else None
+        meta = {
+            "format": ENGINES_FORMAT, "format_version": ENGINES_FORMAT_VERSION, "backend": trt.flavour,
+            "tensorrt_version": trt.version, "target_sm": sm,
+            "built_on": {"device": device[0] if device else None, "sm": device[1] if device else None},
+            "plugin_lib": {"path": str(lib), "sha256": sha256_file(lib)} if lib else None,
+            "export": {"root": str(art.root.resolve()), "model": art.model,
+                       "manifest_sha256": sha256_file(art.root / "manifest.json")},
+            "timing_cache": (str(final / cache.name) if cache.parent == out else str(cache)) if cache else None,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "engines": entries,
+        }
+        (out / ENGINES_JSON).write_text(json.dumps(meta, indent=1))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(out, final)
+    paths = {g: final / p.name for g, p in paths.items()}
     return paths
