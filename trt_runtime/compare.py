@@ -64,22 +64,28 @@ def _relative_compare(threshold: float, errors: dict):
     return compare
 
 
-def polygraphy_runners(art, graph: str, backends: list[str]):
-    """Polygraphy runners for one graph: ONNX Runtime always, TensorRT where importable and an engine exists."""
+def tensorrt_importable() -> bool:
+    """Whether TensorRT (with polygraphy's TensorRT backend) can run here; says so once when it cannot."""
+    try:
+        import polygraphy.backend.trt  # noqa: F401
+        import tensorrt  # noqa: F401
+    except ImportError:
+        print("vlm-compare: TensorRT is not importable here; comparing ONNX Runtime only", file=sys.stderr)
+        return False
+    return True
+
+
+def polygraphy_runners(art, graph: str, with_tensorrt: bool):
+    """Polygraphy runners for one graph: ONNX Runtime always, TensorRT when asked and an engine exists."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     runners = [OnnxrtRunner(SessionFromOnnx(str(art.graph_path(graph)), providers=["CPUExecutionProvider"]),
                             name=f"onnxruntime:{graph}")]
-    if "tensorrt" in backends:
-        engine = art.root / "engines" / f"{graph}.plan"
-        try:
-            import tensorrt  # noqa: F401
-            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-        except ImportError:
-            print("vlm-compare: TensorRT is not importable here; comparing ONNX Runtime only", file=sys.stderr)
-        else:
-            if engine.is_file():
-                runners.append(TrtRunner(EngineFromBytes(engine.read_bytes()), name=f"tensorrt:{graph}"))
+    engine = art.root / "engines" / f"{graph}.plan"
+    if with_tensorrt and engine.is_file():
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        runners.append(TrtRunner(EngineFromBytes(engine.read_bytes()), name=f"tensorrt:{graph}"))
     return runners
 
 
@@ -91,8 +97,9 @@ def compare(directory, backends=("onnxruntime", "tensorrt"), threshold: float | 
     precision = art.manifest.get("precision", "fp16")
     thr = THRESHOLDS.get(precision, 1e-3) if threshold is None else threshold
     results, passed = {}, True
+    with_tensorrt = "tensorrt" in backends and tensorrt_importable()
     for graph, ref in load_reference(art).items():
-        run_results = Comparator.run(polygraphy_runners(art, graph, list(backends)), data_loader=[ref["inputs"]])
+        run_results = Comparator.run(polygraphy_runners(art, graph, with_tensorrt), data_loader=[ref["inputs"]])
         run_results.append((REFERENCE_RUNNER, [IterationResult(ref["outputs"], runner_name=REFERENCE_RUNNER)]))
         results[graph] = {}
         ref_index = len(run_results) - 1
