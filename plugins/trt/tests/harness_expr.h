@@ -1,0 +1,71 @@
+// Shared by the plugin harnesses (plugin_host_check.cpp, plugin_enqueue_check.cpp): an IExprBuilder that
+// evaluates (constants stay constants, declared size tensors are recorded and get a placeholder) and small parsing
+// helpers. Included inside each harness's anonymous namespace after `using namespace nvinfer1;`.
+#ifndef VLMX_TRT_TESTS_HARNESS_EXPR_H_
+#define VLMX_TRT_TESTS_HARNESS_EXPR_H_
+
+struct ExprImpl : apiv::VDimensionExpr {
+    int64_t value{0};
+    bool size{false};
+    bool isConstant() const override { return !size; }
+    int64_t getConstantValue() const override { return size ? -1 : value; }
+    bool isSizeTensor() const override { return size; }
+};
+
+struct Expr : IDimensionExpr {
+    ExprImpl impl;
+    Expr(int64_t v, bool s) {
+        impl.value = v;
+        impl.size = s;
+        mImpl = &impl;
+    }
+    ~Expr() noexcept override = default;
+};
+
+struct BuilderImpl : apiv::VExprBuilder {
+    std::vector<std::unique_ptr<Expr>> pool;
+    std::vector<std::string> sizeTensors;
+    IDimensionExpr const* make(int64_t v, bool s = false) {
+        pool.emplace_back(new Expr(v, s));
+        return pool.back().get();
+    }
+    IDimensionExpr const* constant(int64_t value) override { return make(value); }
+    IDimensionExpr const* operation(DimensionOperation op, IDimensionExpr const& a, IDimensionExpr const& b) override {
+        int64_t const x = a.getConstantValue();
+        int64_t const y = b.getConstantValue();
+        switch (op) {
+        case DimensionOperation::kSUM: return make(x + y);
+        case DimensionOperation::kPROD: return make(x * y);
+        case DimensionOperation::kMAX: return make(x > y ? x : y);
+        case DimensionOperation::kMIN: return make(x < y ? x : y);
+        case DimensionOperation::kSUB: return make(x - y);
+        case DimensionOperation::kEQUAL: return make(x == y);
+        case DimensionOperation::kLESS: return make(x < y);
+        case DimensionOperation::kFLOOR_DIV: return make(x / y);
+        case DimensionOperation::kCEIL_DIV: return make((x + y - 1) / y);
+        }
+        return nullptr;
+    }
+    IDimensionExpr const* declareSizeTensor(int32_t outputIndex, IDimensionExpr const& opt,
+        IDimensionExpr const& upper) override {
+        sizeTensors.push_back("{\"output\": " + std::to_string(outputIndex) + ", \"opt\": "
+            + std::to_string(opt.getConstantValue()) + ", \"upper\": " + std::to_string(upper.getConstantValue()) + "}");
+        return make(-1, true);
+    }
+};
+
+struct Builder : IExprBuilder {
+    BuilderImpl impl;
+    Builder() { mImpl = &impl; }
+};
+
+std::vector<std::string> split(std::string const& s, char sep) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, sep)) out.push_back(item);
+    if (!s.empty() && s.back() == sep) out.emplace_back();
+    return out;
+}
+
+#endif  // VLMX_TRT_TESTS_HARNESS_EXPR_H_
