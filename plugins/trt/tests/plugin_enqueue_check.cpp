@@ -34,7 +34,7 @@ using namespace nvinfer1;
 namespace {
 
 // ---- an IExprBuilder that evaluates (constants stay constants; size tensors get an opaque -1) ---------------
-#include "harness_expr.h"
+#include "harness_common.h"
 
 bool parseType(std::string const& t, DataType* out, size_t* bytes) {
     struct { char const* name; DataType type; size_t size; } const table[] = {{"half", DataType::kHALF, 2},
@@ -193,34 +193,7 @@ int main(int argc, char** argv) {
             fail("no creator vlmx::" + parts[1] + " version 1");
             continue;
         }
-        // Fields as the ONNX parser passes them: INT32 / FLOAT32 / CHAR (length without NUL).
-        auto const attrs = split(parts[2], ';');
-        std::vector<std::string> names, strs;
-        std::vector<int32_t> ints;
-        std::vector<float> floats;
-        names.reserve(attrs.size());
-        strs.reserve(attrs.size());
-        ints.reserve(attrs.size());
-        floats.reserve(attrs.size());
-        std::vector<PluginField> fields;
-        for (auto const& a : attrs) {
-            if (a.empty()) continue;
-            size_t const eq = a.find('=');
-            names.push_back(a.substr(0, eq));
-            char const kind = a[eq + 1];
-            std::string const val = a.substr(eq + 3);
-            if (kind == 'i') {
-                ints.push_back(std::atoi(val.c_str()));
-                fields.emplace_back(names.back().c_str(), &ints.back(), PluginFieldType::kINT32, 1);
-            } else if (kind == 'f') {
-                floats.push_back(static_cast<float>(std::atof(val.c_str())));
-                fields.emplace_back(names.back().c_str(), &floats.back(), PluginFieldType::kFLOAT32, 1);
-            } else {
-                strs.push_back(val);
-                fields.emplace_back(names.back().c_str(), strs.back().c_str(), PluginFieldType::kCHAR,
-                    static_cast<int32_t>(strs.back().size()));
-            }
-        }
+        ParsedFields const parsed(parts[2]);
         std::vector<Tensor> ins, outs;
         std::string err;
         if (!parseTensors(parts[3], &ins, &err) || !parseTensors(parts[4], &outs, &err)) {
@@ -231,7 +204,7 @@ int main(int argc, char** argv) {
         int32_t const nbOut = static_cast<int32_t>(outs.size());
 
         // ---- build phase ----
-        PluginFieldCollection fc{static_cast<int32_t>(fields.size()), fields.data()};
+        PluginFieldCollection const fc = parsed.collection();
         std::unique_ptr<IPluginV3> built(creator->createPlugin(name.c_str(), &fc, TensorRTPhase::kBUILD));
         if (!built) {
             fail("createPlugin(kBUILD) returned null");

@@ -21,7 +21,7 @@ using namespace nvinfer1;
 namespace {
 
 // ---- an IExprBuilder that evaluates: constants stay constants, size tensors get ids -------------------------
-#include "harness_expr.h"
+#include "harness_common.h"
 
 DataType parseType(std::string const& t) {
     if (t == "half") return DataType::kHALF;
@@ -117,35 +117,8 @@ int main(int argc, char** argv) {
             std::cout << "{\"error\": \"no creator " << parts[0] << "\"}" << std::endl;
             continue;
         }
-        // Fields as the ONNX parser passes them: INT32 / FLOAT32 / CHAR (length without NUL).
-        std::vector<std::string> names, strs;
-        std::vector<int32_t> ints;
-        std::vector<float> floats;
-        auto const attrs = split(parts[1], ';');
-        names.reserve(attrs.size());
-        strs.reserve(attrs.size());
-        ints.reserve(attrs.size());
-        floats.reserve(attrs.size());
-        std::vector<PluginField> fields;
-        for (auto const& a : attrs) {
-            if (a.empty()) continue;
-            size_t const eq = a.find('=');
-            names.push_back(a.substr(0, eq));
-            char const kind = a[eq + 1];
-            std::string const val = a.substr(eq + 3);
-            if (kind == 'i') {
-                ints.push_back(std::atoi(val.c_str()));
-                fields.emplace_back(names.back().c_str(), &ints.back(), PluginFieldType::kINT32, 1);
-            } else if (kind == 'f') {
-                floats.push_back(static_cast<float>(std::atof(val.c_str())));
-                fields.emplace_back(names.back().c_str(), &floats.back(), PluginFieldType::kFLOAT32, 1);
-            } else {
-                strs.push_back(val);
-                fields.emplace_back(names.back().c_str(), strs.back().c_str(), PluginFieldType::kCHAR,
-                    static_cast<int32_t>(strs.back().size()));
-            }
-        }
-        PluginFieldCollection fc{static_cast<int32_t>(fields.size()), fields.data()};
+        ParsedFields const parsed(parts[1]);
+        PluginFieldCollection const fc = parsed.collection();
         std::unique_ptr<IPluginV3> plugin(creator->createPlugin("node", &fc, TensorRTPhase::kBUILD));
         if (!plugin) {
             std::cout << "{\"created\": false}" << std::endl;

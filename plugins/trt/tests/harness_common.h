@@ -1,8 +1,9 @@
 // Shared by the plugin harnesses (plugin_host_check.cpp, plugin_enqueue_check.cpp): an IExprBuilder that
-// evaluates (constants stay constants, declared size tensors are recorded and get a placeholder) and small parsing
-// helpers. Included inside each harness's anonymous namespace after `using namespace nvinfer1;`.
-#ifndef VLMX_TRT_TESTS_HARNESS_EXPR_H_
-#define VLMX_TRT_TESTS_HARNESS_EXPR_H_
+// evaluates (constants stay constants, declared size tensors are recorded and get a placeholder), the case-line
+// splitter, and the attribute parser that builds PluginFields as the ONNX parser passes them. Included inside each
+// harness's anonymous namespace after `using namespace nvinfer1;`.
+#ifndef VLMX_TRT_TESTS_HARNESS_COMMON_H_
+#define VLMX_TRT_TESTS_HARNESS_COMMON_H_
 
 struct ExprImpl : apiv::VDimensionExpr {
     int64_t value{0};
@@ -68,4 +69,42 @@ std::vector<std::string> split(std::string const& s, char sep) {
     return out;
 }
 
-#endif  // VLMX_TRT_TESTS_HARNESS_EXPR_H_
+// Attributes `name=i:3;name=f:0.5;name=s:bsd` as the ONNX parser passes them: INT32 / FLOAT32 / CHAR (length
+// without NUL). The storage is reserved up front and the object is not copyable, so the field pointers stay valid.
+struct ParsedFields {
+    std::vector<std::string> names, strs;
+    std::vector<int32_t> ints;
+    std::vector<float> floats;
+    std::vector<PluginField> fields;
+
+    explicit ParsedFields(std::string const& spec) {
+        auto const attrs = split(spec, ';');
+        names.reserve(attrs.size());
+        strs.reserve(attrs.size());
+        ints.reserve(attrs.size());
+        floats.reserve(attrs.size());
+        for (auto const& a : attrs) {
+            if (a.empty()) continue;
+            size_t const eq = a.find('=');
+            names.push_back(a.substr(0, eq));
+            char const kind = a[eq + 1];
+            std::string const val = a.substr(eq + 3);
+            if (kind == 'i') {
+                ints.push_back(std::atoi(val.c_str()));
+                fields.emplace_back(names.back().c_str(), &ints.back(), PluginFieldType::kINT32, 1);
+            } else if (kind == 'f') {
+                floats.push_back(static_cast<float>(std::atof(val.c_str())));
+                fields.emplace_back(names.back().c_str(), &floats.back(), PluginFieldType::kFLOAT32, 1);
+            } else {
+                strs.push_back(val);
+                fields.emplace_back(names.back().c_str(), strs.back().c_str(), PluginFieldType::kCHAR,
+                    static_cast<int32_t>(strs.back().size()));
+            }
+        }
+    }
+    ParsedFields(ParsedFields const&) = delete;
+    ParsedFields& operator=(ParsedFields const&) = delete;
+    PluginFieldCollection collection() const { return {static_cast<int32_t>(fields.size()), fields.data()}; }
+};
+
+#endif  // VLMX_TRT_TESTS_HARNESS_COMMON_H_
