@@ -1,6 +1,6 @@
 // Shared by the plugin harnesses (plugin_host_check.cpp, plugin_enqueue_check.cpp): an IExprBuilder that
 // evaluates (constants stay constants, declared size tensors are recorded and get a placeholder), the case-line
-// splitter, and the attribute parser that builds PluginFields as the ONNX parser passes them. Included inside each
+// splitter, dtype names, and the attribute parser that builds PluginFields as the ONNX parser passes them. Included inside each
 // harness's anonymous namespace after `using namespace nvinfer1;`.
 #ifndef VLMX_TRT_TESTS_HARNESS_COMMON_H_
 #define VLMX_TRT_TESTS_HARNESS_COMMON_H_
@@ -67,6 +67,17 @@ std::vector<std::string> split(std::string const& s, char sep) {
     while (std::getline(ss, item, sep)) out.push_back(item);
     if (!s.empty() && s.back() == sep) out.emplace_back();
     return out;
+}
+
+char const* typeName(DataType t) {
+    switch (t) {
+    case DataType::kHALF: return "half";
+    case DataType::kFLOAT: return "float";
+    case DataType::kINT8: return "int8";
+    case DataType::kINT32: return "int32";
+    case DataType::kINT64: return "int64";
+    default: return "other";
+    }
 }
 
 // Attributes `name=i:3;name=f:0.5;name=s:bsd` as the ONNX parser passes them: INT32 / FLOAT32 / CHAR (length

@@ -50,17 +50,6 @@ bool parseType(std::string const& t, DataType* out, size_t* bytes) {
     return false;
 }
 
-char const* typeName(DataType t) {
-    switch (t) {
-    case DataType::kHALF: return "half";
-    case DataType::kFLOAT: return "float";
-    case DataType::kINT8: return "int8";
-    case DataType::kINT32: return "int32";
-    case DataType::kINT64: return "int64";
-    default: return "other";
-    }
-}
-
 Dims parseDims(std::string const& s) {
     Dims d{};
     d.nbDims = 0;

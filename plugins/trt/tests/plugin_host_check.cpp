@@ -33,17 +33,6 @@ DataType parseType(std::string const& t) {
     std::exit(2);
 }
 
-char const* typeName(DataType t) {
-    switch (t) {
-    case DataType::kHALF: return "half";
-    case DataType::kFLOAT: return "float";
-    case DataType::kINT8: return "int8";
-    case DataType::kINT32: return "int32";
-    case DataType::kINT64: return "int64";
-    default: return "other";
-    }
-}
-
 std::string fieldsJson(PluginFieldCollection const* fc) {
     std::string out = "[";
     for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
