@@ -1,7 +1,7 @@
 // Shared by the plugin harnesses (plugin_host_check.cpp, plugin_enqueue_check.cpp): an IExprBuilder that
 // evaluates (constants stay constants, declared size tensors are recorded and get a placeholder), the case-line
-// splitter, dtype names, and the attribute parser that builds PluginFields as the ONNX parser passes them. Included inside each
-// harness's anonymous namespace after `using namespace nvinfer1;`.
+// splitter, dtype names, and the attribute parser that builds PluginFields as the ONNX parser passes them.
+// Included inside each harness's anonymous namespace after `using namespace nvinfer1;`.
 #ifndef VLMX_TRT_TESTS_HARNESS_COMMON_H_
 #define VLMX_TRT_TESTS_HARNESS_COMMON_H_
 
