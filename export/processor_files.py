@@ -12,12 +12,13 @@ import json
 import shutil
 from pathlib import Path
 
-#: Files copied from a checkpoint when present (``tokenizer.json`` and ``preprocessor_config.json`` are required).
+#: Files copied from a checkpoint when present (``tokenizer.json`` and ``processor_config.json`` are required; the
+#: image settings are ``preprocessor_config.json`` or, as transformers 5 saves them, inside processor_config.json).
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
                    "generation_config.json")
 REQUIRED_FILES = {"tokenizer.json": "save a fast tokenizer into it (tokenizer.save_pretrained(DIR))",
-                  "preprocessor_config.json": "save the image processor into it (processor.save_pretrained(DIR))"}
+                  "processor_config.json": "save the LlavaProcessor into it (processor.save_pretrained(DIR))"}
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 #: LLaVA-1.5's chat template (llava-hf): ``USER: <image>\n{text} ASSISTANT:``.
 LLAVA_CHAT_TEMPLATE = (
@@ -49,7 +50,14 @@ def check_checkpoint_files(checkpoint: str | Path, config) -> None:
     except Exception as e:  # noqa: BLE001 - any parse failure: the file is not a tokenizers file
         raise ProcessorFilesError(f"{root / 'tokenizer.json'} is not a tokenizers file ({e}); re-save the "
                                   "tokenizer with save_pretrained") from None
-    image_token = _read_json(root / "processor_config.json").get("image_token", IMAGE_TOKEN)
+    processor = _read_json(root / "processor_config.json")
+    if not (root / "preprocessor_config.json").is_file() and "image_processor" not in processor:
+        raise ProcessorFilesError(f"--checkpoint {root} has no image processor (no preprocessor_config.json, no "
+                                  "image_processor in processor_config.json); save the LlavaProcessor into it")
+    if "patch_size" not in processor:
+        raise ProcessorFilesError(f"--checkpoint {root}/processor_config.json has no patch_size; save a "
+                                  "LlavaProcessor built with patch_size and vision_feature_select_strategy")
+    image_token = processor.get("image_token", IMAGE_TOKEN)
     found, want = tok.token_to_id(image_token), config.image_token_id
     if found != want:
         raise ProcessorFilesError(f"--checkpoint {root}: the tokenizer maps the image token {image_token!r} to "

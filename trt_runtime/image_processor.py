@@ -149,11 +149,14 @@ class ImageProcessor:
     def from_dir(cls, root: str | Path) -> "ImageProcessor":
         from .tokenizer import read_json
 
-        path = Path(root) / "preprocessor_config.json"
-        if not path.is_file():
-            raise ImageError(f"{root} has no preprocessor_config.json; re-run vlm-export (it copies the "
-                             "checkpoint's image processor into the export)")
-        return cls.from_config(read_json(path))
+        root = Path(root)
+        path = root / "preprocessor_config.json"  # else transformers 5's layout: inside processor_config.json
+        config = read_json(path) if path.is_file() else read_json(root / "processor_config.json").get("image_processor")
+        if not isinstance(config, dict):
+            raise ImageError(f"{root} has no preprocessor_config.json (nor an image_processor entry in "
+                             "processor_config.json); re-run vlm-export (it copies the checkpoint's image processor "
+                             "into the export)")
+        return cls.from_config(config)
 
     def __call__(self, image) -> np.ndarray:
         from PIL import Image

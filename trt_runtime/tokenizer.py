@@ -172,24 +172,33 @@ class TextTokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
 
+def byte_fallback_ids(tokenizer) -> frozenset[int]:
+    """Ids of SentencePiece-style byte tokens ``<0x00>..<0xFF>`` (none in byte-level BPE vocabularies)."""
+    return frozenset(i for i in (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None)
+
+
 class StreamDecoder:
     """Incremental detokenization: ``push(id)`` returns the new text (possibly ``""``), ``flush()`` the rest.
 
     Each step decodes a short window of ids (from the last emitted boundary) and emits only what the window adds
     beyond the previous one, and only when it does not end in U+FFFD (an incomplete UTF-8 character), so
-    ``"".join(pieces) + flush()`` equals ``decode(all ids)`` (vLLM / TGI's offsets scheme).
+    ``"".join(pieces) + flush()`` equals ``decode(all ids)`` (vLLM / TGI's offsets scheme). Byte-fallback tokens
+    (``<0xNN>``) are held until a normal token follows: the decoder judges a run of them as one UTF-8 string.
     """
 
     def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
         self.prefix = self.read = 0
+        self.byte_ids = byte_fallback_ids(tokenizer.tokenizer)
 
     def _decode(self, start: int, stop: int | None = None) -> str:
         return self.tokenizer.decode(self.ids[start:stop], skip_special_tokens=self.skip)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
+        if self.ids[-1] in self.byte_ids:
+            return ""
         before, now = self._decode(self.prefix, self.read), self._decode(self.prefix)
         if len(now) > len(before) and not now.endswith(REPLACEMENT_CHAR):
             self.prefix, self.read = self.read, len(self.ids)
