@@ -1,0 +1,109 @@
+"""A checkpoint with a real tokenizer (SmolLM2-135M's) end to end: vlm-export carries its tokenizer, image processor,
+chat template and generation config; vlm-run (onnxruntime, torch and transformers blocked) generates exactly what
+transformers' LlavaForConditionalGeneration.generate() does on the same checkpoint, tokens and text."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmx.export.cli import main as export_main
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+PROMPTS = ["What is shown in this picture?", "Décris l'image en détail ✓"]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from smollm2_fixture import save_llava_checkpoint, save_smollm2_tokenizer
+
+    root = tmp_path_factory.mktemp("smollm2-llava")
+    return save_llava_checkpoint(save_smollm2_tokenizer(root / "tokenizer"), root / "checkpoint", seed=5)
+
+
+@pytest.fixture(scope="module")
+def export_dir(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "smollm2-llava"
+    assert export_main(["--model", "llava-tiny", "--checkpoint", str(checkpoint), "--precision", "fp32",
+                        "--out", str(out), "--quiet", "--no-report"]) == 0
+    return out
+
+
+@pytest.fixture
+def image_path(tmp_path):
+    path = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng().integers(0, 256, (80, 61, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def transformers_generate(checkpoint, image_path, prompt) -> tuple[list[int], str]:
+    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(text=text, images=Image.open(image_path), return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens, processor.decode(tokens, skip_special_tokens=True)
+
+
+def test_export_carries_the_checkpoint_processor_files(checkpoint, export_dir):
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    files = manifest["processor"]["files"]
+    assert manifest["processor"]["source"] == "checkpoint"
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
+            "generation_config.json"} <= set(files)
+    for name in files:
+        assert (export_dir / name).read_bytes() == (checkpoint / name).read_bytes()
+        assert name in manifest["files"]  # covered by the manifest's digests
+    assert manifest["model_info"]["image_token_id"] == 49152 and manifest["model_info"]["vocab_size"] == 49216
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_vlm_run_generates_what_transformers_generates(checkpoint, export_dir, image_path, prompt):
+    from vlmx.trt_runtime.pipeline import VLMPipeline
+
+    ref_tokens, ref_text = transformers_generate(checkpoint, image_path, prompt)
+    with VLMPipeline(export_dir, backend="onnxruntime") as pipe:
+        res = pipe.generate(image_path, prompt, keep=1.0, max_new_tokens=NEW_TOKENS)
+        stream = pipe.processor.stream()
+        streamed = "".join(stream.push(t) for t in res.tokens) + stream.flush()
+    print("vlm-run", res.tokens, repr(res.text), "transformers", ref_tokens, repr(ref_text))
+    assert res.tokens == ref_tokens
+    assert res.text == ref_text == streamed
+
+
+BLOCKER = textwrap.dedent("""
+    import importlib.abc, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript", "onnx_graphsurgeon"):
+                raise ImportError(f"{name} is blocked: the runtime must not need it")
+    sys.meta_path.insert(0, Block())
+    from vlmx.trt_runtime import run_cli
+    rc = run_cli.main(sys.argv[1:])
+    assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules), "torch/transformers imported"
+    sys.exit(rc)
+""")
+
+
+def test_vlm_run_needs_neither_torch_nor_transformers(export_dir, image_path, checkpoint):
+    """The onnxruntime backend runs the export with torch, transformers and onnx unimportable."""
+    args = ["--artifacts", str(export_dir), "--image", str(image_path), "--prompt", PROMPTS[1], "--keep", "1.0",
+            "--max-new-tokens", str(NEW_TOKENS)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "COLUMNS": "100000"}  # rich: no wrapping
+    run = subprocess.run([sys.executable, "-c", BLOCKER, *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    ref_tokens, ref_text = transformers_generate(checkpoint, image_path, PROMPTS[1])
+    assert f"tokens: {ref_tokens}" in run.stdout and f"text: {ref_text}" in run.stdout
