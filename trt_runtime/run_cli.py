@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     except (ArtifactError, PipelineError, ValueError, FileNotFoundError) as e:
         print(f"vlm-run: error: {e}", file=sys.stderr)
         return 2
-    console.print(f"[bold]text:[/bold] {res.text}")
+    from rich.markup import escape
+
+    console.print(f"[bold]text:[/bold] {escape(res.text)}")
     console.print(f"tokens: {res.tokens}")
     console.print(f"visual tokens kept: {res.kept} of {res.num_visual_tokens} ({args.prune} scoring, "
                   f"backend {args.backend})")
