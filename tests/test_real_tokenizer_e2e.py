@@ -107,3 +107,23 @@ def test_vlm_run_needs_neither_torch_nor_transformers(export_dir, image_path, ch
     assert run.returncode == 0, run.stderr
     ref_tokens, ref_text = transformers_generate(checkpoint, image_path, PROMPTS[1])
     assert f"tokens: {ref_tokens}" in run.stdout and f"text: {ref_text}" in run.stdout
+
+
+def test_checkpoint_without_processor_files_is_refused(checkpoint, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "no-tokenizer"
+    shutil.copytree(checkpoint, bad)
+    (bad / "tokenizer.json").unlink()
+    out = tmp_path / "out"
+    assert export_main(["--model", "llava-tiny", "--checkpoint", str(bad), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer.json; save a fast tokenizer into it" in err and "Traceback" not in err
+    assert not out.exists()
+    shutil.copyfile(checkpoint / "tokenizer.json", bad / "tokenizer.json")
+    config = json.loads((bad / "config.json").read_text())
+    config["image_token_id"] = 5
+    (bad / "config.json").write_text(json.dumps(config))
+    assert export_main(["--model", "llava-tiny", "--checkpoint", str(bad), "--out", str(out), "--quiet"]) == 2
+    assert "maps the image token '<image>' to 49152, but config.json has image_token_id 5" in capsys.readouterr().err
+    assert not out.exists()

@@ -104,7 +104,7 @@ class VLMPipeline:
         """Token ids before and after the image: the export's chat template around one image and ``prompt``."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PipelineError("--prompt must be a non-empty string")
-        return self.processor.split_at_image(self.processor.tokenizer.encode(self.processor.chat_prompt(prompt)))
+        return self.processor.prompt_ids(prompt)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.runners["embed"].infer({"input_ids": ids.reshape(1, -1)})["inputs_embeds"]

@@ -115,7 +115,11 @@ class Processor:
         where = np.flatnonzero(ids == self.image_token_id)
         if where.size == 0 or where[-1] - where[0] + 1 != where.size:
             raise ProcessorError("the prompt must hold exactly one image (one run of image tokens)")
-        return ids[:where[0]], ids[where[-1] + 1:]
+        return ids[:where[0]].astype(np.int64), ids[where[-1] + 1:].astype(np.int64)
+
+    def prompt_ids(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """int64 ids before and after the image in one templated user turn (the pipeline's text seam)."""
+        return self.split_at_image(self.tokenizer.encode(self.chat_prompt(prompt)))
 
     # ------------------------------------------------------------------------------------------------ output
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -127,4 +131,5 @@ class Processor:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
+        """Ids that end generation (generation_config.json's ``eos_token_id``, else the tokenizer's EOS)."""
         return self.generation.eos_token_ids
