@@ -34,13 +34,18 @@ def io_entries(values) -> list[dict]:
     return out
 
 
-def graph_entry(path: str | Path, dynamic_axes: dict, profile: dict) -> dict:
-    """The manifest entry of one graph file (graph read without its weights)."""
+def graph_entry(path: str | Path, dynamic_axes: dict, profile: dict, profiles: dict | None = None) -> dict:
+    """The manifest entry of one graph file (graph read without its weights). ``profiles``: named TensorRT
+    optimization profiles of one engine (the LM graph's ``prefill`` and ``decode``); ``profile`` is the first."""
     model = onnx.load(str(path), load_external_data=False)
-    return {"file": Path(path).name, "inputs": io_entries(model.graph.input),
-            "outputs": io_entries(model.graph.output),
-            "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic_axes.items()},
-            "profile": profile}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    entry = {"file": Path(path).name, "opset": opset, "inputs": io_entries(model.graph.input),
+             "outputs": io_entries(model.graph.output),
+             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic_axes.items()},
+             "profile": profile}
+    if profiles:
+        entry["profiles"] = profiles
+    return entry
 
 
 def file_table(root: str | Path) -> dict:
