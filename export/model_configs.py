@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlmx.torch_ref.contract import KV_PAST, KV_PRESENT, kv_names
 from vlmx.torch_ref.op_table import OPS
 
 from . import graphs, hf_attention
 
-GRAPH_NAMES = ("vision", "embed", "score", "prune", "prefill", "decode")
 #: Dummy sizes: batch 2 and distinct odd lengths, so no dynamic axis is specialised by accident.
 DUMMY = {"batch": 2, "seq": 9, "text_len": 7, "past": 6}
 
@@ -122,7 +122,7 @@ class LlavaFamily:
         return {"vision": self.vision, "language": self.language, "image_size": s.image_size,
                 "num_image_tokens": s.num_image_tokens, "has_cls": s.has_cls, **self.lm_dims(ctx.model),
                 "bos_token_id": info["bos_token_id"], "eos_token_id": info["eos_token_id"],
-                "image_token_id": s.image_token_id, "position_ids": self.position_ids,
+                "image_token_id": s.image_token_id, "position_ids": self.position_ids, "max_seq_len": s.max_seq_len,
                 "dtype": str(ctx.dtype).removeprefix("torch.")}
 
     def score_modules(self, model):
@@ -204,7 +204,7 @@ class LlavaFamily:
         return inputs
 
     def _kv_names(self, ctx, prefix):
-        return [f"{prefix}.{i}.{kv}" for i in range(self.lm_dims(ctx.model)["num_layers"]) for kv in ("key", "value")]
+        return kv_names(prefix, self.lm_dims(ctx.model)["num_layers"])
 
     def prefill_graph(self, ctx):
         d = self.lm_dims(ctx.model)
@@ -216,7 +216,7 @@ class LlavaFamily:
         prof = {"inputs_embeds": ((1, 1, c), (1, opt, c), (ctx.max_batch, mx, c))}
         prof.update({k: ((1, 1), (1, opt), (ctx.max_batch, mx)) for k in inputs if k != "inputs_embeds"})
         module = graphs.PrefillGraph(ctx.model.model.language_model, ctx.model.lm_head, d["num_layers"], self.position_ids)
-        return GraphSpec("prefill", module, inputs, ["logits"] + self._kv_names(ctx, "present"), dyn,
+        return GraphSpec("prefill", module, inputs, ["logits"] + self._kv_names(ctx, KV_PRESENT), dyn,
                          self._profile(ctx, prof))
 
     def decode_graph(self, ctx):
@@ -227,7 +227,7 @@ class LlavaFamily:
         if self.position_ids:
             dyn["position_ids"] = {0: "batch"}
         kv_shape = (d["num_kv_heads"], d["head_dim"])
-        for i, name in enumerate(self._kv_names(ctx, "past")):
+        for i, name in enumerate(self._kv_names(ctx, KV_PAST)):
             inputs[name] = self._randn(ctx, 100 + i, b, kv_shape[0], p, kv_shape[1])
             dyn[name] = {0: "batch", 2: "past"}
         mx, c, mb = ctx.spec.max_seq_len, d["lm_hidden"], ctx.max_batch
@@ -236,11 +236,11 @@ class LlavaFamily:
                 "attention_mask": ((1, 2), (1, opt + 1), (mb, mx))}
         if self.position_ids:
             prof["position_ids"] = ((1, 1), (1, 1), (mb, 1))
-        for name in self._kv_names(ctx, "past"):
+        for name in self._kv_names(ctx, KV_PAST):
             prof[name] = ((1, kv_shape[0], 1, kv_shape[1]), (1, kv_shape[0], opt, kv_shape[1]),
                           (mb, kv_shape[0], mx - 1, kv_shape[1]))
         module = graphs.DecodeGraph(ctx.model.model.language_model, ctx.model.lm_head, d["num_layers"], self.position_ids)
-        return GraphSpec("decode", module, inputs, ["logits"] + self._kv_names(ctx, "present"), dyn,
+        return GraphSpec("decode", module, inputs, ["logits"] + self._kv_names(ctx, KV_PRESENT), dyn,
                          self._profile(ctx, prof))
 
 
