@@ -17,20 +17,17 @@ import numpy as np
 import torch
 
 from . import hf_attention
+from vlmx.torch_ref.contract import (GRAPH_NAMES, PRECISIONS, PRUNE_METHODS, QUANT_GRAPHS, graph_entry,
+                                    write_manifest)
+
 from .exporter import check_opset, export_graph
 from .functions import strip_vlmx_functions
-from .manifest import graph_entry, write_manifest
 from .model_configs import ExportContext, family_for
 from .passes import calibrate, fuse_qkv, insert_quant, run_passes, strip_functions
 from .passes.cleanup import cleanup
 from .weights import LARGE_MODEL_BYTES, random_model, weight_bytes_estimate
 
-PRECISIONS = ("fp16", "w8a8", "fp32")
-PRUNE_METHODS = ("text", "cls")
-#: Graphs that carry the model's linear layers (quantized under --precision w8a8).
-QUANT_GRAPHS = ("vision", "lm")
-#: Graphs written to reference.npz / checked by the report.
-REFERENCE_GRAPHS = ("vision", "embed", "score", "prune", "lm")
+__all__ = ["ExportOptions", "export_model", "GRAPH_NAMES", "PRECISIONS", "PRUNE_METHODS", "QUANT_GRAPHS"]
 
 
 @dataclass

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlmx.torch_ref.contract import KV_PAST, KV_PRESENT, LM_GRAPH, kv_names
 from vlmx.torch_ref.op_table import OPS
 
 from . import graphs, hf_attention, lm_decoders
 from .domain import TENSOR_SCATTER_OPSET
 
-GRAPH_NAMES = ("vision", "embed", "score", "prune", "lm")
 #: Dummy sizes: batch 2 and distinct odd lengths, so no dynamic axis is specialised by accident.
 DUMMY = {"batch": 2, "seq": 9, "text_len": 7, "past": 6, "new": 3}
 
@@ -134,7 +134,7 @@ class LlavaFamily:
         return {"vision": self.vision, "language": self.language, "image_size": s.image_size,
                 "num_image_tokens": s.num_image_tokens, "has_cls": s.has_cls, **self.lm_dims(ctx.model),
                 "bos_token_id": info["bos_token_id"], "eos_token_id": info["eos_token_id"],
-                "image_token_id": s.image_token_id, "position_ids": self.position_ids,
+                "image_token_id": s.image_token_id, "position_ids": self.position_ids, "max_seq_len": s.max_seq_len,
                 "dtype": str(ctx.dtype).removeprefix("torch.")}
 
     def score_modules(self, model):
@@ -205,7 +205,7 @@ class LlavaFamily:
                          dim_names={"u0": "keep"})
 
     def kv_names(self, ctx, prefix: str) -> list[str]:
-        return [f"{prefix}.{i}.{kv}" for i in range(self.lm_dims(ctx.model)["num_layers"]) for kv in ("key", "value")]
+        return kv_names(prefix, self.lm_dims(ctx.model)["num_layers"])
 
     def lm_module(self, ctx, inplace: bool = False) -> graphs.LanguageModelGraph:
         d = self.lm_dims(ctx.model)
@@ -222,19 +222,19 @@ class LlavaFamily:
         mask[1, :2] = 0  # left padding in the second row
         inputs = {"inputs_embeds": self._embeds(ctx, 7, b, n), "attention_mask": mask}
         kv_shape = (d["num_kv_heads"], mx, d["head_dim"])
-        for i, name in enumerate(self.kv_names(ctx, "past")):
+        for i, name in enumerate(self.kv_names(ctx, KV_PAST)):
             cache = self._randn(ctx, 100 + i, b, *kv_shape)
             cache[:, :, p:] = 0  # slots past the valid prefix hold nothing yet
             inputs[name] = cache
         dyn = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "kv_len"}}
-        dyn.update({name: {0: "batch"} for name in self.kv_names(ctx, "past")})
+        dyn.update({name: {0: "batch"} for name in self.kv_names(ctx, KV_PAST)})
         opt = min(mx, ctx.spec.num_image_tokens + 32)
-        kv = {name: ((1, *kv_shape), (1, *kv_shape), (mb, *kv_shape)) for name in self.kv_names(ctx, "past")}
+        kv = {name: ((1, *kv_shape), (1, *kv_shape), (mb, *kv_shape)) for name in self.kv_names(ctx, KV_PAST)}
         prefill = self._profile(ctx, {"inputs_embeds": ((1, 1, c), (1, opt, c), (mb, mx, c)),
                                       "attention_mask": ((1, 1), (1, opt), (mb, mx)), **kv})
         decode = self._profile(ctx, {"inputs_embeds": ((1, 1, c), (1, 1, c), (mb, 1, c)),
                                      "attention_mask": ((1, 2), (1, min(mx, opt + 1)), (mb, mx)), **kv})
-        return GraphSpec("lm", self.lm_module(ctx), inputs, ["logits"] + self.kv_names(ctx, "present"), dyn,
+        return GraphSpec(LM_GRAPH, self.lm_module(ctx), inputs, ["logits"] + self.kv_names(ctx, KV_PRESENT), dyn,
                          prefill, profiles={"prefill": prefill, "decode": decode}, min_opset=TENSOR_SCATTER_OPSET)
 
 

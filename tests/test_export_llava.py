@@ -14,8 +14,7 @@ import pytest
 from test_export_helpers import assert_close, session
 from vlmx.export.cli import main
 from vlmx.export.driver import ExportOptions, export_model
-
-GRAPHS = ("vision", "embed", "score", "prune", "prefill", "decode")
+from vlmx.torch_ref.contract import FORMAT_VERSION, GRAPH_NAMES as GRAPHS, THRESHOLDS
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ def test_directory_holds_the_contract_files(fp32_export):
 
 def test_manifest_matches_the_contract(fp32_export):
     m = _manifest(fp32_export)
-    assert (m["format"], m["format_version"], m["model"], m["checkpoint"]) == ("vlmx-export", 1, "llava-tiny", None)
+    assert (m["format"], m["format_version"], m["model"], m["checkpoint"]) == ("vlmx-export", FORMAT_VERSION, "llava-tiny", None)
     assert (m["target"], m["sm"], m["precision"], m["attention"], m["opset"]) == ("trt-sm75", 75, "fp32", "plugin",
                                                                                   18)
     assert (m["keep"], m["prune"], m["seed"], m["reference"]) == (0.5, "text", 0, "reference.npz")
@@ -94,7 +93,7 @@ def test_every_vlmx_node_is_a_plugin_node_backed_by_a_function(fp32_export):
 
 def test_report_passes_at_fp32_threshold(fp32_export):
     report = json.loads((fp32_export / "report.json").read_text())
-    assert report["threshold"] == 1e-5 and report["passed"]
+    assert report["threshold"] == THRESHOLDS["fp32"] and report["passed"]
     assert set(report["graphs"]) == set(GRAPHS)
     assert report["vision_layers"] and all(r["relative"] <= 1e-5 for r in report["vision_layers"])
     assert "PASSED" in (fp32_export / "report.md").read_text()

@@ -21,7 +21,9 @@ from pathlib import Path
 from vlmx.torch_ref.op_table import DOMAIN
 from vlmx.torch_ref.targets import get_target
 
-from .artifacts import load_artifacts, sha256_file
+from vlmx.torch_ref.contract import sha256_file
+
+from .artifacts import load_artifacts
 from .trt_import import TensorRT, import_tensorrt
 
 ENGINES_FORMAT = "vlmx-engines"
@@ -230,7 +232,7 @@ def build_engine(trt: TensorRT, onnx_path, plan_path, profile: dict | None = Non
 
 
 def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=None, timing_cache=None,
-                  target=None, graphs=None, progress: bool = True, verify_checksums: bool = True) -> dict[str, Path]:
+                  target=None, graphs=None, progress: bool = True, verify: bool = False) -> dict[str, Path]:
     """Build one engine per graph of an export directory; returns {graph: plan path}.
 
     ``backend``: ``auto`` | ``tensorrt`` | ``tensorrt-rtx``. ``target``: compute capability (``trt-sm75``, 75;
@@ -238,7 +240,7 @@ def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=No
     ``<out>/timing.cache``; TensorRT only: TensorRT-RTX has none). Writes ``engines.json`` (TensorRT version,
     device or target, plugin library sha256).
     """
-    art = load_artifacts(export_dir, verify_checksums=verify_checksums)
+    art = load_artifacts(export_dir, verify=verify)
     trt = import_tensorrt(backend)
     sm = resolve_target_sm(target, art.manifest)
     device = None if trt.is_rtx else _current_device()
@@ -279,7 +281,7 @@ def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=No
             "built_on": {"device": device[0] if device else None, "sm": device[1] if device else None},
             "plugin_lib": {"path": str(lib), "sha256": sha256_file(lib)} if lib else None,
             "export": {"root": str(art.root.resolve()), "model": art.model,
-                       "manifest_sha256": sha256_file(art.root / "manifest.json")},
+                       "manifest_sha256": art.manifest["manifest_sha256"]},
             "timing_cache": (str(final / cache.name) if cache.parent == out else str(cache)) if cache else None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "engines": entries,

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from vlmx.torch_ref import models
+from vlmx.torch_ref.contract import KV_PAST, KV_PRESENT, PRUNE_METHODS, kv_names
 from vlmx.torch_ref.pruning import keep_count
 
 from .artifacts import Artifacts, load_artifacts
 from .runner import DEFAULT_BACKEND, graph_runners
 
-PRUNE_METHODS = ("text", "cls")
 #: LLaVA-1.5 conversation template around the image and the user's prompt.
 PROMPT_PREFIX = "USER: "
 PROMPT_SUFFIX = "\n{prompt} ASSISTANT:"
@@ -177,14 +177,14 @@ class VLMPipeline:
         out = self.runners["prefill"].infer(self._lm_feed(embeds, 0))
         tokens = [int(np.argmax(out["logits"][0, -1]))]
         t4 = time.perf_counter()
-        past = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers) for kv in ("key", "value")}
+        past_names, present_names = kv_names(KV_PAST, self.num_layers), kv_names(KV_PRESENT, self.num_layers)
+        past = {p: out[q] for p, q in zip(past_names, present_names)}
         past_len = embeds.shape[1]
         eos = self.artifacts.info.get("eos_token_id")
         while len(tokens) < max_new_tokens and tokens[-1] != eos:
             step = self._embed(np.asarray([tokens[-1]], dtype=np.int64))
             out = self.runners["decode"].infer({**self._lm_feed(step, past_len), **past})
-            past = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers)
-                    for kv in ("key", "value")}
+            past = {p: out[q] for p, q in zip(past_names, present_names)}
             past_len += 1
             tokens.append(int(np.argmax(out["logits"][0, -1])))
         t5 = time.perf_counter()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import sha256_file
+from vlmx.torch_ref.contract import sha256_file
+
 from .engine_build import ENGINES_FORMAT, ENGINES_JSON
 from .runner import Runner
 from .trt_import import TensorRTUnavailable, import_tensorrt
