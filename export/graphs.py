@@ -126,3 +126,16 @@ class LanguageModelGraph(nn.Module):
         hidden = self.decoder(inputs_embeds, state, cache, pos)
         logits = self.lm_head(hidden[:, -1:]).float()
         return (logits, *cache.flat())
+
+    def step(self, inputs_embeds, write_pos, key_mask, *past):
+        """One decode token with context-independent shapes (the torch backend's CUDA-graph step): ``write_pos``
+        [B] int64 device tensor, ``key_mask`` [B, S_max]; the caches are written in place. Returns ``logits``."""
+        from .kv_attention import FixedKVCache, KVState
+
+        state = KVState.build_static(write_pos, key_mask, inputs_embeds.dtype)
+        cache = FixedKVCache(past[0::2], past[1::2], state, inplace=True)
+        pos = None
+        if self.position_ids:
+            pos = key_mask.cumsum(-1).gather(1, write_pos.view(-1, 1)) - 1
+        hidden = self.decoder(inputs_embeds, state, cache, pos)
+        return self.lm_head(hidden[:, -1:]).float()

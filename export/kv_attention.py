@@ -53,6 +53,19 @@ class KVState:
         bias = torch.zeros((), dtype=dtype, device=dev).masked_fill(~keys, float("-inf"))
         return cls(write_pos, kv_len, allowed, bias)
 
+    @classmethod
+    def build_static(cls, write_pos: torch.Tensor, key_mask: torch.Tensor, dtype: torch.dtype) -> "KVState":
+        """One decode token (S_new = 1) with shapes independent of the context length (a CUDA graph replays it):
+        ``write_pos`` [B] device tensor, ``key_mask`` [B, S_max] (1 = real token). Attention spans all S_max slots,
+        masked beyond ``write_pos``."""
+        b, s_max = key_mask.shape
+        j = torch.arange(s_max, device=key_mask.device).view(1, 1, 1, -1)
+        i = write_pos.view(-1, 1, 1, 1)
+        real = key_mask.to(torch.bool).view(b, 1, 1, s_max)
+        allowed = (j <= i) & (real | (j == i))
+        bias = torch.zeros((), dtype=dtype, device=key_mask.device).masked_fill(~real, float("-inf"))
+        return cls(write_pos, write_pos + 1, allowed, bias)
+
 
 class FixedKVCache:
     """A transformers-``Cache``-shaped holder of the per-layer fixed-size caches: ``update`` writes the new keys and
