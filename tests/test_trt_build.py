@@ -117,7 +117,7 @@ def make_export(root, graphs: dict | None = None, profile_max=32, drop_profile_o
     from vlmx.torch_ref.contract import GRAPH_NAMES, declared_io, graph_entry, write_manifest
 
     graphs = dict(graphs or {})
-    defaults = {"vision": attention_graph(), "prefill": attention_graph()}
+    defaults = {"vision": attention_graph(), "lm": attention_graph()}
     for i, g in enumerate(GRAPH_NAMES):
         graphs.setdefault(g, defaults.get(g) or matmul_softmax_graph(i))
     root.mkdir(parents=True, exist_ok=True)

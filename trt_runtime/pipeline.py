@@ -152,7 +152,7 @@ class VLMPipeline:
         self.num_layers = int(info["num_layers"])
         self.max_seq_len = int(info["max_seq_len"])
         self.kv_shape = (int(info["num_kv_heads"]), self.max_seq_len, int(info["head_dim"]))
-        self.runners = graph_runners(backend, self.artifacts, **backend_options)
+        self.runners = graph_runners(backend, self.artifacts, **{"return_torch": True, **backend_options})
         for r in self.runners.values():
             r.activate()
         self.lm = self.runners[LM_GRAPH]
