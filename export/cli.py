@@ -1,5 +1,5 @@
-"""``vlm-export``: export a LLaVA-family preset to ONNX (vision, embed, score, prune, prefill, decode) with the
-vlmx custom ops, a manifest, the torch reference and an accuracy report.
+"""``vlm-export``: export a LLaVA-family preset to ONNX (vision, embed, score, prune and one language-model graph
+with an in-place KV cache) with the vlmx custom ops, a manifest, the torch reference and an accuracy report.
 
 Every bad argument or unsupported combination gives one clear error, exit status 2, and no output directory.
 """
@@ -34,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=1.0, help="default visual-token keep ratio in (0, 1] for the runtime")
     p.add_argument("--prune", default="text", help=f"default pruning method: {', '.join(PRUNE_METHODS)}")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and synthetic inputs")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="KV-cache length S_max of the language-model graph: prompt + image tokens + new tokens must "
+                        "fit (default: the preset's context length; smaller saves GPU memory)")
     p.add_argument("--plugins-only", action="store_true", help="strip the vlmx function bodies (bare plugin nodes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--no-report", action="store_true", help="skip the accuracy report")
@@ -112,6 +115,12 @@ def validate(args) -> ExportOptions:
     if args.prune == "cls" and not spec.has_cls:
         raise UsageError(f"--prune cls needs a [CLS] token, but the {spec.vision} tower of {spec.name} has none; "
                          "use --prune text")
+    if args.max_seq_len is not None and not 2 <= args.max_seq_len <= spec.max_seq_len:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} is outside 2..{spec.max_seq_len} (the context length of "
+                         f"{spec.name}); pass a KV-cache length in that range")
+    if args.max_seq_len is not None and args.max_seq_len <= spec.num_image_tokens:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} leaves no room for text: one image alone is "
+                         f"{spec.num_image_tokens} tokens; pass more than that")
     check_engine_backend(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -121,7 +130,7 @@ def validate(args) -> ExportOptions:
     return ExportOptions(model=spec.name, out=out, checkpoint=args.checkpoint, target=args.target,
                          precision=args.precision, attention=args.attention, opset=args.opset, calib=args.calib,
                          keep=float(args.keep), prune=args.prune, seed=args.seed, plugins_only=args.plugins_only,
-                         overwrite=args.overwrite, report=not args.no_report)
+                         overwrite=args.overwrite, report=not args.no_report, max_seq_len=args.max_seq_len)
 
 
 class Progress:

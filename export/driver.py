@@ -17,21 +17,18 @@ import numpy as np
 import torch
 
 from . import hf_attention
+from vlmx.torch_ref.contract import (GRAPH_NAMES, PRECISIONS, PRUNE_METHODS, QUANT_GRAPHS, graph_entry,
+                                    write_manifest)
+
 from .exporter import check_opset, export_graph
 from .functions import strip_vlmx_functions
-from .manifest import graph_entry, write_manifest
 from .model_configs import ExportContext, family_for
 from .processor_files import write_processor_files
 from .passes import calibrate, fuse_qkv, insert_quant, run_passes, strip_functions
 from .passes.cleanup import cleanup
 from .weights import LARGE_MODEL_BYTES, random_model, weight_bytes_estimate
 
-PRECISIONS = ("fp16", "w8a8", "fp32")
-PRUNE_METHODS = ("text", "cls")
-#: Graphs that carry the model's linear layers (quantized under --precision w8a8).
-QUANT_GRAPHS = ("vision", "prefill", "decode")
-#: Graphs written to reference.npz / checked by the report.
-REFERENCE_GRAPHS = ("vision", "embed", "score", "prune", "prefill", "decode")
+__all__ = ["ExportOptions", "export_model", "GRAPH_NAMES", "PRECISIONS", "PRUNE_METHODS", "QUANT_GRAPHS"]
 
 
 @dataclass
@@ -52,6 +49,8 @@ class ExportOptions:
     plugins_only: bool = False
     overwrite: bool = False
     report: bool = True
+    #: KV-cache length S_max of the LM graph (None: the preset's context length)
+    max_seq_len: int | None = None
 
     def resolved_opset(self) -> int:
         """--opset, or the smallest one the options need (23 for native attention, 19 for static Q/DQ, else 18)."""
@@ -145,7 +144,8 @@ def reference_graphs(family, ctx: ExportContext, same_dtype: bool = False) -> di
     if ctx.dtype == torch.float32 or same_dtype:
         return {g.name: g for g in family.graphs(ctx)}
     ref_model = copy.deepcopy(ctx.model).to(torch.float32)
-    ref_ctx = ExportContext(ref_model, ctx.spec, ctx.attention, torch.float32, ctx.seed, ctx.max_batch)
+    ref_ctx = ExportContext(ref_model, ctx.spec, ctx.attention, torch.float32, ctx.seed, ctx.max_batch,
+                            ctx.max_seq_len)
     return {g.name: g for g in family.graphs(ref_ctx)}
 
 
@@ -174,10 +174,10 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
             else:
                 model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
             family.prepare(model, opts.attention, opts.precision)
-            ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed)
+            ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed, max_seq_len=opts.max_seq_len)
             ref_graphs = reference_graphs(family, ctx, same_dtype=large)
             ref_fp32 = opts.dtype == torch.float32 or not large
-            info = family.model_info(ctx)
+            info = {**family.model_info(ctx), "max_seq_len": ctx.seq_len}
         opset = opts.resolved_opset()
         entries, references, used, vision_module, applied = {}, {}, set(), None, {}
         for g in family.graphs(ctx):
@@ -188,13 +188,13 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
                                       "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}
-                path = export_graph(g, tmp, opset, postprocess=_graph_passes(
+                path = export_graph(g, tmp, max(opset, g.min_opset), postprocess=_graph_passes(
                     opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision)),
                     functions=not opts.plugins_only)
                 import onnx
 
                 used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
-                entries[g.name] = graph_entry(path, g.dynamic_axes, g.profile)
+                entries[g.name] = graph_entry(path, g.dynamic_axes, g.profile, g.profiles)
                 entries[g.name]["passes"] = applied.get(g.name, [])
                 if g.name == "vision":
                     vision_module = ref.module

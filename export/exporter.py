@@ -30,7 +30,7 @@ MIN_OPSET = 17
 #: Model metadata key holding :func:`layer_outputs` of the exported graph.
 LAYER_OUTPUTS_KEY = "vlmx.layer_outputs"
 _LAYER_SCOPE = re.compile(r"'([\w.]*\.layers\.\d+)'")
-MAX_OPSET = 23
+MAX_OPSET = 24
 
 
 class ExportError(RuntimeError):
@@ -40,7 +40,8 @@ class ExportError(RuntimeError):
 def check_opset(opset: int) -> int:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"--opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} "
-                         "(the ONNX Attention op of --attention native needs 23)")
+                         "(the ONNX Attention op of --attention native needs 23; the language model's TensorScatter 24, which it "
+                         "uses whatever --opset says)")
     return opset
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from vlmx.torch_ref import ops  # noqa: F401  (defines torch.ops.vlmx.*)
-
-ATTENTION_MODES = ("plugin", "native", "decomposed")
+from vlmx.torch_ref.contract import ATTENTION_MODES  # noqa: F401  (re-exported)
 #: Opset that introduced the standard ``Attention`` op.
 NATIVE_ATTENTION_OPSET = 23
 HF_NAME = "vlmx_export"

@@ -77,9 +77,10 @@ def write_processor_files(out: str | Path, spec, checkpoint: str | Path | None =
         for name in files:
             shutil.copyfile(Path(checkpoint) / name, out / name)
         return {"source": "checkpoint", "files": files}
-    for name, content in preset_processor_files(spec).items():
+    files = preset_processor_files(spec)
+    for name, content in files.items():
         (out / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=2) + "\n")
-    return {"source": "preset", "files": sorted(preset_processor_files(spec))}
+    return {"source": "preset", "files": sorted(files)}
 
 
 def preset_tokenizer_json(spec) -> str:

@@ -16,16 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-THRESHOLDS = {"fp32": 1e-5, "fp16": 1e-3, "w8a8": 3e-2}
+from vlmx.torch_ref.contract import THRESHOLDS, real_tokens, relative_error
 
-
-def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """‖out − ref‖₂ / ‖ref‖₂ in float64 (inf on shape mismatch or non-finite output)."""
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    if out.shape != ref.shape or not np.all(np.isfinite(out)):
-        return float("inf")
-    denom = np.linalg.norm(ref)
-    return float(np.linalg.norm(out - ref) / denom) if denom > 0 else float(np.linalg.norm(out - ref))
+__all__ = ["THRESHOLDS", "relative_error", "real_tokens", "build_report", "summary"]
 
 
 def _session(model_or_path):
@@ -41,29 +34,6 @@ def run_onnx(path_or_bytes, feed: dict) -> dict:
     """One polygraphy ONNX Runtime run; returns ``{output name: array}``."""
     with _session(path_or_bytes) as runner:
         return dict(runner.infer(feed))
-
-
-def token_axis(inputs: dict, output: np.ndarray) -> int | None:
-    """The axis of ``output`` that runs over the positions of ``attention_mask`` [B, S] (logits: 1, KV: 2)."""
-    mask = inputs.get("attention_mask")
-    shape = np.shape(output)
-    if mask is None or len(shape) < 2 or shape[0] != np.shape(mask)[0]:
-        return None
-    return next((a for a in (1, 2) if a < len(shape) and shape[a] == np.shape(mask)[1]), None)
-
-
-def real_tokens(inputs: dict, out: np.ndarray, ref: np.ndarray):
-    """Keep only real-token positions of per-position outputs (logits, present KV).
-
-    A left-padded query attends to no valid key, so its attention output, and everything later layers compute
-    from it, is implementation-defined (zeros for vlmx FlashAttention, a uniform average for the eager path)
-    and never read: padded keys are masked. Such positions are excluded from the comparison.
-    """
-    axis = token_axis(inputs, ref)
-    if axis is None or np.shape(out) != np.shape(ref) or np.all(inputs["attention_mask"] != 0):
-        return out, ref, False
-    keep = np.asarray(inputs["attention_mask"]) != 0
-    return np.moveaxis(np.asarray(out), axis, 1)[keep], np.moveaxis(np.asarray(ref), axis, 1)[keep], True
 
 
 def compare_outputs(outputs: dict, reference: dict, threshold: float, inputs: dict | None = None) -> dict:

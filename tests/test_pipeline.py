@@ -184,11 +184,11 @@ def test_keep_budget_larger_than_visual_tokens(pipe, image_path):
         pipe.generate(image_path, PROMPT, keep=100, max_new_tokens=1)
 
 
-def test_cls_is_refused_without_a_cls_token(export_dir, tmp_path):
-    d = _copy(export_dir, tmp_path)
-    m = json.loads((d / "manifest.json").read_text())
+def test_cls_is_refused_without_a_cls_token(export_dir):
+    from vlmx.trt_runtime.artifacts import Artifacts
+
+    m = json.loads((export_dir / "manifest.json").read_text())
     m["graphs"]["vision"]["outputs"] = [o for o in m["graphs"]["vision"]["outputs"] if o["name"] != "cls_attention"]
     m["model_info"]["vision"] = "siglip"
-    (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(PipelineError, match="--prune cls needs a \\[CLS\\] token.*siglip.*use --prune text"):
-        VLMPipeline(d, prune="cls")
+        VLMPipeline(Artifacts(export_dir, m), prune="cls")

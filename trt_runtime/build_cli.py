@@ -7,6 +7,7 @@ import sys
 
 from .artifacts import ArtifactError
 from .engine_build import EngineBuildError, build_engines
+from .memory_plan import MemoryPlanError
 from .trt_import import BACKEND_CHOICES, TensorRTUnavailable
 
 
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="engine directory (default: <artifacts>/engines)")
     p.add_argument("--timing-cache", default=None, help="timing cache file (default: <out>/timing.cache)")
     p.add_argument("--graph", action="append", default=None, help="build only this graph (repeatable)")
+    p.add_argument("--card", default=None, help="plan GPU memory for this card: t4, rtx2080, rtx2060 (default: t4 "
+                   "for sm75); the build is refused when weights + KV cache + activations do not fit")
     p.add_argument("--quiet", action="store_true", help="no build progress")
     p.add_argument("--print-layers", action="store_true", help="print each engine's layer list after the build")
     return p
@@ -35,8 +38,9 @@ def main(argv=None) -> int:
     try:
         paths = build_engines(args.artifacts, out_dir=args.out, backend=args.backend, plugin_lib=plugin_lib,
                               timing_cache=args.timing_cache, target=args.target, graphs=args.graph,
-                              progress=not args.quiet)
-    except (ArtifactError, EngineBuildError, TensorRTUnavailable, ValueError, FileNotFoundError) as e:
+                              progress=not args.quiet, card=args.card)
+    except (ArtifactError, EngineBuildError, TensorRTUnavailable, MemoryPlanError, ValueError,
+            FileNotFoundError) as e:
         print(f"vlm-build: error: {e}", file=sys.stderr)
         return 2
     for graph, path in paths.items():

@@ -13,22 +13,11 @@ from collections import OrderedDict
 
 import numpy as np
 
+from vlmx.torch_ref.contract import THRESHOLDS, relative_error
+
 from .artifacts import ArtifactError, load_artifacts
 
-#: Relative-error thresholds per export precision (the accuracy contract of vlm-export).
-THRESHOLDS = {"fp32": 1e-5, "fp16": 1e-3, "w8a8": 3e-2}
 REFERENCE_RUNNER = "torch-reference"
-
-
-def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """‖out − ref‖₂ / ‖ref‖₂ in float64 (0 when both are zero; inf on a shape mismatch or non-finite output)."""
-    out = np.asarray(out, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if out.shape != ref.shape or not np.all(np.isfinite(out)):
-        return float("inf")
-    denom = np.linalg.norm(ref)
-    diff = np.linalg.norm(out - ref)
-    return float(diff / denom) if denom > 0 else float(diff)
 
 
 def load_reference(art) -> dict[str, dict[str, dict[str, np.ndarray]]]:

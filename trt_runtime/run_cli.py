@@ -1,12 +1,19 @@
-"""``vlm-run``: run an export directory on an image and a prompt, print the text and a timing breakdown."""
+"""``vlm-run``: run an export directory on an image and a prompt; tokens stream to stdout as they are produced,
+then a timing breakdown (or, with ``--json``, one final JSON record). A thin layer over
+:meth:`vlmx.trt_runtime.pipeline.VLMPipeline.stream`."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from vlmx.torch_ref.contract import PRUNE_METHODS
+
 from .artifacts import ArtifactError
-from .pipeline import PRUNE_METHODS, PipelineError, VLMPipeline
+from .memory_plan import MemoryPlanError, check_runtime_memory
+from .pipeline import PipelineError, VLMPipeline
 from .runner import BACKENDS, DEFAULT_BACKEND
+from .sampling import Sampling
 
 
 def parse_keep(text: str) -> float | int:
@@ -25,7 +32,7 @@ def parse_keep(text: str) -> float | int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlm-run", description=__doc__)
+    p = argparse.ArgumentParser(prog="vlm-run", description=__doc__.splitlines()[0])
     p.add_argument("--artifacts", required=True, help="directory written by vlm-export --out")
     p.add_argument("--image", required=True, help="image file (PNG/JPEG)")
     p.add_argument("--prompt", required=True, help="the user's question about the image")
@@ -35,25 +42,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token scoring: text (text queries vs visual keys) or cls ([CLS] attention, CLIP only)")
     p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (same seed, same tokens)")
+    p.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON record at the end instead of streaming text")
+    p.add_argument("--no-memory-check", action="store_true", help="skip the GPU memory plan check")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    try:
+        sampling.check()
+        if not args.no_memory_check:
+            check_runtime_memory(args.artifacts, args.backend, verbose=not args.json)
+        with VLMPipeline(args.artifacts, backend=args.backend, prune=args.prune) as pipe:
+            gen = pipe.stream(args.image, args.prompt, keep=args.keep, max_new_tokens=args.max_new_tokens,
+                              sampling=sampling, stop=tuple(args.stop))
+            for tok in gen:
+                if not args.json:
+                    sys.stdout.write(tok.text)
+                    sys.stdout.flush()
+            res = gen.result
+    except (ArtifactError, PipelineError, MemoryPlanError, ValueError, FileNotFoundError) as e:
+        print(f"vlm-run: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**res.as_dict(), "backend": args.backend, "prune": args.prune}))
+        return 0
     from rich.console import Console
     from rich.table import Table
 
     console = Console(stderr=False)
-    try:
-        with VLMPipeline(args.artifacts, backend=args.backend, prune=args.prune) as pipe:
-            res = pipe.generate(args.image, args.prompt, keep=args.keep, max_new_tokens=args.max_new_tokens)
-    except (ArtifactError, PipelineError, ValueError, FileNotFoundError) as e:
-        print(f"vlm-run: error: {e}", file=sys.stderr)
-        return 2
-    from rich.markup import escape
-
-    console.print(f"[bold]text:[/bold] {escape(res.text)}")
-    console.print(f"tokens: {res.tokens}")
+    console.print()
+    console.print(f"tokens: {res.tokens} (stopped: {res.finish_reason})")
     console.print(f"visual tokens kept: {res.kept} of {res.num_visual_tokens} ({args.prune} scoring, "
                   f"backend {args.backend})")
     table = Table(title="timing")
