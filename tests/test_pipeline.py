@@ -104,14 +104,14 @@ def test_vlm_run_cli_prints_text_and_timings(export_dir, image_path, capsys):
                        "--keep", "0.5", "--max-new-tokens", "3"])
     out = capsys.readouterr().out
     assert rc == 0
-    for word in ("text:", "visual tokens kept: 8 of 16", "vision", "prefill", "time to first token", "tokens/s"):
+    for word in ("tokens:", "visual tokens kept: 8 of 16", "vision", "prefill", "time to first token", "tokens/s"):
         assert word in out
 
 
 def test_vlm_compare_passes_on_the_export(export_dir, capsys):
     res = compare.compare(export_dir)
     assert res["passed"] and res["threshold"] == 1e-5
-    assert {"vision", "prefill", "decode"} <= set(res["graphs"])
+    assert {"vision", "lm"} <= set(res["graphs"])
     errs = [e for g in res["graphs"].values() for r in g.values() for e in r.values()]
     assert errs and max(errs) <= 1e-5
     assert compare.main(["--artifacts", str(export_dir)]) == 0
@@ -157,8 +157,8 @@ def test_checksum_mismatch(export_dir, tmp_path, image_path, capsys):
     (d / "prune.onnx").write_bytes(bytes(data))
     assert _run(d, image_path) == 2
     assert "checksum mismatch" in capsys.readouterr().err
-    (d / "decode.onnx").unlink()
-    with pytest.raises(ArtifactError, match="decode.onnx is missing"):
+    (d / "lm.onnx").unlink()
+    with pytest.raises(ArtifactError, match="lm.onnx is missing"):
         load_artifacts(d)
 
 
