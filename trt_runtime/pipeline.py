@@ -249,6 +249,7 @@ class VLMPipeline:
     def _visual(self, pixel_values, prefix, suffix, k):
         """Vision → scores → kept features; returns (kept [1, k, C], kept_index, prefix/suffix embeddings)."""
         vis = self.runners["vision"].infer({"pixel_values": pixel_values})
+        self._vision_done = time.perf_counter()
         feats = vis["image_features"]
         prefix_emb, suffix_emb = self._embed(prefix), self._embed(suffix)
         if self.prune == "cls":
@@ -309,7 +310,8 @@ class VLMPipeline:
         t4 = time.perf_counter()
         self.lm.unbind()
         self.runners["embed"].unbind()
-        t.preprocess_ms, t.vision_ms = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
+        t.preprocess_ms, t.vision_ms = 1e3 * (t1 - t0), 1e3 * (self._vision_done - t1)
+        t.prune_ms = 1e3 * (t2 - self._vision_done)  # text embeddings, scoring and top-k
         t.prefill_ms, t.ttft_ms = 1e3 * (t3 - t2), 1e3 * (t3 - t0)
         t.decode_ms, t.decode_tokens = 1e3 * (t4 - t3), len(tokens) - 1
         return GenerationResult(tokens, text, kept_index.cpu().numpy(), n_vis, t, reason,
