@@ -56,7 +56,14 @@ class TorchGraphRunner(Runner):
         with torch.inference_mode():
             out = self.module(*args)
         out = out if isinstance(out, (tuple, list)) else (out,)
-        return dict(zip(self.output_names, out))
+        result = {}
+        for n, o in zip(self.output_names, out):
+            buf = self.bound.get(n)
+            if buf is not None and buf is not o:  # a bound output lives in its buffer (in-place caches already do)
+                buf.copy_(o)
+                o = buf
+            result[n] = o
+        return result
 
     def capture_decode(self, batch: int, hidden: int, s_max: int, num_layers: int) -> "CudaGraphDecode":
         """The LM graph's decode step over the bound caches, captured in a CUDA graph (GPU only)."""
