@@ -170,6 +170,17 @@ def file_table(root: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict
             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in exclude}
 
 
+#: Files of a transformers checkpoint directory that decide its weights (fingerprinted in the manifest).
+CHECKPOINT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+
+
+def checkpoint_table(directory: str | Path) -> dict:
+    """:func:`file_record` of the config and weight files of a checkpoint directory."""
+    directory = Path(directory)
+    paths = sorted({p for pattern in CHECKPOINT_FILES for p in directory.glob(pattern) if p.is_file()})
+    return {p.name: file_record(p) for p in paths}
+
+
 def verify_files(root: str | Path, table: dict, full: bool = False, what: str = "manifest.json") -> None:
     """Check every file of ``table`` under ``root``: present, same size, and the same sha256 — taken from the
     record when the file's mtime is unchanged (fast), re-hashed otherwise or always with ``full`` (``--verify``)."""
