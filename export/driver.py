@@ -173,7 +173,9 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
         (tmp / "vlmx_ops.md").write_text(markdown_table() + "\n")
         report = None
         if opts.report and not opts.plugins_only:
-            report = build_report(tmp, references, opts.precision, vision_module)
+            about = {"model": spec.name, "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
+                     "attention": opts.attention, "target": opts.target, "opset": opset}
+            report = build_report(tmp, references, opts.precision, vision_module, about)
     with progress.stage("manifest"):
         target = get_target(opts.target)
         ckpt = Path(opts.checkpoint).resolve() if opts.checkpoint else None

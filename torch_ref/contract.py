@@ -181,22 +181,23 @@ def checkpoint_table(directory: str | Path) -> dict:
     return {p.name: file_record(p) for p in paths}
 
 
-def verify_files(root: str | Path, table: dict, full: bool = False, what: str = "manifest.json") -> None:
+def verify_files(root: str | Path, table: dict, full: bool = False, what: str = "manifest.json",
+                 fix: str = "re-run vlm-export") -> None:
     """Check every file of ``table`` under ``root``: present, same size, and the same sha256 — taken from the
     record when the file's mtime is unchanged (fast), re-hashed otherwise or always with ``full`` (``--verify``)."""
     root = Path(root)
     for rel, meta in table.items():
         path = root / rel
         if not path.is_file():
-            raise ArtifactError(f"{path} is listed in {what} but missing; re-run vlm-export")
+            raise ArtifactError(f"{path} is listed in {what} but missing; {fix}")
         st = path.stat()
         if st.st_size != meta["bytes"]:
             raise ArtifactError(f"{path}: size {st.st_size} != {meta['bytes']} in {what} (checksum mismatch: the "
-                                "file was modified or truncated); re-run vlm-export")
+                                f"file was modified or truncated); {fix}")
         if full or st.st_mtime_ns != meta.get("mtime_ns") or not meta.get("mtime_ns"):
             if sha256_file(path) != meta["sha256"]:
                 raise ArtifactError(f"{path}: sha256 does not match {what} (checksum mismatch: the file was "
-                                    "modified); re-run vlm-export")
+                                    f"modified); {fix}")
 
 
 def manifest_digest(manifest: dict) -> str:

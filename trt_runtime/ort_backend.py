@@ -48,7 +48,14 @@ class OrtRunner(Runner):
         self.session = None
 
 
+PLUGINS_ONLY_REFUSAL = ("was exported with --plugins-only: its vlmx nodes have no function bodies, which ONNX "
+                        "Runtime needs; re-export without --plugins-only, or run it with --backend tensorrt and the "
+                        "vlmx plugin library")
+
+
 def graph_runners(artifacts, providers=None, threads=None, **_) -> dict[str, Runner]:
-    """An :class:`OrtRunner` per graph in the export directory."""
+    """An :class:`OrtRunner` per graph in the export directory (refused for --plugins-only exports)."""
+    if artifacts.manifest.get("plugins_only"):
+        raise ValueError(f"{artifacts.root} {PLUGINS_ONLY_REFUSAL}")
     return {name: OrtRunner(artifacts.graph_path(name), artifacts.graph(name).get("inputs"), providers, threads)
             for name in artifacts.manifest["graphs"]}

@@ -18,6 +18,8 @@ from vlmx.torch_ref.pruning import keep_count
 from .artifacts import Artifacts, load_artifacts
 from .runner import DEFAULT_BACKEND, graph_runners
 
+#: Largest image vlm-run decodes (the vision tower resizes to a few hundred pixels anyway).
+MAX_IMAGE_PIXELS = 50_000_000
 #: LLaVA-1.5 conversation template around the image and the user's prompt.
 PROMPT_PREFIX = "USER: "
 PROMPT_SUFFIX = "\n{prompt} ASSISTANT:"
@@ -79,9 +81,19 @@ def load_image(image) -> "PIL.Image.Image":  # noqa: F821
     path = Path(image)
     if not path.is_file():
         raise PipelineError(f"--image {path} does not exist; pass a PNG/JPEG file")
+    import warnings
+
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise PipelineError(f"--image {path} is {im.width}x{im.height} pixels, more than vlmx reads "
+                                        f"({MAX_IMAGE_PIXELS // 10**6} megapixels); resize it first")
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PipelineError(f"--image {path} is too large to decode safely (PIL's decompression-bomb limit); resize "
+                            "it first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise PipelineError(f"--image {path} is not a readable image ({e.__class__.__name__}); pass a PNG/JPEG "
                             "file") from None
@@ -90,9 +102,10 @@ def load_image(image) -> "PIL.Image.Image":  # noqa: F821
 class VLMPipeline:
     """Runs an export directory end to end on one backend (``onnxruntime``, ``tensorrt`` or ``torch``)."""
 
-    def __init__(self, artifacts: Artifacts | str | Path, backend: str = DEFAULT_BACKEND, prune: str = "text",
+    def __init__(self, artifacts: Artifacts | str | Path, backend: str = DEFAULT_BACKEND, prune: str | None = None,
                  **backend_options):
         self.artifacts = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
+        prune = self.artifacts.manifest.get("prune", "text") if prune is None else prune
         if prune not in PRUNE_METHODS:
             raise PipelineError(f"--prune {prune} is not known; choose one of {', '.join(PRUNE_METHODS)}")
         info = self.artifacts.info
@@ -108,6 +121,8 @@ class VLMPipeline:
             r.activate()
         self.has_position_ids = "position_ids" in self.artifacts.input_names("prefill")
         self.num_layers = int(info["num_layers"])
+        self.max_seq_len = int(info.get("max_seq_len") or
+                               self.artifacts.graph("decode")["profile"]["attention_mask"]["max"][1])
 
     def close(self) -> None:
         for r in self.runners.values():
@@ -149,19 +164,25 @@ class VLMPipeline:
         """Greedy generation for one image and prompt, keeping ``keep`` (ratio or token budget) visual tokens."""
         if max_new_tokens < 1:
             raise PipelineError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        flag = "--keep" if keep is not None else "the export's keep"
         keep = self.artifacts.manifest.get("keep", 1.0) if keep is None else keep
         t = Timings()
         t0 = time.perf_counter()
         pixel_values = self.preprocess(image)
         prefix, suffix = self.prompt_ids(prompt)
+        try:
+            k = keep_count(int(self.artifacts.info["num_image_tokens"]), keep)
+        except ValueError as e:
+            raise PipelineError(f"{flag} {keep}: {e}") from None
+        length = len(prefix) + k + len(suffix) + max_new_tokens
+        if length > self.max_seq_len:
+            raise PipelineError(f"the prompt ({len(prefix) + len(suffix)} tokens) + {k} visual tokens + "
+                                f"--max-new-tokens {max_new_tokens} need {length} positions, more than the model's "
+                                f"context of {self.max_seq_len}; shorten the prompt or lower --max-new-tokens")
         t1 = time.perf_counter()
         vis = self.runners["vision"].infer({"pixel_values": pixel_values})
         feats = vis["image_features"]
         n_vis = feats.shape[1]
-        try:
-            k = keep_count(n_vis, keep)
-        except ValueError as e:
-            raise PipelineError(f"--keep {keep}: {e}") from None
         t2 = time.perf_counter()
         prefix_emb, suffix_emb = self._embed(prefix), self._embed(suffix)
         if self.prune == "cls":

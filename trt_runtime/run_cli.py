@@ -1,12 +1,19 @@
-"""``vlm-run``: run an export directory on an image and a prompt, print the text and a timing breakdown."""
+"""``vlm-run``: run an export directory on an image and a prompt, print the text and a timing breakdown.
+
+The export is checked first (manifest, digests, graph I/O; ``--verify`` re-hashes every file). An export whose
+accuracy report FAILED is refused unless ``--force``. Exit 2: bad input (one line naming it); 130/143: interrupted.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .artifacts import ArtifactError
-from .pipeline import PRUNE_METHODS, PipelineError, VLMPipeline
+from vlmx.torch_ref.outdir import run_cli
+
 from .runner import BACKENDS, DEFAULT_BACKEND
+
+#: Longest prompt accepted before tokenizing (the model's context is the real limit, checked after tokenizing).
+MAX_PROMPT_CHARS = 8000
 
 
 def parse_keep(text: str) -> float | int:
@@ -24,35 +31,66 @@ def parse_keep(text: str) -> float | int:
     return value
 
 
+def parse_new_tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-new-tokens {text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--max-new-tokens {value} must be >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlm-run", description=__doc__)
+    from vlmx.torch_ref.contract import PRUNE_METHODS
+
+    p = argparse.ArgumentParser(prog="vlm-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", required=True, help="directory written by vlm-export --out")
     p.add_argument("--image", required=True, help="image file (PNG/JPEG)")
-    p.add_argument("--prompt", required=True, help="the user's question about the image")
+    p.add_argument("--prompt", required=True, help=f"the user's question about the image (<= {MAX_PROMPT_CHARS} "
+                                                    "characters, and it must fit the model's context)")
     p.add_argument("--keep", type=parse_keep, default=None,
                    help="visual tokens to keep: ratio in (0, 1] or a token budget (default: the export's --keep)")
-    p.add_argument("--prune", choices=PRUNE_METHODS, default="text",
-                   help="token scoring: text (text queries vs visual keys) or cls ([CLS] attention, CLIP only)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prune", choices=PRUNE_METHODS, default=None,
+                   help="token scoring: text (text queries vs visual keys) or cls ([CLS] attention, CLIP only); "
+                        "default: the export's --prune")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
+                   help="onnxruntime (the exported ONNX files, CPU or CUDA), tensorrt (engines from vlm-build, GPU) "
+                        "or torch (the exported model rebuilt in PyTorch; refused when that cannot be the exported "
+                        f"model, e.g. w8a8); default {DEFAULT_BACKEND}")
+    p.add_argument("--max-new-tokens", type=parse_new_tokens, default=32,
+                   help="most tokens to generate (default 32; prompt + visual tokens + this must fit the context)")
+    p.add_argument("--force", action="store_true", help="run even though the export's accuracy report failed")
+    p.add_argument("--verify", action="store_true", help="re-hash every file of the export (default: size + mtime)")
+    p.add_argument("--verbose", action="store_true", help="show library warnings")
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(args) -> int:
+    if len(args.prompt) > MAX_PROMPT_CHARS:
+        print(f"vlm-run: error: --prompt is {len(args.prompt)} characters; pass at most {MAX_PROMPT_CHARS}",
+              file=sys.stderr)
+        return 2
     from rich.console import Console
     from rich.table import Table
 
+    from .artifacts import ArtifactError, load_artifacts
+    from .pipeline import PipelineError, VLMPipeline
+    from .trt_backend import EngineMismatch
+    from .trt_import import TensorRTUnavailable
+
     console = Console(stderr=False)
     try:
-        with VLMPipeline(args.artifacts, backend=args.backend, prune=args.prune) as pipe:
+        art = load_artifacts(args.artifacts, verify=args.verify)
+        art.refuse_failed_report(args.force)
+        with VLMPipeline(art, backend=args.backend, prune=args.prune) as pipe:
             res = pipe.generate(args.image, args.prompt, keep=args.keep, max_new_tokens=args.max_new_tokens)
-    except (ArtifactError, PipelineError, ValueError, FileNotFoundError) as e:
+    except (ArtifactError, PipelineError, ValueError, FileNotFoundError, TensorRTUnavailable, EngineMismatch) as e:
         print(f"vlm-run: error: {e}", file=sys.stderr)
         return 2
     console.print(f"[bold]text:[/bold] {res.text}")
     console.print(f"tokens: {res.tokens}")
-    console.print(f"visual tokens kept: {res.kept} of {res.num_visual_tokens} ({args.prune} scoring, "
+    console.print(f"visual tokens kept: {res.kept} of {res.num_visual_tokens} ({pipe.prune} scoring, "
                   f"backend {args.backend})")
     table = Table(title="timing")
     table.add_column("stage")
@@ -61,6 +99,11 @@ def main(argv=None) -> int:
         table.add_row(stage, value)
     console.print(table)
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("vlm-run", lambda: _run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ A new backend is a new module registered in :data:`BACKENDS`, never a branch in 
 from __future__ import annotations
 
 import importlib
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 BACKENDS = {
     "onnxruntime": "vlmx.trt_runtime.ort_backend",
