@@ -404,8 +404,8 @@ def validate_manifest(manifest, where: str = MANIFEST) -> dict:
         _schema().model_validate(manifest)
     except ValidationError as e:
         first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ArtifactError(f"{where}: field {loc}: {first['msg']} ({e.error_count()} problem(s)); the manifest is "
+        loc = ".".join(str(p) for p in first["loc"]).encode("unicode_escape").decode() or "(top level)"
+        raise ArtifactError(f"{where}: field {loc}: {first['msg'].encode('unicode_escape').decode()} ({e.error_count()} problem(s)); the manifest is "
                             "corrupt or was edited: re-run vlm-export") from None
     if manifest_digest(manifest) != manifest["manifest_sha256"]:
         raise ArtifactError(f"{where} was modified after the export (its manifest_sha256 does not match its "

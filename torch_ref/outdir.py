@@ -43,8 +43,13 @@ def check_out(out, overwrite: bool, is_ours: Callable[[Path], bool], what: str =
     text = str(out) if out is not None else ""
     if not text.strip():
         raise OutputError(f"{flag} is empty; pass the directory to write, e.g. {flag} exports/llava-tiny")
+    if "\x00" in text:
+        raise OutputError(f"{flag} contains a NUL character; pass a plain directory path")
     path = Path(text).expanduser()
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as e:  # symlink loops, unreadable components
+        raise OutputError(f"{flag} {text}: cannot resolve the path ({e}); choose another directory") from None
     cwd = Path.cwd().resolve()
     if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or resolved in (cwd, *cwd.parents):
         raise OutputError(f"{flag} {text} is the root, home or working directory (or one of its parents); vlmx "
