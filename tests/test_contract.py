@@ -208,3 +208,15 @@ def test_fuzzed_output_paths_never_touch_anything(tmp_path, monkeypatch, name, o
     else:
         assert out.resolve() not in (tmp_path.resolve(), *tmp_path.resolve().parents)
     assert sorted(Path(tmp_path).rglob("*")) == before
+
+
+def test_graph_io_reads_only_the_io_and_matches_onnx(tiny_export, tmp_path):
+    import onnx
+
+    for f in sorted(tiny_export.glob("*.onnx")):
+        model = onnx.load(str(f), load_external_data=False)
+        assert C.graph_io(f) == (C.io_entries(model.graph.input), C.io_entries(model.graph.output)), f.name
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes((tiny_export / "vision.onnx").read_bytes()[:5000])
+    with pytest.raises(C.ArtifactError, match="is not a readable ONNX file"):
+        C.graph_io(broken)

@@ -232,15 +232,75 @@ def io_entries(values) -> list[dict]:
     return out
 
 
+def _varint(f) -> int | None:
+    shift = value = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            if shift:
+                raise ValueError("truncated varint")
+            return None
+        value |= (b[0] & 0x7F) << shift
+        if b[0] < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("bad varint")
+
+
+def _fields(f, end: int, wanted: dict[int, list]):
+    """Walk the protobuf fields of one message up to offset ``end``: collect the bytes of length-delimited fields
+    listed in ``wanted`` (field number -> list), seek past everything else (initializers are never read)."""
+    while f.tell() < end:
+        tag = _varint(f)
+        if tag is None:
+            raise ValueError("truncated message")
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _varint(f)
+        elif wire == 1:
+            f.seek(8, 1)
+        elif wire == 5:
+            f.seek(4, 1)
+        elif wire == 2:
+            n = _varint(f)
+            if n is None or f.tell() + n > end:
+                raise ValueError("field runs past the end of the file")
+            if number in wanted:
+                wanted[number].append((f.tell(), n))
+            f.seek(n, 1)
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+
+
 def graph_io(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(inputs, outputs) of an ONNX file, read without its external weights."""
+    """(inputs, outputs) of an ONNX file. Only the graph's input and output value infos are parsed: nodes and
+    initializers are skipped on disk, so a multi-GB file costs a few seeks."""
     import onnx
 
+    path = Path(path)
+    size = path.stat().st_size
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises several types; all mean "not an ONNX file"
-        raise ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__}); re-run vlm-export") from None
-    return io_entries(model.graph.input), io_entries(model.graph.output)
+        with open(path, "rb") as f:
+            graphs: list = []
+            _fields(f, size, {7: graphs})  # ModelProto.graph
+            if len(graphs) != 1:
+                raise ValueError(f"{len(graphs)} graph fields")
+            start, n = graphs[0]
+            f.seek(start)
+            ins, outs = [], []
+            _fields(f, start + n, {11: ins, 12: outs})  # GraphProto.input / .output
+            values = []
+            for group in (ins, outs):
+                protos = []
+                for off, length in group:
+                    f.seek(off)
+                    protos.append(onnx.ValueInfoProto.FromString(f.read(length)))
+                values.append(protos)
+    except Exception as e:  # noqa: BLE001 - struct and protobuf errors alike mean "not an ONNX file"
+        raise ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__}: {e}); re-run vlm-export") \
+            from None
+    return io_entries(values[0]), io_entries(values[1])
 
 
 def graph_entry(path: str | Path, dynamic_axes: dict, profile: dict) -> dict:
