@@ -220,3 +220,25 @@ def test_graph_io_reads_only_the_io_and_matches_onnx(tiny_export, tmp_path):
     broken.write_bytes((tiny_export / "vision.onnx").read_bytes()[:5000])
     with pytest.raises(C.ArtifactError, match="is not a readable ONNX file"):
         C.graph_io(broken)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_onnx_bytes_are_refused_cleanly(tmp_path, data):
+    """A damaged graph file: its I/O is read or ArtifactError is raised, nothing else."""
+    from test_trt_build import conform, matmul_softmax_graph
+
+    src = tmp_path / "g.onnx"
+    if not src.exists():
+        src.write_bytes(conform(matmul_softmax_graph(0), "prune").SerializeToString())
+    raw = bytearray(src.read_bytes())
+    cut = data.draw(st.integers(0, len(raw)))
+    for _ in range(data.draw(st.integers(0, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(bytes(raw[:cut]))
+    try:
+        ins, outs = C.graph_io(bad)
+    except C.ArtifactError:
+        return
+    assert all(isinstance(e["name"], str) for e in ins + outs)

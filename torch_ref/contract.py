@@ -273,14 +273,51 @@ def _fields(f, end: int, wanted: dict[int, list]):
             raise ValueError(f"unsupported wire type {wire}")
 
 
-def graph_io(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(inputs, outputs) of an ONNX file. Only the graph's input and output value infos are parsed: nodes and
-    initializers are skipped on disk, so a multi-GB file costs a few seeks."""
-    import onnx
+def _message(buf: bytes) -> dict[int, list]:
+    """Fields of one small protobuf message: {field number: [int (varint) or bytes (length-delimited)]}."""
+    import io
 
+    f, out = io.BytesIO(buf), {}
+    while f.tell() < len(buf):
+        tag = _varint(f)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value = _varint(f)
+        elif wire == 2:
+            n = _varint(f)
+            value = f.read(n)
+            if len(value) != n:
+                raise ValueError("truncated field")
+        elif wire in (1, 5):
+            value = f.read(8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        out.setdefault(number, []).append(value)
+    return out
+
+
+def _value_info(buf: bytes) -> dict:
+    """``{"name", "shape", "dtype"}`` of an ONNX ValueInfoProto (name=1, type=2 -> tensor_type=1 -> elem_type=1,
+    shape=2 -> dim=1 -> dim_value=1 | dim_param=2), parsed without the onnx package."""
+    v = _message(buf)
+    name = v.get(1, [b""])[0].decode()
+    tensor = _message(_message(v[2][0]).get(1, [b""])[0]) if 2 in v else {}
+    elem = tensor.get(1, [0])[0]
+    dims = [_message(d) for d in _message(tensor[2][0]).get(1, [])] if 2 in tensor else []
+    shape = [d[2][0].decode() if 2 in d else _signed(d.get(1, [0])[0]) for d in dims]
+    return {"name": name, "shape": shape, "dtype": DTYPES.get(elem, str(elem))}
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def graph_io(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(inputs, outputs) of an ONNX file. Only the graph's input and output value infos are parsed (no onnx import):
+    nodes and initializers are skipped on disk, so a multi-GB file costs a few seeks."""
     path = Path(path)
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             graphs: list = []
             _fields(f, size, {7: graphs})  # ModelProto.graph
@@ -292,15 +329,15 @@ def graph_io(path: str | Path) -> tuple[list[dict], list[dict]]:
             _fields(f, start + n, {11: ins, 12: outs})  # GraphProto.input / .output
             values = []
             for group in (ins, outs):
-                protos = []
+                entries = []
                 for off, length in group:
                     f.seek(off)
-                    protos.append(onnx.ValueInfoProto.FromString(f.read(length)))
-                values.append(protos)
-    except Exception as e:  # noqa: BLE001 - struct and protobuf errors alike mean "not an ONNX file"
+                    entries.append(_value_info(f.read(length)))
+                values.append(entries)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__}: {e}); re-run vlm-export") \
             from None
-    return io_entries(values[0]), io_entries(values[1])
+    return values[0], values[1]
 
 
 def graph_entry(path: str | Path, dynamic_axes: dict, profile: dict) -> dict:
