@@ -8,6 +8,8 @@ an export directory. Torch-free and cheap to import: numpy, onnx and pydantic ar
 
 Extending it (e.g. a new LM graph or KV layout) means editing the data below (:data:`GRAPHS`, :data:`KV_NAME`), not
 the code that reads it.
+Two helpers sit beside it: :mod:`.manifest_schema` (the pydantic model of manifest.json, loaded on first use) and
+:mod:`.onnx_io` (a graph's I/O read from the protobuf without the onnx package or the weights).
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ import os
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+
+from .onnx_io import DTYPES, OnnxReadError, io_entries, read_graph_io  # noqa: F401  (DTYPES, io_entries re-exported)
 
 FORMAT = "vlmx-export"
 #: 2: files carry ``mtime_ns``; the manifest carries its own digest, ``created`` and ``checkpoint_files``.
@@ -33,8 +36,6 @@ PRUNE_METHODS = ("text", "cls")
 ATTENTION_MODES = ("plugin", "native", "decomposed")
 #: Relative-error thresholds per export precision (the accuracy contract of vlm-export, vlm-compare and tests).
 THRESHOLDS = {"fp32": 1e-5, "fp16": 1e-3, "w8a8": 3e-2}
-#: Tensor dtypes a graph's I/O may have (ONNX TensorProto enum value -> name).
-DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}
 
 # ------------------------------------------------------------------------------------------- graphs and names
 #: KV-cache tensor names: ``KV_NAME.format(prefix=..., layer=i, kind=k)`` for every layer and kind.
@@ -222,122 +223,12 @@ def versions() -> dict:
 
 
 # ------------------------------------------------------------------------------------------- graph I/O
-def io_entries(values) -> list[dict]:
-    """``[{"name", "shape": [int | axis name], "dtype"}]`` from ONNX value infos."""
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-        out.append({"name": v.name, "shape": shape, "dtype": DTYPES.get(t.elem_type, str(t.elem_type))})
-    return out
-
-
-def _varint(f) -> int | None:
-    shift = value = 0
-    while True:
-        b = f.read(1)
-        if not b:
-            if shift:
-                raise ValueError("truncated varint")
-            return None
-        value |= (b[0] & 0x7F) << shift
-        if b[0] < 0x80:
-            return value
-        shift += 7
-        if shift > 63:
-            raise ValueError("bad varint")
-
-
-def _fields(f, end: int, wanted: dict[int, list]):
-    """Walk the protobuf fields of one message up to offset ``end``: collect the bytes of length-delimited fields
-    listed in ``wanted`` (field number -> list), seek past everything else (initializers are never read)."""
-    while f.tell() < end:
-        tag = _varint(f)
-        if tag is None:
-            raise ValueError("truncated message")
-        number, wire = tag >> 3, tag & 7
-        if wire == 0:
-            _varint(f)
-        elif wire == 1:
-            f.seek(8, 1)
-        elif wire == 5:
-            f.seek(4, 1)
-        elif wire == 2:
-            n = _varint(f)
-            if n is None or f.tell() + n > end:
-                raise ValueError("field runs past the end of the file")
-            if number in wanted:
-                wanted[number].append((f.tell(), n))
-            f.seek(n, 1)
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-
-
-def _message(buf: bytes) -> dict[int, list]:
-    """Fields of one small protobuf message: {field number: [int (varint) or bytes (length-delimited)]}."""
-    import io
-
-    f, out = io.BytesIO(buf), {}
-    while f.tell() < len(buf):
-        tag = _varint(f)
-        number, wire = tag >> 3, tag & 7
-        if wire == 0:
-            value = _varint(f)
-        elif wire == 2:
-            n = _varint(f)
-            value = f.read(n)
-            if len(value) != n:
-                raise ValueError("truncated field")
-        elif wire in (1, 5):
-            value = f.read(8 if wire == 1 else 4)
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        out.setdefault(number, []).append(value)
-    return out
-
-
-def _value_info(buf: bytes) -> dict:
-    """``{"name", "shape", "dtype"}`` of an ONNX ValueInfoProto (name=1, type=2 -> tensor_type=1 -> elem_type=1,
-    shape=2 -> dim=1 -> dim_value=1 | dim_param=2), parsed without the onnx package."""
-    v = _message(buf)
-    name = v.get(1, [b""])[0].decode()
-    tensor = _message(_message(v[2][0]).get(1, [b""])[0]) if 2 in v else {}
-    elem = tensor.get(1, [0])[0]
-    dims = [_message(d) for d in _message(tensor[2][0]).get(1, [])] if 2 in tensor else []
-    shape = [d[2][0].decode() if 2 in d else _signed(d.get(1, [0])[0]) for d in dims]
-    return {"name": name, "shape": shape, "dtype": DTYPES.get(elem, str(elem))}
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
 def graph_io(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(inputs, outputs) of an ONNX file. Only the graph's input and output value infos are parsed (no onnx import):
-    nodes and initializers are skipped on disk, so a multi-GB file costs a few seeks."""
-    path = Path(path)
+    """(inputs, outputs) of an ONNX file, read without its weights and without the onnx package."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            graphs: list = []
-            _fields(f, size, {7: graphs})  # ModelProto.graph
-            if len(graphs) != 1:
-                raise ValueError(f"{len(graphs)} graph fields")
-            start, n = graphs[0]
-            f.seek(start)
-            ins, outs = [], []
-            _fields(f, start + n, {11: ins, 12: outs})  # GraphProto.input / .output
-            values = []
-            for group in (ins, outs):
-                entries = []
-                for off, length in group:
-                    f.seek(off)
-                    entries.append(_value_info(f.read(length)))
-                values.append(entries)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__}: {e}); re-run vlm-export") \
-            from None
-    return values[0], values[1]
+        return read_graph_io(path)
+    except OnnxReadError as e:
+        raise ArtifactError(f"{path} is not a readable ONNX file ({e}); re-run vlm-export") from None
 
 
 def graph_entry(path: str | Path, dynamic_axes: dict, profile: dict) -> dict:
@@ -382,111 +273,6 @@ def _diff(want: list[str], got: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the manifest
-@lru_cache(maxsize=1)
-def _schema():
-    """The pydantic model of manifest.json (built on first use: pydantic stays out of ``import``)."""
-    from typing import Literal, Optional, Union
-
-    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-    from .op_table import OPS
-    from .targets import TARGETS
-
-    class Strict(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
-
-    class IOEntry(Strict):
-        name: str = Field(min_length=1)
-        shape: list[Union[int, str]]
-        dtype: Literal[tuple(DTYPES.values())]
-
-    class Range(Strict):
-        min: list[int]
-        opt: list[int]
-        max: list[int]
-
-    class GraphEntry(Strict):
-        file: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$")
-        inputs: list[IOEntry]
-        outputs: list[IOEntry]
-        dynamic_axes: dict[str, dict[str, str]]
-        profile: dict[str, Range]
-        passes: list[str] = []
-
-    class FileEntry(Strict):
-        sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-        bytes: int = Field(ge=0)
-        mtime_ns: Optional[int] = None
-
-    class ModelInfo(BaseModel):
-        model_config = ConfigDict(extra="allow", strict=True)
-        vision: str
-        language: str
-        num_layers: int = Field(ge=1, le=4096)
-        num_image_tokens: int = Field(ge=1)
-        has_cls: bool
-        position_ids: bool
-        eos_token_id: Optional[int] = Field(default=None, ge=0)
-        max_seq_len: Optional[int] = Field(default=None, ge=2)
-
-    class Report(Strict):
-        passed: bool
-        file: str
-
-    class Manifest(Strict):
-        format: Literal[FORMAT]
-        format_version: Literal[FORMAT_VERSION]
-        model: str = Field(min_length=1)
-        checkpoint: Optional[str]
-        checkpoint_files: Optional[dict[str, FileEntry]] = None
-        target: Literal[tuple(TARGETS)]
-        sm: int
-        precision: Literal[PRECISIONS]
-        attention: Literal[ATTENTION_MODES]
-        opset: int = Field(ge=1, le=100)
-        keep: float = Field(gt=0.0, le=1.0)
-        prune: Literal[PRUNE_METHODS]
-        seed: int
-        plugins_only: bool
-        ops_used: list[str]
-        model_info: ModelInfo
-        graphs: dict[str, GraphEntry]
-        reference: Optional[str]
-        report: Optional[Report]
-        notes: list[str] = []
-        files: dict[str, FileEntry]
-        versions: dict[str, Optional[str]]
-        created: str
-        manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-        @field_validator("keep", mode="before")
-        @classmethod
-        def _keep_number(cls, v):
-            return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-        @field_validator("ops_used")
-        @classmethod
-        def _known_ops(cls, v):
-            unknown = sorted(set(v) - set(OPS))
-            if unknown:
-                raise ValueError(f"ops {unknown} are unknown to this vlmx (it knows {sorted(OPS)})")
-            return v
-
-        @model_validator(mode="after")
-        def _consistent(self):
-            if self.sm != TARGETS[self.target].sm:
-                raise ValueError(f"sm {self.sm} does not match target {self.target}")
-            missing = [g for g in GRAPH_NAMES if g not in self.graphs]
-            extra = [g for g in self.graphs if g not in GRAPHS]
-            if missing or extra:
-                raise ValueError(f"graphs must be {list(GRAPH_NAMES)} (lacks {missing}, unknown {extra})")
-            if self.prune == "cls" and not self.model_info.has_cls:
-                raise ValueError("prune is cls but the vision tower has no [CLS] token")
-            return self
-
-    return Manifest
-
-
 def validate_manifest(manifest, where: str = MANIFEST) -> dict:
     """Schema + self-digest + declared-I/O check of a manifest dict; returns it. Raises :class:`ArtifactError`."""
     from pydantic import ValidationError
@@ -498,7 +284,9 @@ def validate_manifest(manifest, where: str = MANIFEST) -> dict:
         raise ArtifactError(f"{where}: format_version {manifest.get('format_version')!r} is not supported (this "
                             f"vlmx reads {FORMAT_VERSION}); re-export with this vlmx version")
     try:
-        _schema().model_validate(manifest)
+        from .manifest_schema import manifest_model
+
+        manifest_model().model_validate(manifest)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]).encode("unicode_escape").decode() or "(top level)"
