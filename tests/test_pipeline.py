@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmx.export.cli import main as export_main
 from vlmx.torch_ref import models
 from vlmx.trt_runtime import compare, run_cli
 from vlmx.trt_runtime.artifacts import ArtifactError, load_artifacts
@@ -21,11 +20,9 @@ NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    """One fp32 llava-tiny export with vlmx plugin attention (ORT runs the vlmx function bodies)."""
-    out = tmp_path_factory.mktemp("artifacts") / "llava-tiny"
-    assert export_main(["--model", PRESET, "--precision", "fp32", "--out", str(out), "--quiet", "--seed", "3"]) == 0
-    return out
+def export_dir(tiny_export):
+    """The session's fp32 llava-tiny export with vlmx plugin attention (ORT runs the vlmx function bodies)."""
+    return tiny_export
 
 
 @pytest.fixture

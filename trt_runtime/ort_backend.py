@@ -161,8 +161,15 @@ def _cuda_view(value):
     return torch.as_tensor(_CudaArray(value), device="cuda")
 
 
+PLUGINS_ONLY_REFUSAL = ("was exported with --plugins-only: its vlmx nodes have no function bodies, which ONNX "
+                        "Runtime needs; re-export without --plugins-only, or run it with --backend tensorrt and the "
+                        "vlmx plugin library")
+
+
 def graph_runners(artifacts, providers=None, threads=None, **_) -> dict[str, Runner]:
-    """An :class:`OrtRunner` per graph in the export directory."""
+    """An :class:`OrtRunner` per graph in the export directory (refused for --plugins-only exports)."""
+    if artifacts.manifest.get("plugins_only"):
+        raise ValueError(f"{artifacts.root} {PLUGINS_ONLY_REFUSAL}")
     return {name: OrtRunner(artifacts.graph_path(name), artifacts.graph(name).get("inputs"), providers, threads,
                             artifacts.graph(name).get("outputs"))
             for name in artifacts.manifest["graphs"]}

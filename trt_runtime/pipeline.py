@@ -26,6 +26,9 @@ from .runner import DEFAULT_BACKEND, graph_runners
 from .sampling import Sampler, Sampling
 from .text import prompt_text
 
+#: Largest image vlm-run decodes (the vision tower resizes to a few hundred pixels anyway).
+MAX_IMAGE_PIXELS = 50_000_000
+
 
 class PipelineError(ValueError):
     """A bad input to the pipeline (image, keep, prune method, lengths); the message says what to do."""
@@ -118,9 +121,19 @@ def load_image(image) -> "PIL.Image.Image":  # noqa: F821
     path = Path(image)
     if not path.is_file():
         raise PipelineError(f"--image {path} does not exist; pass a PNG/JPEG file")
+    import warnings
+
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise PipelineError(f"--image {path} is {im.width}x{im.height} pixels, more than vlmx reads "
+                                        f"({MAX_IMAGE_PIXELS // 10**6} megapixels); resize it first")
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PipelineError(f"--image {path} is too large to decode safely (PIL's decompression-bomb limit); resize "
+                            "it first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise PipelineError(f"--image {path} is not a readable image ({e.__class__.__name__}); pass a PNG/JPEG "
                             "file") from None
@@ -137,9 +150,10 @@ class VLMPipeline:
     ``text``: the text seam (default :func:`vlmx.trt_runtime.text.prompt_text`); ``cuda_graph``: capture the decode
     step where the LM runner offers ``capture_decode`` (the torch backend on a GPU)."""
 
-    def __init__(self, artifacts: Artifacts | str | Path, backend: str = DEFAULT_BACKEND, prune: str = "text",
+    def __init__(self, artifacts: Artifacts | str | Path, backend: str = DEFAULT_BACKEND, prune: str | None = None,
                  text=None, cuda_graph: bool = True, **backend_options):
         self.artifacts = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
+        prune = self.artifacts.manifest.get("prune", "text") if prune is None else prune
         if prune not in PRUNE_METHODS:
             raise PipelineError(f"--prune {prune} is not known; choose one of {', '.join(PRUNE_METHODS)}")
         info = self.artifacts.info
@@ -228,12 +242,13 @@ class VLMPipeline:
             raise PipelineError(str(e)) from None
         if any(not isinstance(s, str) or not s for s in stop):
             raise PipelineError("--stop strings must be non-empty")
+        flag = "--keep" if keep is not None else "the export's keep"
         keep = self.artifacts.manifest.get("keep", 1.0) if keep is None else keep
         n_vis = int(self.artifacts.info["num_image_tokens"])
         try:
             k = keep_count(n_vis, keep)
         except ValueError as e:
-            raise PipelineError(f"--keep {keep}: {e}") from None
+            raise PipelineError(f"{flag} {keep}: {e}") from None
         prefix, suffix = self.prompt_ids(prompt)
         self.check_length(len(prefix) + k + len(suffix), max_new_tokens)
         return Generation(self._generate(image, prefix, suffix, k, max_new_tokens, sampling, tuple(stop)))
