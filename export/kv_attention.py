@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from vlmx.torch_ref import kv_cache, ops  # noqa: F401  (define torch.ops.vlmx_onnx.* and torch.ops.vlmx.*)
 from vlmx.torch_ref.alibi import gen_slopes
-
-ATTENTION_MODES = ("plugin", "native", "decomposed")
+from vlmx.torch_ref.contract import ATTENTION_MODES
 #: transformers ``attn_implementation`` names of the cache-aware attention functions, per mode.
 HF_NAMES = {m: f"vlmx_kv_{m}" for m in ATTENTION_MODES}
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from vlmx.torch_ref.hf_compat import cache_kwargs
+
 from . import kv_attention
 
 
@@ -23,9 +25,11 @@ class LlamaDecoder(nn.Module):
 
     def forward(self, hidden, state, cache, position_ids):
         pe = self.lm.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self.lm.layers[:self.num_layers]:
+        layers = self.lm.layers[:self.num_layers]
+        kw = cache_kwargs(layers[0], cache) if len(layers) else {}
+        for layer in layers:
             hidden = layer(hidden, attention_mask=state.allowed, position_embeddings=pe, position_ids=position_ids,
-                           cache=cache, vlmx_kv=state)
+                           vlmx_kv=state, **kw)
         return self.lm.norm(hidden)
 
 

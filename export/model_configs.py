@@ -19,7 +19,7 @@ from . import graphs, hf_attention, lm_decoders
 from .domain import TENSOR_SCATTER_OPSET
 
 #: Dummy sizes: batch 2 and distinct odd lengths, so no dynamic axis is specialised by accident.
-DUMMY = {"batch": 2, "seq": 9, "text_len": 7, "past": 6, "new": 3}
+DUMMY = {"batch": 2, "seq": 9, "text_len": 7, "past": 6, "new": 3, "cache_slots": 17}
 
 
 @dataclass
@@ -218,13 +218,16 @@ class LlavaFamily:
         mask = torch.ones(b, p + n, dtype=torch.int64)
         mask[1, :2] = 0  # left padding in the second row
         inputs = {"inputs_embeds": self._embeds(ctx, 7, b, n), "attention_mask": mask}
-        kv_shape = (d["num_kv_heads"], mx, d["head_dim"])
+        # The cache length is a named axis of the graph (any S_max runs it); the export's S_max lives in the
+        # manifest and the TensorRT profiles. So the dummy caches stay small even for a 7B model.
+        slots = DUMMY["cache_slots"]
         for i, name in enumerate(self.kv_names(ctx, KV_PAST)):
-            cache = self._randn(ctx, 100 + i, b, *kv_shape)
+            cache = self._randn(ctx, 100 + i, b, d["num_kv_heads"], slots, d["head_dim"])
             cache[:, :, p:] = 0  # slots past the valid prefix hold nothing yet
             inputs[name] = cache
+        kv_shape = (d["num_kv_heads"], mx, d["head_dim"])
         dyn = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "kv_len"}}
-        dyn.update({name: {0: "batch"} for name in self.kv_names(ctx, KV_PAST)})
+        dyn.update({name: {0: "batch", 2: "max_seq_len"} for name in self.kv_names(ctx, KV_PAST)})
         opt = min(mx, ctx.spec.num_image_tokens + 32)
         kv = {name: ((1, *kv_shape), (1, *kv_shape), (mb, *kv_shape)) for name in self.kv_names(ctx, KV_PAST)}
         prefill = self._profile(ctx, {"inputs_embeds": ((1, 1, c), (1, opt, c), (mb, mx, c)),

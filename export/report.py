@@ -94,9 +94,14 @@ def plot_layer_errors(rows: list[dict], threshold: float, path: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.semilogy([r["layer"] for r in rows], [max(r["relative"], 1e-12) for r in rows], "o-", label="ORT vs torch")
+    layers = [r["layer"] for r in rows]
+    ax.semilogy(layers, [max(r["relative"], 1e-12) for r in rows], "o-", label="ORT vs torch")
     ax.axhline(threshold, color="r", ls="--", label=f"threshold {threshold:g}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(min(layers) - 0.5, max(layers) + 0.5)  # one layer still gets a readable axis
     ax.set_xlabel("vision encoder layer")
     ax.set_ylabel("relative error")
     ax.set_title(title)
@@ -107,19 +112,29 @@ def plot_layer_errors(rows: list[dict], threshold: float, path: Path, title: str
     return path
 
 
-def build_report(root: Path, references: dict, precision: str, vision_module=None) -> dict:
-    """Compare every graph with a reference; write ``report.json``, ``report.md`` and the vision layer plot."""
+def build_report(root: Path, references: dict, precision: str, vision_module=None, about: dict | None = None) -> dict:
+    """Compare every graph with a reference; write ``report.json``, ``report.md`` and the vision layer plot.
+
+    ``about``: what was exported (model, attention, target, opset, ...), written at the top of both reports with
+    the tool versions and the date."""
+    from datetime import datetime, timezone
+
+    from vlmx.torch_ref.contract import versions
+
     threshold = THRESHOLDS[precision]
+    about = {**(about or {}), "precision": precision, "versions": versions(),
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     graphs = {}
     for graph, ref in references.items():
         outs = run_onnx(str(root / f"{graph}.onnx"), ref["inputs"])
         graphs[graph] = compare_outputs(outs, ref["outputs"], threshold, ref["inputs"])
-    report = {"precision": precision, "threshold": threshold, "runtime": "onnxruntime (CPU) via polygraphy",
+    report = {"about": about, "precision": precision, "threshold": threshold, "runtime": "onnxruntime (CPU) via polygraphy",
               "graphs": graphs, "passed": all(r["passed"] for g in graphs.values() for r in g.values())}
     if vision_module is not None and "vision" in references:
         rows = vision_layer_errors(root / "vision.onnx", vision_module, references["vision"]["inputs"]["pixel_values"])
         report["vision_layers"] = rows
-        if plot_layer_errors(rows, threshold, root / "vision_layer_error.png", f"vision tower, {precision}"):
+        title = f"{about.get('model', 'vision tower')}: vision tower, {precision}, {about.get('attention', '')} attention"
+        if plot_layer_errors(rows, threshold, root / "vision_layer_error.png", title.replace(", , ", ", ")):
             report["vision_layer_plot"] = "vision_layer_error.png"
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "report.md").write_text(markdown(report))
@@ -127,8 +142,15 @@ def build_report(root: Path, references: dict, precision: str, vision_module=Non
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Accuracy report ({report['precision']}, threshold {report['threshold']:g} relative)", "",
-             f"Runtime: {report['runtime']}; reference: torch on the same seeded inputs.", "",
+    about = report.get("about", {})
+    model = about.get("model", "export")
+    lines = [f"# Accuracy report: {model} ({report['precision']}, threshold {report['threshold']:g} relative)", ""]
+    facts = [("model", about.get("model")), ("checkpoint", about.get("checkpoint") or "seeded random weights"),
+             ("precision", report["precision"]), ("attention", about.get("attention")),
+             ("target", about.get("target")), ("opset", about.get("opset")), ("date", about.get("date")),
+             ("versions", ", ".join(f"{k} {v}" for k, v in about.get("versions", {}).items() if v))]
+    lines += [f"- {k}: {v}" for k, v in facts if v is not None] + [""]
+    lines += [f"Runtime: {report['runtime']}; reference: torch on the same seeded inputs.", "",
              "| graph | output | max abs | relative | criterion | result |", "|---|---|---|---|---|---|"]
     for graph, rows in report["graphs"].items():
         for name, r in rows.items():

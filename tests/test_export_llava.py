@@ -37,7 +37,7 @@ def test_directory_holds_the_contract_files(fp32_export):
     files = {p.name for p in fp32_export.iterdir()}
     assert {f"{g}.onnx" for g in GRAPHS} | {"manifest.json", "reference.npz", "report.json", "report.md",
                                            "vision_layer_error.png", "vlmx_ops.md"} <= files
-    assert not list(fp32_export.parent.glob("*.tmp-*"))
+    assert not list(fp32_export.parent.glob("*.vlmx-tmp-*"))
 
 
 def test_manifest_matches_the_contract(fp32_export):
@@ -68,7 +68,9 @@ def test_manifest_matches_the_contract(fp32_export):
     assert "prefill" not in g and "decode" not in g  # one LM graph, the weights stored once
     assert _names(g["lm"]["inputs"]) == ["inputs_embeds", "attention_mask"] + [f"past.{n}" for n in kv]
     assert _names(g["lm"]["outputs"]) == ["logits"] + [f"present.{n}" for n in kv]
-    assert g["lm"]["inputs"][2]["shape"] == ["batch", 4, 512, 32] == g["lm"]["outputs"][1]["shape"]
+    assert g["lm"]["inputs"][2]["shape"] == ["batch", 4, "max_seq_len", 32] == g["lm"]["outputs"][1]["shape"]
+    assert g["lm"]["profiles"]["decode"]["past.0.key"] == {"min": [1, 4, 512, 32], "opt": [1, 4, 512, 32],
+                                                          "max": [4, 4, 512, 32]}
     assert g["lm"]["outputs"][0] == {"name": "logits", "shape": ["batch", 1, 1024], "dtype": "float32"}
     assert info["max_seq_len"] == 512 and g["lm"]["opset"] == 24
     assert set(g["lm"]["profiles"]) == {"prefill", "decode"} and g["lm"]["profile"] == g["lm"]["profiles"]["prefill"]
@@ -77,7 +79,8 @@ def test_manifest_matches_the_contract(fp32_export):
     for rel, meta in m["files"].items():
         data = (fp32_export / rel).read_bytes()
         assert hashlib.sha256(data).hexdigest() == meta["sha256"] and len(data) == meta["bytes"]
-    assert set(m["versions"]) == {"vlmx", "torch", "onnx", "transformers", "onnxruntime", "python"}
+    assert set(m["versions"]) == {"vlmx", "torch", "onnx", "transformers", "onnxruntime", "polygraphy", "python"}
+    assert m["created"].endswith("+00:00") and len(m["manifest_sha256"]) == 64
 
 
 def test_every_vlmx_node_is_a_plugin_node_backed_by_a_function(fp32_export):

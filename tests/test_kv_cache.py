@@ -143,3 +143,15 @@ def test_memory_plan_of_an_export_counts_cache_at_s_max():
     assert check_build_memory(manifest, "rtx2060", 75, verbose=False).fits
     with pytest.raises(MemoryPlanError, match="--card gtx1080 is not known"):
         check_build_memory(manifest, "gtx1080", 75)
+
+
+@pytest.mark.parametrize("value, match", [("1", "outside 2..512"), ("600", "outside 2..512"),
+                                          ("16", "leaves no room for text")])
+def test_max_seq_len_flag_is_checked_before_exporting(tmp_path, capsys, value, match):
+    from vlmx.export.cli import main as export_main
+
+    out = tmp_path / "e"
+    assert export_main(["--model", "llava-tiny", "--max-seq-len", value, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-seq-len" in err and match in err and "Traceback" not in err
+    assert not out.exists()

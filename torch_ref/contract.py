@@ -8,6 +8,8 @@ an export directory. Torch-free and cheap to import: numpy, onnx and pydantic ar
 
 Extending it (e.g. a new LM graph or KV layout) means editing the data below (:data:`GRAPHS`, :data:`KV_NAME`), not
 the code that reads it.
+Two helpers sit beside it: :mod:`.manifest_schema` (the pydantic model of manifest.json, loaded on first use) and
+:mod:`.onnx_io` (a graph's I/O read from the protobuf without the onnx package or the weights).
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ import os
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+
+from .onnx_io import DTYPES, OnnxReadError, io_entries, read_graph_io  # noqa: F401  (DTYPES, io_entries re-exported)
 
 FORMAT = "vlmx-export"
 #: 2: files carry ``mtime_ns``; the manifest carries its own digest, ``created`` and ``checkpoint_files``.
@@ -33,8 +36,6 @@ PRUNE_METHODS = ("text", "cls")
 ATTENTION_MODES = ("plugin", "native", "decomposed")
 #: Relative-error thresholds per export precision (the accuracy contract of vlm-export, vlm-compare and tests).
 THRESHOLDS = {"fp32": 1e-5, "fp16": 1e-3, "w8a8": 3e-2}
-#: Tensor dtypes a graph's I/O may have (ONNX TensorProto enum value -> name).
-DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}
 
 # ------------------------------------------------------------------------------------------- graphs and names
 #: KV-cache tensor names: ``KV_NAME.format(prefix=..., layer=i, kind=k)`` for every layer and kind.
@@ -177,22 +178,34 @@ def file_table(root: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict
             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in exclude}
 
 
-def verify_files(root: str | Path, table: dict, full: bool = False, what: str = "manifest.json") -> None:
+#: Files of a transformers checkpoint directory that decide its weights (fingerprinted in the manifest).
+CHECKPOINT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+
+
+def checkpoint_table(directory: str | Path) -> dict:
+    """:func:`file_record` of the config and weight files of a checkpoint directory."""
+    directory = Path(directory)
+    paths = sorted({p for pattern in CHECKPOINT_FILES for p in directory.glob(pattern) if p.is_file()})
+    return {p.name: file_record(p) for p in paths}
+
+
+def verify_files(root: str | Path, table: dict, full: bool = False, what: str = "manifest.json",
+                 fix: str = "re-run vlm-export") -> None:
     """Check every file of ``table`` under ``root``: present, same size, and the same sha256 — taken from the
     record when the file's mtime is unchanged (fast), re-hashed otherwise or always with ``full`` (``--verify``)."""
     root = Path(root)
     for rel, meta in table.items():
         path = root / rel
         if not path.is_file():
-            raise ArtifactError(f"{path} is listed in {what} but missing; re-run vlm-export")
+            raise ArtifactError(f"{path} is listed in {what} but missing; {fix}")
         st = path.stat()
         if st.st_size != meta["bytes"]:
             raise ArtifactError(f"{path}: size {st.st_size} != {meta['bytes']} in {what} (checksum mismatch: the "
-                                "file was modified or truncated); re-run vlm-export")
+                                f"file was modified or truncated); {fix}")
         if full or st.st_mtime_ns != meta.get("mtime_ns") or not meta.get("mtime_ns"):
             if sha256_file(path) != meta["sha256"]:
                 raise ArtifactError(f"{path}: sha256 does not match {what} (checksum mismatch: the file was "
-                                    "modified); re-run vlm-export")
+                                    f"modified); {fix}")
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -217,25 +230,12 @@ def versions() -> dict:
 
 
 # ------------------------------------------------------------------------------------------- graph I/O
-def io_entries(values) -> list[dict]:
-    """``[{"name", "shape": [int | axis name], "dtype"}]`` from ONNX value infos."""
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-        out.append({"name": v.name, "shape": shape, "dtype": DTYPES.get(t.elem_type, str(t.elem_type))})
-    return out
-
-
 def graph_io(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(inputs, outputs) of an ONNX file, read without its external weights."""
-    import onnx
-
+    """(inputs, outputs) of an ONNX file, read without its weights and without the onnx package."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises several types; all mean "not an ONNX file"
-        raise ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__}); re-run vlm-export") from None
-    return io_entries(model.graph.input), io_entries(model.graph.output)
+        return read_graph_io(path)
+    except OnnxReadError as e:
+        raise ArtifactError(f"{path} is not a readable ONNX file ({e}); re-run vlm-export") from None
 
 
 def graph_entry(path: str | Path, dynamic_axes: dict, profile: dict, profiles: dict | None = None) -> dict:
@@ -288,119 +288,6 @@ def _diff(want: list[str], got: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the manifest
-@lru_cache(maxsize=1)
-def _schema():
-    """The pydantic model of manifest.json (built on first use: pydantic stays out of ``import``)."""
-    from typing import Literal, Optional, Union
-
-    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-    from .op_table import OPS
-    from .targets import TARGETS
-
-    class Strict(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
-
-    class IOEntry(Strict):
-        name: str = Field(min_length=1)
-        shape: list[Union[int, str]]
-        dtype: Literal[tuple(DTYPES.values())]
-
-    class Range(Strict):
-        min: list[int]
-        opt: list[int]
-        max: list[int]
-
-    class GraphEntry(Strict):
-        file: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$")
-        inputs: list[IOEntry]
-        outputs: list[IOEntry]
-        dynamic_axes: dict[str, dict[str, str]]
-        profile: dict[str, Range]
-        profiles: dict[str, dict[str, Range]] = {}
-        opset: Optional[int] = None
-        passes: list[str] = []
-
-    class FileEntry(Strict):
-        sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-        bytes: int = Field(ge=0)
-        mtime_ns: Optional[int] = None
-
-    class ModelInfo(BaseModel):
-        model_config = ConfigDict(extra="allow", strict=True)
-        vision: str
-        language: str
-        num_layers: int = Field(ge=1, le=4096)
-        num_image_tokens: int = Field(ge=1)
-        has_cls: bool
-        position_ids: bool
-        eos_token_id: Optional[int] = Field(default=None, ge=0)
-        max_seq_len: Optional[int] = Field(default=None, ge=2)
-
-    class Report(Strict):
-        passed: bool
-        file: str
-
-    class ProcessorFiles(Strict):
-        """The text/image processor files the export carries (vlmx.export.processor_files)."""
-        source: Literal["checkpoint", "preset"]
-        files: list[str]
-
-    class Manifest(Strict):
-        format: Literal[FORMAT]
-        format_version: Literal[FORMAT_VERSION]
-        model: str = Field(min_length=1)
-        checkpoint: Optional[str]
-        checkpoint_files: Optional[dict[str, FileEntry]] = None
-        target: Literal[tuple(TARGETS)]
-        sm: int
-        precision: Literal[PRECISIONS]
-        attention: Literal[ATTENTION_MODES]
-        opset: int = Field(ge=1, le=100)
-        keep: float = Field(gt=0.0, le=1.0)
-        prune: Literal[PRUNE_METHODS]
-        seed: int
-        plugins_only: bool
-        ops_used: list[str]
-        model_info: ModelInfo
-        graphs: dict[str, GraphEntry]
-        reference: Optional[str]
-        report: Optional[Report]
-        processor: Optional[ProcessorFiles] = None
-        notes: list[str] = []
-        files: dict[str, FileEntry]
-        versions: dict[str, Optional[str]]
-        created: str
-        manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-        @field_validator("keep", mode="before")
-        @classmethod
-        def _keep_number(cls, v):
-            return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-        @field_validator("ops_used")
-        @classmethod
-        def _known_ops(cls, v):
-            unknown = sorted(set(v) - set(OPS))
-            if unknown:
-                raise ValueError(f"ops {unknown} are unknown to this vlmx (it knows {sorted(OPS)})")
-            return v
-
-        @model_validator(mode="after")
-        def _consistent(self):
-            if self.sm != TARGETS[self.target].sm:
-                raise ValueError(f"sm {self.sm} does not match target {self.target}")
-            missing = [g for g in GRAPH_NAMES if g not in self.graphs]
-            extra = [g for g in self.graphs if g not in GRAPHS]
-            if missing or extra:
-                raise ValueError(f"graphs must be {list(GRAPH_NAMES)} (lacks {missing}, unknown {extra})")
-            if self.prune == "cls" and not self.model_info.has_cls:
-                raise ValueError("prune is cls but the vision tower has no [CLS] token")
-            return self
-
-    return Manifest
-
-
 def validate_manifest(manifest, where: str = MANIFEST) -> dict:
     """Schema + self-digest + declared-I/O check of a manifest dict; returns it. Raises :class:`ArtifactError`."""
     from pydantic import ValidationError
@@ -412,11 +299,13 @@ def validate_manifest(manifest, where: str = MANIFEST) -> dict:
         raise ArtifactError(f"{where}: format_version {manifest.get('format_version')!r} is not supported (this "
                             f"vlmx reads {FORMAT_VERSION}); re-export with this vlmx version")
     try:
-        _schema().model_validate(manifest)
+        from .manifest_schema import manifest_model
+
+        manifest_model().model_validate(manifest)
     except ValidationError as e:
         first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ArtifactError(f"{where}: field {loc}: {first['msg']} ({e.error_count()} problem(s)); the manifest is "
+        loc = ".".join(str(p) for p in first["loc"]).encode("unicode_escape").decode() or "(top level)"
+        raise ArtifactError(f"{where}: field {loc}: {first['msg'].encode('unicode_escape').decode()} ({e.error_count()} problem(s)); the manifest is "
                             "corrupt or was edited: re-run vlm-export") from None
     if manifest_digest(manifest) != manifest["manifest_sha256"]:
         raise ArtifactError(f"{where} was modified after the export (its manifest_sha256 does not match its "

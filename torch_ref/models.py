@@ -218,10 +218,83 @@ def _signature(config: LlavaConfig) -> dict:
             "vision_feature_select_strategy": config.vision_feature_select_strategy}
 
 
+def _read_config(directory: Path) -> dict:
+    import json
+
+    try:
+        cfg = json.loads((directory / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PresetError(f"{directory}/config.json is not valid JSON ({e}); re-save the checkpoint") from None
+    if not isinstance(cfg, dict):
+        raise PresetError(f"{directory}/config.json is not a JSON object; re-save the checkpoint")
+    return cfg
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors file's header; raises :class:`PresetError` when the file is truncated."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise PresetError(f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt: re-save "
+                          "the checkpoint") from None
+    if 8 + n + end != size:
+        raise PresetError(f"{path} is truncated or corrupt: {size} bytes, its header describes {8 + n + end}; "
+                          "re-save or re-copy the checkpoint")
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    import json
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PresetError(f"{index} is not a valid safetensors index ({e}); re-save the checkpoint") from None
+        missing = [sh for sh in shards if not (directory / sh).is_file()]
+        if missing:
+            raise PresetError(f"{index} lists shards {missing[:3]} that are missing; re-copy the checkpoint")
+        return [directory / sh for sh in shards]
+    return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
+
+
+def _check_shapes(s: PresetSpec, directory: Path, files: list[Path]) -> None:
+    """Every tensor the checkpoint shares with the preset's model has the preset's shape."""
+    def norm(key: str) -> str:  # transformers 4 and 5 name the same tensor with or without these segments
+        return ".".join(p for p in key.split(".") if p not in ("model", "language_model"))
+
+    got, names = {}, {}
+    for f in files:
+        for k, v in safetensors_shapes(f).items():
+            got[norm(k)], names[norm(k)] = v, f"{f.name}:{k}"
+    with torch.device("meta"):
+        want = {norm(k): tuple(v.shape) for k, v in model_class(s)(make_config(s)).state_dict().items()}
+    bad = [f"{names[k]} has shape {list(got[k])}, preset {s.name} expects {list(want[k])}" for k in want
+           if k in got and got[k] != want[k]]
+    if bad:
+        raise PresetError(f"checkpoint {directory} does not fit preset {s.name}: " + "; ".join(bad[:3])
+                          + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "")
+                          + "; re-save it from a model of this preset or choose the matching --model")
+
+
 def check_checkpoint(preset: str | PresetSpec, directory: str | Path) -> Path:
-    """Raise :class:`PresetError` unless ``directory`` holds a LLaVA checkpoint (config + weights) of ``preset``."""
+    """Raise :class:`PresetError` unless ``directory`` holds a LLaVA checkpoint (config + weights) of ``preset``:
+    a directory, a LLaVA config.json, complete safetensors files whose tensor shapes fit the preset."""
     s = get_preset(preset)
     directory = Path(directory)
+    if directory.is_file():
+        raise PresetError(f"checkpoint {str(directory)!r} is a file; pass the checkpoint directory (the folder "
+                          "holding config.json and model.safetensors)")
     if not directory.is_dir():
         raise PresetError(f"checkpoint directory {str(directory)!r} does not exist; pass a directory written by "
                           "save_checkpoint / save_pretrained, or omit checkpoint= for random weights")
@@ -231,6 +304,10 @@ def check_checkpoint(preset: str | PresetSpec, directory: str | Path) -> Path:
     if not any((directory / f).is_file() for f in WEIGHT_FILES):
         raise PresetError(f"{directory} has no weights (looked for {', '.join(WEIGHT_FILES)}); re-save the model "
                           "with save_checkpoint")
+    model_type = _read_config(directory).get("model_type")
+    if model_type != LlavaConfig.model_type:
+        raise PresetError(f"{directory}/config.json has model_type {model_type!r}, not {LlavaConfig.model_type!r}: "
+                          f"it is not a LLaVA checkpoint; preset {s.name} needs one")
     try:
         found = LlavaConfig.from_pretrained(directory)
     except Exception as e:  # noqa: BLE001 - any parse failure means "not a LLaVA config"
@@ -241,6 +318,7 @@ def check_checkpoint(preset: str | PresetSpec, directory: str | Path) -> Path:
         matching = [n for n, p in PRESETS.items() if _signature(make_config(p)) == got]
         hint = f"use preset {matching[0]!r}" if matching else f"choose a preset that matches ({', '.join(PRESETS)})"
         raise PresetError(f"checkpoint {directory} does not match preset {s.name}: " + "; ".join(diffs) + f"; {hint}")
+    _check_shapes(s, directory, _weight_files(directory))
     return directory
 
 

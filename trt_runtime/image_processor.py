@@ -21,6 +21,8 @@ _CLIP = dict(resample=3, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
 _SIGLIP = dict(_CLIP, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), size={"height": 224, "width": 224},
                do_center_crop=False, crop_size=None)
 FAMILIES = {"CLIPImageProcessor": _CLIP, "LlavaImageProcessor": _CLIP, "SiglipImageProcessor": _SIGLIP}
+#: Largest image vlm-run decodes (the vision tower resizes to a few hundred pixels anyway).
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 class ImageError(ValueError):
@@ -28,7 +30,10 @@ class ImageError(ValueError):
 
 
 def load_image(image) -> "PIL.Image.Image":  # noqa: F821
-    """Open an image path (or pass a PIL image / HxWx3 uint8 array through), with one clear error."""
+    """Open an image path (or pass a PIL image / HxWx3 uint8 array through), with one clear error; images over
+    :data:`MAX_IMAGE_PIXELS` (or PIL's decompression-bomb limit) are refused before decoding."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
@@ -41,9 +46,17 @@ def load_image(image) -> "PIL.Image.Image":  # noqa: F821
     if not path.is_file():
         raise ImageError(f"--image {path} does not exist; pass a PNG/JPEG file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ImageError(f"--image {path} is {im.width}x{im.height} pixels, more than vlmx reads "
+                                     f"({MAX_IMAGE_PIXELS // 10**6} megapixels); resize it first")
+                im.load()
+                return im
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"--image {path} is too large to decode safely (PIL's decompression-bomb limit); resize "
+                         "it first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ImageError(f"--image {path} is not a readable image ({e.__class__.__name__}); pass a PNG/JPEG "
                          "file") from None

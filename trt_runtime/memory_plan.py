@@ -32,7 +32,7 @@ CARDS = {"t4": Card("Tesla T4 16 GB", 15360 * MIB), "rtx2080": Card("GeForce RTX
 DEFAULT_CARD = {75: "t4"}
 
 
-class MemoryPlanError(RuntimeError):
+class MemoryPlanError(ValueError):
     """The model does not fit the card; the message says what to change."""
 
 

@@ -63,16 +63,10 @@ class OrtRunner(Runner):
             return torch.zeros(tuple(shape), dtype=getattr(torch, np.dtype(dtype).name), device="cuda")
         return np.zeros(tuple(shape), dtype=np.dtype(dtype))
 
-    def _ortvalue(self, x):
-        """An OrtValue over ``x``'s own memory (no copy): numpy on the CPU, a torch CUDA tensor by pointer."""
+    def _ortvalue(self, arr: np.ndarray):
+        """An OrtValue over a host array's own memory (no copy)."""
         import onnxruntime as ort
 
-        if _is_torch(x) and x.is_cuda:
-            if not x.is_contiguous():
-                raise ValueError("buffers bound to ONNX Runtime must be contiguous")
-            return ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), np.dtype(str(x.dtype).split(".")[-1]),
-                                                             "cuda", x.device.index or 0, x.data_ptr())
-        arr = x.numpy() if _is_torch(x) else x
         if not arr.flags.c_contiguous:
             raise ValueError("buffers bound to ONNX Runtime must be C-contiguous")
         return ort.OrtValue.ortvalue_from_numpy(arr)
@@ -80,7 +74,13 @@ class OrtRunner(Runner):
     def bind(self, buffers):
         super().bind(buffers)
         for name, buf in buffers.items():
-            self._values[name] = (self._ortvalue(buf), buf)
+            if _is_torch(buf) and buf.is_cuda:
+                if not buf.is_contiguous():
+                    raise ValueError(f"bound buffer {name} must be contiguous")
+                self._values[name] = (None, buf)  # bound by pointer on every run (IOBinding has no pointer OrtValue)
+            else:
+                arr = buf.numpy() if _is_torch(buf) else buf
+                self._values[name] = (self._ortvalue(arr), buf)
 
     def unbind(self):
         super().unbind()
@@ -88,15 +88,23 @@ class OrtRunner(Runner):
 
     def bound_pointer(self, name: str) -> int:
         """The device/host address ONNX Runtime reads or writes for a bound buffer (for tests and benchmarks)."""
-        return self._values[name][0].data_ptr()
+        value, buf = self._values[name]
+        return buf.data_ptr() if value is None else value.data_ptr()
 
     # ------------------------------------------------------------------------------------------------ running
+    def _bind_cuda(self, io, name: str, t, output: bool) -> None:
+        dt = np.dtype(str(t.dtype).removeprefix("torch."))
+        bind = io.bind_output if output else io.bind_input
+        bind(name, "cuda", t.device.index or 0, dt, list(t.shape), t.data_ptr())
+
     def _input(self, name, value):
+        """A host array, or (CUDA provider) a contiguous torch CUDA tensor of the declared dtype."""
         want = _NP_DTYPES.get(self.declared.get(name) or "")
         if _is_torch(value):
             if value.is_cuda and self.on_cuda:
-                return self._ortvalue(value.contiguous() if want is None else value.to(getattr(
-                    __import__("torch"), np.dtype(want).name)).contiguous())
+                import torch
+
+                return value.to(getattr(torch, np.dtype(want).name) if want else value.dtype).contiguous()
             value = value.detach().cpu().numpy()
         arr = np.asarray(value)
         return np.ascontiguousarray(arr.astype(want, copy=False) if want is not None else arr)
@@ -104,7 +112,7 @@ class OrtRunner(Runner):
     def _infer(self, feed):
         self.check_feed(feed, self.input_names, self.path)
         io = self.session.io_binding()
-        held = []
+        held = []  # keeps fed tensors alive until the run is done
         for n in self.input_names:
             if n in feed:
                 x = self._input(n, feed[n])
@@ -112,29 +120,24 @@ class OrtRunner(Runner):
                 if isinstance(x, np.ndarray):
                     io.bind_cpu_input(n, x)  # CPU provider: over x's memory; CUDA provider: one upload
                 else:
-                    io.bind_ortvalue_input(n, x)
+                    self._bind_cuda(io, n, x, output=False)
+            elif self._values[n][0] is None:
+                self._bind_cuda(io, n, self._values[n][1], output=False)
             else:
                 io.bind_ortvalue_input(n, self._values[n][0])
-        device = "cuda" if self.on_cuda else "cpu"
         for n in self.output_names:
             if n in self._values:
-                io.bind_ortvalue_output(n, self._values[n][0])
+                value, buf = self._values[n]
+                self._bind_cuda(io, n, buf, output=True) if value is None else io.bind_ortvalue_output(n, value)
             else:
-                io.bind_output(n, device)
+                io.bind_output(n, "cuda" if self.on_cuda else "cpu")
         self.session.run_with_iobinding(io)
-        values = io.get_outputs()
         out = {}
-        for n, v in zip(self.output_names, values):
+        for n, v in zip(self.output_names, io.get_outputs()):
             if n in self._values:
                 out[n] = self._values[n][1]
             elif self.on_cuda:
-                import torch  # ONNX Runtime's own CUDA output, copied once on the device into torch memory
-
-                t = torch.empty(v.shape(), dtype=getattr(torch, np.dtype(_ORT_TYPES[v.data_type()]).name),
-                                device="cuda")
-                io_copy = self._ortvalue(t)
-                _copy_device(v, io_copy)
-                out[n] = t
+                out[n] = _cuda_view(v).clone()  # ONNX Runtime's own device output, copied once on the device
             else:
                 out[n] = v.numpy()
         return out
@@ -144,16 +147,29 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(bool)": "bool"}
 
 
-def _copy_device(src, dst) -> None:
-    """Device-to-device copy between two CUDA OrtValues (through cuda-python's cudaMemcpy when present)."""
-    from cuda.bindings import runtime as cudart  # the [gpu] extra; only reached on the CUDA provider
+class _CudaArray:
+    def __init__(self, value):
+        self.__cuda_array_interface__ = {"shape": tuple(value.shape()), "version": 3, "strides": None,
+                                         "typestr": np.dtype(_ORT_TYPES[value.data_type()]).str,
+                                         "data": (value.data_ptr(), False)}
 
-    nbytes = int(np.prod(src.shape())) * np.dtype(_ORT_TYPES[src.data_type()]).itemsize
-    cudart.cudaMemcpy(dst.data_ptr(), src.data_ptr(), nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice)
+
+def _cuda_view(value):
+    """A torch view of a CUDA OrtValue (``__cuda_array_interface__``, no copy)."""
+    import torch
+
+    return torch.as_tensor(_CudaArray(value), device="cuda")
+
+
+PLUGINS_ONLY_REFUSAL = ("was exported with --plugins-only: its vlmx nodes have no function bodies, which ONNX "
+                        "Runtime needs; re-export without --plugins-only, or run it with --backend tensorrt and the "
+                        "vlmx plugin library")
 
 
 def graph_runners(artifacts, providers=None, threads=None, **_) -> dict[str, Runner]:
-    """An :class:`OrtRunner` per graph in the export directory."""
+    """An :class:`OrtRunner` per graph in the export directory (refused for --plugins-only exports)."""
+    if artifacts.manifest.get("plugins_only"):
+        raise ValueError(f"{artifacts.root} {PLUGINS_ONLY_REFUSAL}")
     return {name: OrtRunner(artifacts.graph_path(name), artifacts.graph(name).get("inputs"), providers, threads,
                             artifacts.graph(name).get("outputs"))
             for name in artifacts.manifest["graphs"]}

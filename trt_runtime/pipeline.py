@@ -116,9 +116,10 @@ class VLMPipeline:
     ``processor``: the text/image seam (default: the export's own :class:`Processor`); ``cuda_graph``: capture the
     decode step where the LM runner offers ``capture_decode`` (the torch backend on a GPU)."""
 
-    def __init__(self, artifacts: Artifacts | str | Path, backend: str = DEFAULT_BACKEND, prune: str = "text",
+    def __init__(self, artifacts: Artifacts | str | Path, backend: str = DEFAULT_BACKEND, prune: str | None = None,
                  processor: Processor | None = None, cuda_graph: bool = True, **backend_options):
         self.artifacts = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
+        prune = self.artifacts.manifest.get("prune", "text") if prune is None else prune
         if prune not in PRUNE_METHODS:
             raise PipelineError(f"--prune {prune} is not known; choose one of {', '.join(PRUNE_METHODS)}")
         info = self.artifacts.info
@@ -204,12 +205,13 @@ class VLMPipeline:
             raise PipelineError(str(e)) from None
         if any(not isinstance(s, str) or not s for s in stop):
             raise PipelineError("--stop strings must be non-empty")
+        flag = "--keep" if keep is not None else "the export's keep"
         keep = self.artifacts.manifest.get("keep", 1.0) if keep is None else keep
         n_vis = int(self.artifacts.info["num_image_tokens"])
         try:
             k = keep_count(n_vis, keep)
         except ValueError as e:
-            raise PipelineError(f"--keep {keep}: {e}") from None
+            raise PipelineError(f"{flag} {keep}: {e}") from None
         prefix, suffix = self.prompt_ids(prompt)
         self.check_length(len(prefix) + k + len(suffix), max_new_tokens)
         return Generation(self._generate(image, prefix, suffix, k, max_new_tokens, sampling, tuple(stop)))
@@ -225,6 +227,7 @@ class VLMPipeline:
     def _visual(self, pixel_values, prefix, suffix, k):
         """Vision → scores → kept features; returns (kept [1, k, C], kept_index, prefix/suffix embeddings)."""
         vis = self.runners["vision"].infer({"pixel_values": pixel_values})
+        self._vision_done = time.perf_counter()
         feats = vis["image_features"]
         prefix_emb, suffix_emb = self._embed(prefix), self._embed(suffix)
         if self.prune == "cls":
@@ -287,7 +290,8 @@ class VLMPipeline:
         t4 = time.perf_counter()
         self.lm.unbind()
         self.runners["embed"].unbind()
-        t.preprocess_ms, t.vision_ms = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
+        t.preprocess_ms, t.vision_ms = 1e3 * (t1 - t0), 1e3 * (self._vision_done - t1)
+        t.prune_ms = 1e3 * (t2 - self._vision_done)  # text embeddings, scoring and top-k
         t.prefill_ms, t.ttft_ms = 1e3 * (t3 - t2), 1e3 * (t3 - t0)
         t.decode_ms, t.decode_tokens = 1e3 * (t4 - t3), len(tokens) - 1
         return GenerationResult(tokens, text, kept_index.cpu().numpy(), n_vis, t, reason,

@@ -22,9 +22,10 @@ The TensorRT runner implements the same three methods (issue 12): ``bind`` sets 
 from __future__ import annotations
 
 import importlib
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 BACKENDS = {
     "onnxruntime": "vlmx.trt_runtime.ort_backend",

@@ -1,6 +1,8 @@
 """torch backend: the export's own graph modules run in PyTorch, on the GPU with the vlmx kernels.
 
-The model is rebuilt from the manifest (preset, checkpoint, seed), prepared with the exporter's family config for
+The model is rebuilt from the manifest (preset, checkpoint, seed) in the export's precision, only when that is the
+exported model (fp32, or fp16 on a GPU; the checkpoint's files unchanged since the export, or seeded random weights
+under the same torch and transformers; never w8a8), prepared with the exporter's family config for
 ``--attention plugin`` (every attention is ``vlmx::flash_attention``), and each graph is the same
 :mod:`vlmx.export.graphs` module that was exported, so the outputs line up name for name with the ONNX files.
 Tensors stay torch tensors on the device in the model dtype (fp16 on a GPU): no host copy, no upcast. The LM graph
@@ -8,6 +10,8 @@ writes its bound KV-cache buffers in place, and on a GPU its decode step (S_new 
 in a CUDA graph (:class:`CudaGraphDecode`). On a CPU (tests) the ops run their reference kernels.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,7 +60,14 @@ class TorchGraphRunner(Runner):
         with torch.inference_mode():
             out = self.module(*args)
         out = out if isinstance(out, (tuple, list)) else (out,)
-        return dict(zip(self.output_names, out))
+        result = {}
+        for n, o in zip(self.output_names, out):
+            buf = self.bound.get(n)
+            if buf is not None and buf is not o:  # a bound output lives in its buffer (in-place caches already do)
+                buf.copy_(o)
+                o = buf
+            result[n] = o
+        return result
 
     def capture_decode(self, batch: int, hidden: int, s_max: int, num_layers: int) -> "CudaGraphDecode":
         """The LM graph's decode step over the bound caches, captured in a CUDA graph (GPU only)."""
@@ -98,18 +109,57 @@ class CudaGraphDecode:
         return self.logits
 
 
+class NotReproducible(ValueError):
+    """The torch backend cannot rebuild the exported model exactly (precision or weights); says why and what to use."""
+
+
+def check_reproducible(artifacts, device: str) -> None:
+    """Refuse unless the model rebuilt from the manifest is the exported one: same precision, same weights."""
+    m = artifacts.manifest
+    other = "use --backend onnxruntime (or tensorrt), which runs the exported graphs themselves"
+    if m["precision"] == "w8a8":
+        raise NotReproducible("--backend torch cannot run a --precision w8a8 export: its int8 weights come from "
+                              f"ONNX graph passes the torch model does not have; {other}")
+    if m["precision"] == "fp16" and not device.startswith("cuda"):
+        raise NotReproducible("--backend torch runs float16 exports on a CUDA GPU only (none is visible here); "
+                              f"{other}")
+    if m["checkpoint"]:
+        from vlmx.torch_ref.contract import ArtifactError, verify_files
+
+        ckpt = Path(m["checkpoint"])
+        try:
+            verify_files(ckpt, m.get("checkpoint_files") or {}, what="the export's record of its checkpoint",
+                         fix=f"its weights changed since the export, so --backend torch would not run the exported "
+                             f"model; re-export, or {other}")
+        except ArtifactError as e:
+            raise NotReproducible(str(e)) from None
+        if not m.get("checkpoint_files"):
+            raise NotReproducible(f"the export records no fingerprint of checkpoint {ckpt}; re-export, or {other}")
+        return
+    from vlmx.torch_ref.contract import versions
+
+    here = versions()
+    changed = [f"{k} {m['versions'].get(k)} -> {here.get(k)}" for k in ("torch", "transformers")
+               if m["versions"].get(k) != here.get(k)]
+    if changed:
+        raise NotReproducible(f"the export's seeded random weights were drawn by other library versions "
+                              f"({', '.join(changed)}), so --backend torch cannot redraw them; {other}")
+
+
 def graph_runners(artifacts, device: str | None = None, **_) -> dict[str, Runner]:
-    """A :class:`TorchGraphRunner` per graph, built from the manifest's preset, checkpoint and seed."""
+    """A :class:`TorchGraphRunner` per graph, built from the manifest's preset, checkpoint and seed in the export's
+    precision (refused by :func:`check_reproducible` when that cannot be the exported model)."""
     from vlmx.export.model_configs import ExportContext, family_for
     from vlmx.torch_ref import models
 
     m = artifacts.manifest
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
+    check_reproducible(artifacts, device)
+    dtype = torch.float32 if m["precision"] == "fp32" else torch.float16
+    if device.startswith("cuda") and dtype == torch.float16:
         from .torch_kernels import enable_vlmx_kernels
 
         enable_vlmx_kernels()
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     spec = models.get_preset(m["model"])
     model = models.build_model(spec.name, checkpoint=m.get("checkpoint"), seed=int(m.get("seed", 0)))
     family = family_for(spec)
