@@ -268,8 +268,9 @@ def _weight_files(directory: Path) -> list[Path]:
     return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
 
 
-def _check_shapes(s: PresetSpec, directory: Path, files: list[Path]) -> None:
-    """Every tensor the checkpoint shares with the preset's model has the preset's shape."""
+def _check_shapes(s: PresetSpec, directory: Path, files: list[Path], vocab_size: int) -> None:
+    """Every tensor the checkpoint shares with the preset's model has the preset's shape (the embedding and head
+    rows are the checkpoint's own ``vocab_size``: its tokenizer's, not the preset's)."""
     def norm(key: str) -> str:  # transformers 4 and 5 name the same tensor with or without these segments
         return ".".join(p for p in key.split(".") if p not in ("model", "language_model"))
 
@@ -277,8 +278,10 @@ def _check_shapes(s: PresetSpec, directory: Path, files: list[Path]) -> None:
     for f in files:
         for k, v in safetensors_shapes(f).items():
             got[norm(k)], names[norm(k)] = v, f"{f.name}:{k}"
+    config = make_config(s)
+    config.text_config.vocab_size = vocab_size
     with torch.device("meta"):
-        want = {norm(k): tuple(v.shape) for k, v in model_class(s)(make_config(s)).state_dict().items()}
+        want = {norm(k): tuple(v.shape) for k, v in model_class(s)(config).state_dict().items()}
     bad = [f"{names[k]} has shape {list(got[k])}, preset {s.name} expects {list(want[k])}" for k in want
            if k in got and got[k] != want[k]]
     if bad:
@@ -318,7 +321,7 @@ def check_checkpoint(preset: str | PresetSpec, directory: str | Path) -> Path:
         matching = [n for n, p in PRESETS.items() if _signature(make_config(p)) == got]
         hint = f"use preset {matching[0]!r}" if matching else f"choose a preset that matches ({', '.join(PRESETS)})"
         raise PresetError(f"checkpoint {directory} does not match preset {s.name}: " + "; ".join(diffs) + f"; {hint}")
-    _check_shapes(s, directory, _weight_files(directory))
+    _check_shapes(s, directory, _weight_files(directory), found.text_config.vocab_size)
     return directory
 
 
