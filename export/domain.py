@@ -82,12 +82,28 @@ def _emitter(op: OpSpec):
     return emit
 
 
+#: Opset of ONNX ``TensorScatter`` (the in-place KV-cache update).
+TENSOR_SCATTER_OPSET = 24
+
+
+def _tensor_scatter(past, update, write_indices, axis=-2):
+    """``vlmx_onnx::tensor_scatter`` → one standard ONNX ``TensorScatter`` (opset 24, linear mode)."""
+    import onnxscript
+
+    return onnxscript.values.Opset("", TENSOR_SCATTER_OPSET).TensorScatter(past, update, write_indices, axis=axis)
+
+
 def translation_table() -> dict:
-    """``{torch.ops.vlmx.<op>.default: emitter}`` for ``torch.onnx.export(custom_translation_table=...)``."""
+    """``{torch.ops.vlmx.<op>.default: emitter}`` for ``torch.onnx.export(custom_translation_table=...)``, plus
+    ``vlmx_onnx::tensor_scatter`` (standard ONNX TensorScatter; graphs using it are exported at opset 24)."""
     import torch
 
+    from vlmx.torch_ref import kv_cache  # noqa: F401  (defines torch.ops.vlmx_onnx.*)
+
     register_schemas()
-    return {getattr(torch.ops.vlmx, op.torch_name).default: _emitter(op) for op in OPS.values()}
+    table = {getattr(torch.ops.vlmx, op.torch_name).default: _emitter(op) for op in OPS.values()}
+    table[torch.ops.vlmx_onnx.tensor_scatter.default] = _tensor_scatter
+    return table
 
 
 def vlmx_nodes(graph: onnx.GraphProto):

@@ -21,27 +21,19 @@ import onnx
 import torch
 
 from . import domain
+from .options import MAX_OPSET, MIN_OPSET, check_opset  # noqa: F401  (re-exported)
 from .functions import attach_functions
 from .model_configs import GraphSpec
 
 #: Protobuf's hard limit is 2 GiB; above this many initializer bytes the weights go to ``<file>.data``.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-MIN_OPSET = 17
 #: Model metadata key holding :func:`layer_outputs` of the exported graph.
 LAYER_OUTPUTS_KEY = "vlmx.layer_outputs"
 _LAYER_SCOPE = re.compile(r"'([\w.]*\.layers\.\d+)'")
-MAX_OPSET = 23
 
 
 class ExportError(RuntimeError):
     """torch.onnx could not export a graph; the message names the graph and the cause."""
-
-
-def check_opset(opset: int) -> int:
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"--opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} "
-                         "(the ONNX Attention op of --attention native needs 23)")
-    return opset
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

@@ -144,12 +144,13 @@ def attention_params(q, k, v, o, bias, num_heads, num_kv_heads, head_dim, scale,
     return p, keep
 
 
-def flash_attention(lib: KernelLibrary, q, k=None, v=None, bias=None, num_heads=1, num_kv_heads=0, head_dim=64,
-                    scale=0.0, causal=0, window=-1, alibi=0, alibi_bias_max=8, layout="bsd"):
-    """vlmx::flash_attention on the GPU; falls back to the reference for dtypes/head dims the kernel lacks."""
-    if q.dtype != torch.float16 or head_dim not in SUPPORTED_HEAD_DIMS:
-        return reference.flash_attention(q, k, v, bias, num_heads, num_kv_heads, head_dim, scale, causal, window,
-                                         alibi, alibi_bias_max, layout)
+def flash_attention(lib: KernelLibrary, q, k=None, v=None, bias=None, kv_len=None, num_heads=1, num_kv_heads=0,
+                    head_dim=64, scale=0.0, causal=0, window=-1, alibi=0, alibi_bias_max=8, layout="bsd"):
+    """vlmx::flash_attention on the GPU; falls back to the reference for dtypes/head dims the kernel lacks, and for
+    ``kv_len`` (the kernel has no valid-length parameter yet: the reference masks the cache on the device, no sync)."""
+    if q.dtype != torch.float16 or head_dim not in SUPPORTED_HEAD_DIMS or kv_len is not None:
+        return reference.flash_attention(q, k, v, bias, kv_len, num_heads, num_kv_heads, head_dim, scale, causal,
+                                         window, alibi, alibi_bias_max, layout)
     if layout == "bhsd":
         o = q.new_empty(q.shape[0], num_heads, q.shape[2], head_dim)
     else:

@@ -103,8 +103,8 @@ def test_tensorrt_runner_dynamic_shapes_vs_numpy(tmp_path, batch, seq):
     ref = np.exp(t - t.max(-1, keepdims=True))
     ref /= ref.sum(-1, keepdims=True)
     with TensorRTRunner(paths["embed"]) as runner:
-        out = runner.infer({"x": x})["y"]
-        out_t = runner.infer({"x": torch.from_numpy(x).cuda()})["y"]
+        out = runner.infer({"input_ids": x})["inputs_embeds"]
+        out_t = runner.infer({"input_ids": torch.from_numpy(x).cuda()})["inputs_embeds"]
     err = rel_err(out, ref)
     print(f"TensorRT embed [{batch},{seq}]: rel err {err:.2e}")
     assert err < FP16_TOL and np.array_equal(out, out_t)

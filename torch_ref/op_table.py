@@ -134,6 +134,8 @@ FLASH_ATTENTION = OpSpec(
         _t("v", "T", "values, same layout as k; absent for packed", optional=True),
         _t("bias", "T", "additive bias broadcastable to [B,H,Sq,Sk] (padding masks as -inf/-1e4 rows)",
            optional=True),
+        _t("kv_len", "int64", "[B] valid keys per row of a fixed-size KV cache: keys j >= kv_len[b] are ignored, "
+           "causal and ALiBi align to kv_len[b] instead of Sk (bhsd/bsd layouts)", optional=True),
     ),
     outputs=(_t("o", "T", "output: [B,Sq,H*D] for bsd/packed, [B,H,Sq,D] for bhsd"),),
     attrs=(
@@ -141,13 +143,15 @@ FLASH_ATTENTION = OpSpec(
         _a("num_kv_heads", "int", 0, "key/value heads Hkv (0 = num_heads); must divide num_heads (GQA/MQA)"),
         _a("head_dim", "int", None, "head dimension D"),
         _a("scale", "float", 0.0, "softmax scale; 0 means 1/sqrt(head_dim)"),
-        _a("causal", "int", 0, "1: query i sees keys j <= i + (Sk - Sq) (bottom-right aligned for KV caches)"),
-        _a("window", "int", -1, "sliding window: query i sees keys j > i + (Sk - Sq) - window; -1 = unlimited"),
-        _a("alibi", "int", 0, "1: add ALiBi bias slope_h * (j - (Sk-1)) with MPT gen_slopes(num_heads, 8)"),
+        _a("causal", "int", 0, "1: query i sees keys j <= i + (L - Sq) (bottom-right aligned for KV caches; "
+           "L = kv_len[b] when given, else Sk)"),
+        _a("window", "int", -1, "sliding window: query i sees keys j > i + (L - Sq) - window; -1 = unlimited"),
+        _a("alibi", "int", 0, "1: add ALiBi bias slope_h * (j - (L-1)) with MPT gen_slopes(num_heads, 8)"),
         _a("alibi_bias_max", "int", 8, "alibi_bias_max passed to gen_slopes"),
         _a("layout", "string", "bsd", "tensor layout", ATTENTION_LAYOUTS),
     ),
-    doc="softmax(scale * q k^T + bias + alibi, masked by causal/window) v, fp32 accumulation, output in T.",
+    doc="softmax(scale * q k^T + bias + alibi, masked by causal/window/kv_len) v, fp32 accumulation, output in T. "
+        "With kv_len, k/v are a fixed-size cache [B,Hkv,S_max,D] of which only the first kv_len[b] slots are read.",
     tags=("attention",),
 )
 

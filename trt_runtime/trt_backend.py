@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import sha256_file
+from vlmx.torch_ref.contract import sha256_file
+
 from .engine_build import ENGINES_FORMAT, ENGINES_JSON
 from .runner import Runner
 from .trt_import import TensorRTUnavailable, import_tensorrt
@@ -90,6 +91,7 @@ class TensorRTRunner(Runner):
         self.engine_path = Path(engine_path)
         self.plugin_lib = str(plugin_lib) if plugin_lib else None
         self.return_torch = return_torch
+        self.device_io = return_torch
         self.engine = self.context = self.trt = None
 
     def _activate(self):
@@ -143,10 +145,18 @@ class TensorRTRunner(Runner):
         t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
         return t.to(device=self.device, dtype=want).contiguous()
 
+    def alloc(self, name, shape, dtype):
+        import torch
+
+        return torch.zeros(tuple(shape), dtype=getattr(torch, np.dtype(dtype).name), device="cuda")
+
     def _infer(self, feed):
         import torch
 
         self.check_feed(feed, self.input_names, self.engine_path.name)
+        # Bound buffers (Runner.bind): inputs not in the feed come from them, bound outputs are written into them.
+        # TODO(issue 12): set their addresses once per generation and pick the decode profile for S_new = 1.
+        feed = {**{n: b for n, b in self.bound.items() if n in self.input_names}, **feed}
         held = {}
         for n in self.input_names:
             if self.engine.is_shape_inference_io(n):  # shape tensors (e.g. TopK's k) live in host memory
@@ -168,7 +178,12 @@ class TensorRTRunner(Runner):
         outputs = {}
         for n in self.output_names:
             shape = tuple(self.context.get_tensor_shape(n))
-            if any(d < 0 for d in shape):  # data-dependent (size tensor): allocated by TensorRT's callback
+            if n in self.bound:
+                outputs[n] = self._to_device(n, self.bound[n])
+                if outputs[n].data_ptr() != self.bound[n].data_ptr():
+                    raise ValueError(f"bound output {n} must be a contiguous CUDA tensor of dtype {self.dtypes[n]}")
+                self.context.set_tensor_address(n, outputs[n].data_ptr())
+            elif any(d < 0 for d in shape):  # data-dependent (size tensor): allocated by TensorRT's callback
                 self.context.set_output_allocator(n, allocator)
             else:
                 outputs[n] = torch.empty(shape, dtype=self.dtypes[n], device=self.device)

@@ -50,6 +50,7 @@ constexpr TensorDef kFlashAttentionInputs[] = {
     {"k", DType::kT, true},
     {"v", DType::kT, true},
     {"bias", DType::kT, true},
+    {"kv_len", DType::kInt64, true},
 };
 constexpr TensorDef kFlashAttentionOutputs[] = {
     {"o", DType::kT, false},
@@ -157,7 +158,7 @@ enum OpIndex : int32_t {
 constexpr int32_t kNbOps = 7;
 
 constexpr OpDef kOps[kNbOps] = {
-    {"FlashAttention", 4, kFlashAttentionInputs, 1, kFlashAttentionOutputs, 9, kFlashAttentionAttrs},
+    {"FlashAttention", 5, kFlashAttentionInputs, 1, kFlashAttentionOutputs, 9, kFlashAttentionAttrs},
     {"W8A8Linear", 5, kW8A8LinearInputs, 1, kW8A8LinearOutputs, 1, kW8A8LinearAttrs},
     {"QuantizePerToken", 1, kQuantizePerTokenInputs, 2, kQuantizePerTokenOutputs, 1, kQuantizePerTokenAttrs},
     {"GeluQuant", 1, kGeluQuantInputs, 2, kGeluQuantOutputs, 2, kGeluQuantAttrs},
