@@ -151,15 +151,15 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
             with torch.no_grad():
                 outs = ref.module(*(_upcast(v) if ref_fp32 else v for v in g.inputs.values()))
             outs = outs if isinstance(outs, tuple) else (outs,)
-            references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
-                                  "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}
+            references[g.name] = {"inputs": {k: g.padded(k, _to_numpy(v)) for k, v in g.inputs.items()},
+                                  "outputs": {n: g.padded(n, _to_numpy(o)) for n, o in zip(g.outputs, outs)}}
             path = export_graph(g, tmp, max(opset, g.min_opset), postprocess=_graph_passes(
                 opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision)),
                 functions=not opts.plugins_only)
             import onnx
 
             used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
-            entries[g.name] = graph_entry(path, g.dynamic_axes, g.profile, g.profiles)
+            entries[g.name] = graph_entry(path, g.manifest_axes, g.profile, g.profiles)
             entries[g.name]["passes"] = applied.get(g.name, [])
             if g.name == "vision":
                 vision_module = ref.module
