@@ -139,15 +139,18 @@ def _missing_parents(path: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_output(out, flag: str = "--out"):
+def atomic_output(out, flag: str = "--out", recheck: Callable[[], object] | None = None):
     """Yield a fresh temporary directory beside ``out``; on success it replaces ``out`` (checked by
-    :func:`check_out` first), on any failure it and the parents this run created are removed."""
+    :func:`check_out` first, and again by ``recheck`` once the lock is held, so a writer that finished meanwhile is
+    never replaced silently), on any failure it and the parents this run created are removed."""
     out = Path(out)
     created = _missing_parents(out)
     tmp = out.parent / f"{out.name}{TMP_TAG}{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with _lock(out, flag):
+            if recheck is not None:
+                recheck()
             for stale in stale_dirs(out):
                 shutil.rmtree(stale, ignore_errors=True)
             if tmp.exists():
