@@ -45,10 +45,10 @@ def check_out(out, overwrite: bool, is_ours: Callable[[Path], bool], what: str =
         raise OutputError(f"{flag} is empty; pass the directory to write, e.g. {flag} exports/llava-tiny")
     if "\x00" in text:
         raise OutputError(f"{flag} contains a NUL character; pass a plain directory path")
-    path = Path(text).expanduser()
     try:
+        path = Path(text).expanduser()
         resolved = path.resolve()
-    except (OSError, RuntimeError) as e:  # symlink loops, unreadable components
+    except (OSError, RuntimeError) as e:  # ~nosuchuser, symlink loops, unreadable components
         raise OutputError(f"{flag} {text}: cannot resolve the path ({e}); choose another directory") from None
     cwd = Path.cwd().resolve()
     if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or resolved in (cwd, *cwd.parents):
