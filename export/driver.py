@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import copy
 import gc
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vlmx.torch_ref.contract import (GRAPH_NAMES, PRECISIONS, PRUNE_METHODS, QUANT_GRAPHS, checkpoint_table,
-                                    graph_entry, write_manifest)
-from vlmx.torch_ref.outdir import atomic_output
+                                    graph_entry, is_export_dir, write_manifest)
+from vlmx.torch_ref.outdir import atomic_output, check_out
 
 from . import hf_attention
 from .exporter import export_graph
@@ -117,7 +118,8 @@ def reference_graphs(family, ctx: ExportContext, same_dtype: bool = False) -> di
 def export_model(opts: ExportOptions, progress=None) -> dict:
     """Run the whole export into ``opts.out``; returns the manifest. Options must already be validated."""
     progress = progress or _NoProgress()
-    with atomic_output(opts.out) as tmp:
+    recheck = partial(check_out, opts.out, opts.overwrite, is_export_dir, "a vlmx export")
+    with atomic_output(opts.out, recheck=recheck) as tmp:
         return _export_into(tmp, opts, progress)
 
 

@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from vlmx.torch_ref.op_table import DOMAIN
@@ -316,7 +317,8 @@ def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=No
     final = check_out(out_dir if out_dir else art.root / ENGINES_DIR, overwrite, is_engines_dir,
                       "a vlm-build engine directory")
     # Engines are built in a temporary directory renamed when every graph is done: no half-written directory.
-    with atomic_output(final) as out:
+    recheck = partial(check_out, final, overwrite, is_engines_dir, "a vlm-build engine directory")
+    with atomic_output(final, recheck=recheck) as out:
         if not trt.is_rtx and not timing_cache and (final / "timing.cache").is_file():
             shutil.copy2(final / "timing.cache", out / "timing.cache")  # reuse the last build's tactics
         cache = None if trt.is_rtx else Path(timing_cache) if timing_cache else out / "timing.cache"
