@@ -16,7 +16,8 @@ from onnx import defs
 from onnx.defs import OpSchema
 
 from vlmx.torch_ref import ops as _torch_ops  # noqa: F401  (defines torch.ops.vlmx.*)
-from vlmx.torch_ref.op_table import DOMAIN, OPS, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, OpSpec
+from vlmx.torch_ref.op_table import (DOMAIN, OPS, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, OpSpec,
+                                     op_for_type)
 
 #: Attributes every vlmx node carries besides the op-table attributes (TensorRT's plugin-override rule).
 PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
@@ -96,5 +97,5 @@ def vlmx_nodes(graph: onnx.GraphProto):
 
 
 def ops_used(model: onnx.ModelProto) -> list[str]:
-    """Sorted names of the vlmx ops a model uses."""
-    return sorted({n.op_type for n in vlmx_nodes(model.graph)})
+    """Sorted names of the vlmx ops a model uses (variant node names ``<Op>_v<k>`` count as ``<Op>``)."""
+    return sorted({op_for_type(n.op_type).name for n in vlmx_nodes(model.graph)})

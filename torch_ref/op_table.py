@@ -260,6 +260,30 @@ OPS: dict[str, OpSpec] = {
 OPS_BY_TORCH_NAME: dict[str, OpSpec] = {op.torch_name: op for op in OPS.values()}
 
 
+#: A graph holding several variants of one op (attributes, optional inputs/outputs) names them ``<Op>``,
+#: ``<Op>_v1``, ``<Op>_v2``, ... (node op_type = model-local function name): function lookup by name alone
+#: (TensorRT's ONNX parser ignores the IR-10 ``overload`` field) then finds each variant's own body.
+VARIANT_SEP = "_v"
+
+
+def variant_op_type(name: str, index: int) -> str:
+    """The node op_type / function name of variant ``index`` of op ``name`` in one graph (0 keeps the op name)."""
+    if name not in OPS:
+        raise KeyError(f"{name!r} is not a vlmx op; known ops: {sorted(OPS)}")
+    return name if index == 0 else f"{name}{VARIANT_SEP}{index}"
+
+
+def op_for_type(op_type: str) -> OpSpec:
+    """The op of a vlmx node op_type: the op name itself or a variant name ``<Op>_v<k>`` (k >= 1)."""
+    if op_type in OPS:
+        return OPS[op_type]
+    base, sep, k = op_type.rpartition(VARIANT_SEP)
+    if sep and k.isdigit() and int(k) >= 1 and base in OPS:
+        return OPS[base]
+    raise KeyError(f"{op_type!r} is neither a vlmx op nor a variant name <Op>{VARIANT_SEP}<k>; "
+                   f"known ops: {sorted(OPS)}")
+
+
 def get_op(name: str) -> OpSpec:
     """Look up an op by ONNX name (``FlashAttention``) or torch name (``flash_attention``)."""
     if name in OPS:
