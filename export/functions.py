@@ -23,7 +23,7 @@ from onnx import helper
 
 from vlmx.torch_ref.op_table import DOMAIN, op_for_type, variant_op_type
 
-from .domain import PLUGIN_ATTRS, vlmx_nodes
+from .domain import PLUGIN_ATTRS, SHAPE_INPUTS_ATTR, parser_attrs, vlmx_nodes
 from .function_bodies import build_body
 
 
@@ -38,7 +38,8 @@ def default_opset(model: onnx.ModelProto) -> int:
 def node_attributes(node: onnx.NodeProto) -> dict:
     """The op-table attributes of a vlmx node, validated and defaulted (plugin attributes dropped)."""
     op = op_for_type(node.op_type)
-    raw = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in PLUGIN_ATTRS}
+    raw = {a.name: helper.get_attribute_value(a) for a in node.attribute
+           if a.name not in PLUGIN_ATTRS and a.name != SHAPE_INPUTS_ATTR}
     raw = {k: v.decode() if isinstance(v, bytes) else v for k, v in raw.items()}
     return op.validate_attrs(raw)
 
@@ -85,7 +86,7 @@ def make_function(node: onnx.NodeProto, opset: int, name: str | None = None) -> 
     present = presence(node)
     n_out = max(i + 1 for i, t in enumerate(op.outputs) if present[t.name])
     body = build_body(op.name, node_attributes(node), present, opset)
-    attrs = [a.name for a in op.attrs] + list(PLUGIN_ATTRS)
+    attrs = [a.name for a in op.attrs] + list(parser_attrs(op))
     return helper.make_function(DOMAIN, name or node.op_type, [t.name for t in op.inputs if present[t.name]],
                                 [t.name for t in op.outputs[:n_out]], body, [helper.make_opsetid("", opset)],
                                 attributes=attrs, doc_string=op.doc)

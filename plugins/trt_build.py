@@ -48,7 +48,8 @@ def _c_float(value: float) -> str:
 
 
 def _tensor_rows(tensors) -> list[str]:
-    return [f"    {{{_c_str(t.name)}, {_DTYPE[t.dtype]}, {'true' if t.optional else 'false'}}},"
+    return [f"    {{{_c_str(t.name)}, {_DTYPE[t.dtype]}, {'true' if t.optional else 'false'}, "
+            f"{'true' if t.shape_input else 'false'}}},"
             for t in tensors]
 
 
@@ -74,6 +75,7 @@ def render_op_table_header() -> str:
         "    char const* name;",
         "    DType dtype;",
         "    bool optional;",
+        "    bool shapeInput;  // TensorRT passes it as a shape input (values -> output dims), not a device tensor",
         "};",
         "",
         "struct AttrDef {",

@@ -34,12 +34,17 @@ ATTR_KINDS = ("int", "float", "string")
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output: name, dtype (a type variable like ``T`` or a fixed dtype), optional flag, meaning."""
+    """One input or output: name, dtype (a type variable like ``T`` or a fixed dtype), optional flag, meaning.
+
+    ``shape_input``: the tensor's values define output dimensions, so TensorRT passes it to the plugin as a shape
+    input (the node carries ``tensorrt_plugin_shape_input_indices``), not as a device tensor.
+    """
 
     name: str
     dtype: str
     doc: str
     optional: bool = False
+    shape_input: bool = False
 
     def dtypes(self) -> tuple[str, ...]:
         """The concrete dtypes this tensor may take."""
@@ -72,6 +77,17 @@ class OpSpec:
     attrs: tuple[AttrSpec, ...]
     doc: str
     tags: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        for i, t in enumerate(self.inputs):
+            if t.shape_input and any(u.optional for u in self.inputs[:i]):
+                raise ValueError(f"{self.name}.{t.name}: a shape input must not follow optional inputs (its index "
+                                 "on the node would vary)")
+
+    @property
+    def shape_input_indices(self) -> list[int]:
+        """Node input indices TensorRT passes to the plugin as shape inputs."""
+        return [i for i, t in enumerate(self.inputs) if t.shape_input]
 
     @property
     def qualified_torch_name(self) -> str:
@@ -113,8 +129,8 @@ class OpSpec:
         return out
 
 
-def _t(name, dtype, doc, optional=False):
-    return TensorSpec(name, dtype, doc, optional)
+def _t(name, dtype, doc, optional=False, shape_input=False):
+    return TensorSpec(name, dtype, doc, optional, shape_input)
 
 
 def _a(name, kind, default, doc, choices=()):
@@ -241,7 +257,8 @@ GATHER_TOPK = OpSpec(
     inputs=(
         _t("x", "T", "tokens [B, N, C]"),
         _t("scores", "float32", "importance [B, N]"),
-        _t("keep", "int64", "number of tokens to keep, shape [1], 1 <= keep <= N"),
+        _t("keep", "int64", "number of tokens to keep, shape [1], 1 <= keep <= N (a TensorRT shape input)",
+           shape_input=True),
     ),
     outputs=(
         _t("x_kept", "T", "[B, keep, C], the kept tokens in their original order"),

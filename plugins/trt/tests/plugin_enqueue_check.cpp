@@ -161,7 +161,7 @@ int main(int argc, char** argv) {
     while (std::getline(cases, line)) {
         if (line.empty() || line[0] == '#') continue;
         auto parts = split(line, '|');
-        parts.resize(5);
+        parts.resize(6);  // name | op | fields | inputs | outputs | shape-input values
         std::string const name = parts[0];
         std::ostringstream js;
         js << "{\"case\": \"" << jsonEscape(name) << "\", \"op\": \"" << parts[1] << "\"";
@@ -220,7 +220,9 @@ int main(int argc, char** argv) {
             inExprs[i].nbDims = ins[i].buildDims.nbDims;
             for (int32_t j = 0; j < inExprs[i].nbDims; ++j) inExprs[i].d[j] = eb.impl.constant(ins[i].buildDims.d[j]);
         }
-        int32_t const shapesRc = build->getOutputShapes(inExprs.data(), nbIn, nullptr, 0, outExprs.data(), nbOut, eb);
+        std::vector<DimsExprs> const shapeIn = shapeInputs(parts[5], eb);
+        int32_t const shapesRc = build->getOutputShapes(inExprs.data(), nbIn, shapeIn.data(),
+            static_cast<int32_t>(shapeIn.size()), outExprs.data(), nbOut, eb);
         bool shapesOk = shapesRc == 0;
         std::string shapesJson = "[";
         for (int32_t o = 0; o < nbOut && shapesRc == 0; ++o) {
