@@ -59,7 +59,7 @@ def test_header_struct_size_agrees_with_ctypes(tmp_path):
         pytest.skip(NO_NVCC)
     nvcc = kbuild.find_nvcc()
     src = tmp_path / "size.cu"
-    src.write_text('#include "vlmx_kernels.h"\n#include <stddef.h>\n#include <stdio.h>\nint main(){printf("%zu %zu %zu",'
+    src.write_text('#include "vlmx_kernels.h"\n#include <stddef.h>\n#include <stdio.h>\nint main(){printf("%zu %zu %zu %zu",'
                    ' sizeof(vlmx_attention_params), offsetof(vlmx_attention_params, scale), '
                    'offsetof(vlmx_attention_params, bias_stride_q), offsetof(vlmx_attention_params, workspace_bytes));}\n')
     exe = tmp_path / "size"
