@@ -56,7 +56,9 @@ def cuda_home() -> Path:
 
 
 def trt_include(arg: str | None) -> Path:
-    cands = [arg, *os.environ.get("TENSORRT_INCLUDE_DIR", "").split(os.pathsep), str(REPO / ".trt_headers/include")]
+    fetched = trt_build.cache_dir() / f"tensorrt-headers-{trt_build.HEADERS_PACKAGE['tensorrt']}" / "include"
+    cands = [arg, *os.environ.get("TENSORRT_INCLUDE_DIR", "").split(os.pathsep), str(REPO / ".trt_headers/include"),
+             str(fetched)]  # the last: `python -m vlmx.plugins.trt_build --fetch-headers` (pinned wheel, sha256)
     for c in cands:
         if c and (Path(c) / "NvInferRuntime.h").is_file():
             return Path(c).resolve()
