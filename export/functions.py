@@ -4,9 +4,11 @@ The variant rule (the op contract; README "Export" and docs/tensorrt.md say the 
 
 - A *variant* of an op is one combination of attribute values and optional-input/output presence. Attributes are
   baked into the body (:mod:`vlmx.export.function_bodies`), so every variant needs its own function.
-- Node op_type = function name. The first variant of an op in a graph (graph order) is named after the op
-  (``FlashAttention``); further variants are ``FlashAttention_v1``, ``FlashAttention_v2``, ...
-  (:func:`vlmx.torch_ref.op_table.variant_op_type`). The names differ because TensorRT's ONNX parser looks model
+- Node op_type = function name. The first variant of an op in a graph (graph order) whose present inputs have
+  no gap is named after the op (``FlashAttention``); every other variant is ``FlashAttention_v1``,
+  ``FlashAttention_v2``, ... (:func:`vlmx.torch_ref.op_table.variant_op_type`). A node lists only the inputs it
+  has; a node named after its op therefore reads the same positionally, and ``<Op>_v<k>`` nodes are read through
+  their function's formal input names, so re-attaching after passes that add positional nodes stays correct. The names differ because TensorRT's ONNX parser looks model
   local functions up by name alone (it ignores the IR-10 ``overload`` field and the domain), and requires a
   node's input count to equal its function's; ONNX Runtime resolves the same names. No overloads are written.
 - Plugins: TensorRT takes a registered creator over the body when the node's op_type names one and the node
@@ -60,9 +62,13 @@ def presence(node: onnx.NodeProto, function: onnx.FunctionProto | None = None) -
 
 
 def positional_inputs(node: onnx.NodeProto, function: onnx.FunctionProto | None = None) -> list[str]:
-    """The node's inputs at their op-table positions (``""`` where absent)."""
+    """The node's inputs at their op-table positions (``""`` where absent).
+
+    A node named after its op is positional (its compact and positional forms agree by the naming rule); a
+    variant node ``<Op>_v<k>`` is read through its function's formal input names.
+    """
     op = op_for_type(node.op_type)
-    if function is None:
+    if function is None or node.op_type == op.name:
         return [node.input[i] if i < len(node.input) else "" for i in range(len(op.inputs))]
     given = dict(zip(function.input, node.input))
     return [given.get(t.name, "") for t in op.inputs]
@@ -90,6 +96,12 @@ def make_function(node: onnx.NodeProto, opset: int, name: str | None = None) -> 
     return helper.make_function(DOMAIN, name or node.op_type, [t.name for t in op.inputs if present[t.name]],
                                 [t.name for t in op.outputs[:n_out]], body, [helper.make_opsetid("", opset)],
                                 attributes=attrs, doc_string=op.doc)
+
+
+def _has_input_gap(node: onnx.NodeProto) -> bool:
+    """Whether a (positional) node lacks an optional input before one it has: its compact form then differs."""
+    present = [bool(i) for i in node.input]
+    return any(not p and any(present[j + 1:]) for j, p in enumerate(present))
 
 
 def _vlmx_functions(model: onnx.ModelProto) -> dict[str, onnx.FunctionProto]:
@@ -137,8 +149,13 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         variants.setdefault(n.op_type, {}).setdefault(variant_key(n), []).append(n)
     _drop_vlmx_functions(model)
     for op_name, by_key in variants.items():
-        for k, nodes in enumerate(by_key.values()):
-            fn = make_function(nodes[0], opset, variant_op_type(op_name, k))
+        plain_free, k = True, 1
+        for nodes in by_key.values():
+            if plain_free and not _has_input_gap(nodes[0]):
+                name, plain_free = op_name, False
+            else:
+                name, k = variant_op_type(op_name, k), k + 1
+            fn = make_function(nodes[0], opset, name)
             model.functions.append(fn)
             for n in nodes:
                 _set_inputs(n, [i for i in n.input if i])

@@ -338,3 +338,26 @@ def test_tensorrt_rtx_would_mix_bodies_under_overloads():
     errors = " ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
     # node1 has 4 inputs, the first FlashAttention function 3: the parser refuses (or, same arity, mixes bodies)
     assert not ok and "input" in errors, errors
+
+
+def test_reattaching_after_a_pass_adds_positional_nodes_keeps_every_variant():
+    """A pass adds a positional FlashAttention node to an attached graph (op-named nodes are always positional,
+    compacted variants are <Op>_v<k>): attach_functions again gives every node its own semantics."""
+    variants = _attention_cases()
+    packed_bias, plain = variants[3], variants[0]
+    model, feed, _ = mixed_model([packed_bias])
+    assert [n.op_type for n in model.graph.node] == ["FlashAttention_v1"]  # (q, bias): a gap, so not the op name
+    spec = OPS["FlashAttention"]
+    for name in ("q", "k", "v"):
+        feed[f"p_{name}"] = plain.inputs[name]
+        model.graph.input.append(helper.make_tensor_value_info(f"p_{name}", TensorProto.FLOAT,
+                                                               plain.inputs[name].shape))
+    model.graph.node.append(helper.make_node("FlashAttention", ["p_q", "p_k", "p_v"], ["p_o"], domain="vlmx",
+                                             name="added", **node_attrs(spec, plain.attrs)))
+    model.graph.output.append(helper.make_tensor_value_info("p_o", TensorProto.FLOAT, None))
+    attach_functions(model)
+    attach_functions(model)  # idempotent
+    assert sorted(n.op_type for n in model.graph.node) == ["FlashAttention", "FlashAttention_v1"]
+    got = dict(zip([o.name for o in model.graph.output], run(model, feed)))
+    assert_close(got["n0_o"], packed_bias.ref()[0].numpy().astype(np.float64), "fp32_exact_math", "packed+bias")
+    assert_close(got["p_o"], plain.ref()[0].numpy().astype(np.float64), "fp32_exact_math", "added bsd node")
