@@ -361,7 +361,10 @@ def summary_row(r: dict) -> str:
                          f"{v['mismatches_not_at_ties']} not at ties)")
         else:
             parts.append(f"{k} {'exact' if v['exact'] else 'DIFFERS'}")
-    ms = r["harness"].get("enqueue_ms")
+    h = r["harness"]
+    if "graph_capture_ok" in h:  # enqueue replayed from a CUDA graph: no sync, host copy or allocation inside
+        parts.append("graph capture " + ("ok" if h["graph_capture_ok"] else f"FAILED ({h['graph_capture_error']})"))
+    ms = h.get("enqueue_ms")
     return f"| {r['case']} | {r['op']} | {'ok' if r['ok'] else 'FAIL'} | {'; '.join(parts)} | " \
            f"{'' if ms is None else f'{ms:.3f}'} |"
 
