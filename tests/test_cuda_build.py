@@ -39,11 +39,12 @@ def test_importing_plugins_does_nothing():
 
 
 def test_params_struct_matches_the_header_layout():
-    # 5 pointers, 6 ints, 15 int64 strides, float scale, 4 ints: offsets as a C compiler lays them out.
+    # 5 pointers, 6 ints, 15 int64 strides, float scale, 4 ints, workspace pointer + int64 bytes: offsets as a C
+    # compiler lays them out.
     p = cuda_ops.AttentionParams
     assert p.batch.offset == 40 and p.head_dim.offset == 60 and p.q_stride_b.offset == 64
     assert p.bias_stride_q.offset == 64 + 14 * 8 and p.scale.offset == 184 and p.alibi_bias_max.offset == 200
-    assert ctypes.sizeof(p) == 208
+    assert p.workspace.offset == 208 and p.workspace_bytes.offset == 216 and ctypes.sizeof(p) == 224
 
 
 @pytest.fixture(scope="module")
