@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vlmx.torch_ref import pruning
+from vlmx.torch_ref.hf_compat import cache_kwargs
 
 
 def _feature_layer_index(feature_layer: int, num_layers: int) -> int:
@@ -116,10 +117,10 @@ class PrefillGraph(nn.Module):
 
         kw = {"position_ids": position_ids} if self.position_ids else {}
         cache = DynamicCache(config=self.lm.config) if cache is None else cache
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
-                              use_cache=True, **kw)
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True,
+                      **cache_kwargs(self.lm, cache), **kw)
         logits = self.lm_head(out.last_hidden_state).float()
-        return (logits, *_flat_cache(out.past_key_values, self.num_layers))
+        return (logits, *_flat_cache(cache, self.num_layers))  # the Cache is updated in place
 
     def forward(self, inputs_embeds, attention_mask, position_ids=None):
         return self._run(inputs_embeds, attention_mask, position_ids, None)

@@ -8,6 +8,7 @@ from transformers import DynamicCache, MptConfig, MptForCausalLM
 
 from vlmx.torch_ref import alibi as alibi_mod
 from vlmx.torch_ref import mpt_attention as mpt
+from vlmx.torch_ref.hf_compat import cache_kwargs, output_cache
 
 TOL_FP32 = 2e-6      # fp32 attention vs float64 reference
 TOL_MODEL = 1e-5     # whole-model logits after swapping attention
@@ -261,11 +262,11 @@ def test_swapped_mpt_cached_decode_equals_full_forward(hf_mpt, impl):
     with torch.no_grad():
         full = hf_mpt(ids).logits
         out = swapped(ids[:, :4], use_cache=True)  # prefill 4 tokens, then one at a time
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = output_cache(out), [out.logits]
         assert isinstance(cache, DynamicCache)
         for t in range(4, 10):
-            out = swapped(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = swapped(ids[:, t:t + 1], use_cache=True, **cache_kwargs(swapped, cache))
+            assert output_cache(out) is cache
             steps.append(out.logits)
     assert cache.get_seq_length() == 10
     check_close(torch.cat(steps, 1), full, TOL_MODEL, f"{impl} cached decode vs transformers full forward")

@@ -313,7 +313,8 @@ ATTN_CLASS_REGISTRY = {
 class MptAttentionAdapter(MultiheadAttention):
     """Drop-in for transformers' ``MptAttention`` (same parameter names, call signature and return).
 
-    ``forward(hidden_states, position_bias, past_key_values=None, attention_mask=None)`` → ``(out, weights)``.
+    ``forward(hidden_states, position_bias, cache=None, attention_mask=None)`` → ``(out, weights)``. The cache
+    arrives as ``cache`` (transformers ≥ 5.24) or ``past_key_values`` (earlier 5.x); both names are accepted.
     ALiBi is added inside (``alibi_bias_max=8`` as transformers' MptModel), so ``position_bias`` is not read.
     The transformers 4-D mask (True = masked) is applied as an additive bias when ``respect_attention_mask``;
     turn it off for unpadded inputs to get a pure ``causal=1`` attention (what the vlmx exporter wants).
@@ -338,7 +339,11 @@ class MptAttentionAdapter(MultiheadAttention):
         new.train(hf_attn.training)
         return new
 
-    def forward(self, hidden_states, position_bias=None, past_key_values=None, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("MptAttentionAdapter got two different caches (cache= and past_key_values=)")
+        past_key_values = cache if cache is not None else past_key_values
         past = None
         if past_key_values is not None:
             if self.layer_idx is None:
