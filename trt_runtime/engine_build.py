@@ -64,6 +64,20 @@ def vlmx_nodes(onnx_path: Path) -> tuple[list[str], list[str]]:
     return bare, backed
 
 
+def _plugin_copy(onnx_path: Path) -> Path:
+    """A copy of the graph with bare vlmx nodes named after their op (no bodies), next to the original so external
+    weights resolve: with a plugin library every node becomes our plugin, including variant nodes
+    (``FlashAttention_v1``: vlmx.export.functions), whose op_type names no creator."""
+    import onnx
+
+    from vlmx.export.functions import strip_vlmx_functions
+
+    model = strip_vlmx_functions(onnx.load(str(onnx_path), load_external_data=False))
+    out = onnx_path.with_name(f".{onnx_path.stem}.plugin-nodes.onnx")
+    onnx.save(model, str(out))
+    return out
+
+
 def _logger(trt, verbose: bool):
     """A TensorRT logger that keeps every message (the engine layer list arrives as a verbose message)."""
 
@@ -198,7 +212,13 @@ def build_engine(trt: TensorRT, onnx_path, plan_path, profile: dict | None = Non
     override = getattr(getattr(mod, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
     if plugin_lib and override is not None:
         parser.set_flag(override)  # our creators win over the vlmx function bodies (DESIGN: precedence rule)
-    if not parser.parse_from_file(str(onnx_path)):
+    parse_path = _plugin_copy(onnx_path) if plugin_lib and backed else onnx_path
+    try:
+        parsed = parser.parse_from_file(str(parse_path))
+    finally:
+        if parse_path != onnx_path:
+            parse_path.unlink(missing_ok=True)
+    if not parsed:
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         hint = ""
         if trt.is_rtx and any("MatMulInteger" in e for e in errs):
