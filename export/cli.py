@@ -104,10 +104,17 @@ def validate(args) -> ExportOptions:
     except models.PresetError as e:
         raise UsageError(f"--model: {e}") from None
     if args.checkpoint is not None:
+        from transformers import LlavaConfig
+
+        from .processor_files import ProcessorFilesError, check_checkpoint_files
+
         try:
             models.check_checkpoint(spec, args.checkpoint)
+            check_checkpoint_files(args.checkpoint, LlavaConfig.from_pretrained(args.checkpoint))
         except models.PresetError as e:
             raise UsageError(f"--checkpoint: {e}") from None
+        except ProcessorFilesError as e:
+            raise UsageError(str(e)) from None
     keep_count(spec.num_image_tokens, float(args.keep))
     if args.prune == "cls" and not spec.has_cls:
         raise UsageError(f"--prune cls needs a [CLS] token, but the {spec.vision} tower of {spec.name} has none; "

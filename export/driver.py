@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import copy
 import gc
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vlmx.torch_ref.contract import (GRAPH_NAMES, PRECISIONS, PRUNE_METHODS, QUANT_GRAPHS, checkpoint_table,
-                                    graph_entry, write_manifest)
-from vlmx.torch_ref.outdir import atomic_output
+                                    graph_entry, is_export_dir, write_manifest)
+from vlmx.torch_ref.outdir import atomic_output, check_out
 
 from . import hf_attention
 from .exporter import export_graph
@@ -24,6 +25,7 @@ from .model_configs import ExportContext, family_for
 from .options import ExportOptions
 from .passes import calibrate, fuse_qkv, insert_quant, run_passes, strip_functions
 from .passes.cleanup import cleanup
+from .processor_files import write_processor_files
 from .weights import LARGE_MODEL_BYTES, random_model, weight_bytes_estimate
 
 __all__ = ["ExportOptions", "export_model", "GRAPH_NAMES", "PRECISIONS", "PRUNE_METHODS", "QUANT_GRAPHS"]
@@ -116,7 +118,8 @@ def reference_graphs(family, ctx: ExportContext, same_dtype: bool = False) -> di
 def export_model(opts: ExportOptions, progress=None) -> dict:
     """Run the whole export into ``opts.out``; returns the manifest. Options must already be validated."""
     progress = progress or _NoProgress()
-    with atomic_output(opts.out) as tmp:
+    recheck = partial(check_out, opts.out, opts.overwrite, is_export_dir, "a vlmx export")
+    with atomic_output(opts.out, recheck=recheck) as tmp:
         return _export_into(tmp, opts, progress)
 
 
@@ -172,6 +175,7 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
         np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
                                           for part in ("inputs", "outputs") for k, v in r[part].items()})
         (tmp / "vlmx_ops.md").write_text(markdown_table() + "\n")
+        processor = write_processor_files(tmp, spec, opts.checkpoint)
         report = None
         if opts.report and not opts.plugins_only:
             about = {"model": spec.name, "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
@@ -185,7 +189,7 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
                   "target": target.name, "sm": target.sm, "precision": opts.precision,
                   "attention": opts.attention, "opset": opset, "keep": opts.keep, "prune": opts.prune,
                   "seed": opts.seed, "plugins_only": opts.plugins_only, "ops_used": sorted(used),
-                  "model_info": info, "graphs": entries, "reference": "reference.npz",
+                  "model_info": info, "processor": processor, "graphs": entries, "reference": "reference.npz",
                   "report": {"passed": report["passed"], "file": "report.json"} if report else None,
                   "notes": notes}
         manifest = write_manifest(tmp, fields)

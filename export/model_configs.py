@@ -148,14 +148,11 @@ class LlavaFamily:
                 "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads, "vocab_size": c.vocab_size}
 
     def model_info(self, ctx: ExportContext) -> dict:
-        from vlmx.torch_ref import models
-
-        s = ctx.spec
-        info = models.preset_info(s)
+        s, c = ctx.spec, ctx.model.config
         return {"vision": self.vision, "language": self.language, "image_size": s.image_size,
                 "num_image_tokens": s.num_image_tokens, "has_cls": s.has_cls, **self.lm_dims(ctx.model),
-                "bos_token_id": info["bos_token_id"], "eos_token_id": info["eos_token_id"],
-                "image_token_id": s.image_token_id, "position_ids": self.position_ids, "max_seq_len": s.max_seq_len,
+                "bos_token_id": c.text_config.bos_token_id, "eos_token_id": c.text_config.eos_token_id,
+                "image_token_id": c.image_token_id, "position_ids": self.position_ids, "max_seq_len": s.max_seq_len,
                 "dtype": str(ctx.dtype).removeprefix("torch.")}
 
     def score_modules(self, model):

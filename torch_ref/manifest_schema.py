@@ -64,6 +64,11 @@ def manifest_model():
         passed: bool
         file: str
 
+    class ProcessorFiles(Strict):
+        """The text/image processor files the export carries (vlmx.export.processor_files)."""
+        source: Literal["checkpoint", "preset"]
+        files: list[str]
+
     class Manifest(Strict):
         format: Literal[FORMAT]
         format_version: Literal[FORMAT_VERSION]
@@ -84,6 +89,7 @@ def manifest_model():
         graphs: dict[str, GraphEntry]
         reference: Optional[str]
         report: Optional[Report]
+        processor: Optional[ProcessorFiles] = None
         notes: list[str] = []
         files: dict[str, FileEntry]
         versions: dict[str, Optional[str]]

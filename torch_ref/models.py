@@ -11,8 +11,9 @@ transformers' ``LlavaForConditionalGeneration`` builds the MPT text model fine (
 but ties ``lm_head`` to ``language_model.embed_tokens``, which MptModel calls ``wte``; MPT presets therefore use
 :class:`LlavaMptForConditionalGeneration`, a subclass that only fixes that tie.
 
-Offline there is no tokenizer: :func:`encode_prompt` maps text to ids with a synthetic byte vocabulary
-(``PAD=0, BOS=1, EOS=2``, UTF-8 byte ``b`` → ``3 + b``, ``<image>`` → ``num_image_tokens`` × ``image_token_id``).
+Random-weight presets share one real tokenizer: the tiny Llama-style BPE in :data:`TOKENIZER_FILE` (built by
+``scripts/build_tiny_tokenizer.py``; ``<unk>=0, <s>=1, </s>=2``); the export adds ``<image>`` at the preset's
+``image_token_id`` and ``<pad>`` right after it, as LLaVA-1.5's tokenizer has them (32000, 32001).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MptConfig,
                           SiglipVisionConfig)
 
-PAD_ID, BOS_ID, EOS_ID, BYTE_OFFSET = 0, 1, 2, 3
-IMAGE_PLACEHOLDER = "<image>"
+#: The random presets' tokenizer (a ``tokenizers`` JSON file, < 100 KB) and its BOS / EOS ids.
+TOKENIZER_FILE = Path(__file__).parent / "data" / "tiny_bpe_tokenizer.json"
+TOKENIZER_VOCAB = 1000
+BOS_ID, EOS_ID = 1, 2
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -72,6 +75,11 @@ class PresetSpec:
         return self.num_patches + (1 if self.has_cls and self.select_strategy == "full" else 0)
 
     @property
+    def pad_token_id(self) -> int:
+        """``<pad>`` follows ``<image>`` (LLaVA-1.5: 32000, 32001)."""
+        return self.image_token_id + 1
+
+    @property
     def vision_head_dim(self) -> int:
         return self.vision_hidden // self.vision_heads
 
@@ -90,9 +98,9 @@ class PresetSpec:
     def __post_init__(self):
         if self.image_size < self.patch_size:  # SigLIP-384/14 floors: 27 x 27 patches, the last 6 px unused
             raise ValueError(f"preset {self.name}: image_size {self.image_size} < patch_size {self.patch_size}")
-        if not BYTE_OFFSET + 256 <= self.image_token_id < self.vocab_size:
+        if not TOKENIZER_VOCAB <= self.image_token_id < self.vocab_size - 1:
             raise ValueError(f"preset {self.name}: image_token_id {self.image_token_id} must lie in "
-                             f"[{BYTE_OFFSET + 256}, vocab_size={self.vocab_size})")
+                             f"[{TOKENIZER_VOCAB}, vocab_size - 1 = {self.vocab_size - 1}) (tokenizer + <pad>)")
 
 
 _CLIP_L336 = dict(vision="clip", image_size=336, patch_size=14, has_cls=True, feature_layer=-2,
@@ -155,7 +163,7 @@ def _vision_config(s: PresetSpec):
 
 
 def _text_config(s: PresetSpec):
-    ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    ids = dict(pad_token_id=s.pad_token_id, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     if s.language == "llama":
         return LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.text_hidden, intermediate_size=s.text_intermediate,
                            num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
@@ -199,15 +207,15 @@ def save_checkpoint(model: LlavaForConditionalGeneration, directory: str | Path)
 
 
 def _signature(config: LlavaConfig) -> dict:
+    """The architecture a preset fixes; vocab_size and image_token_id belong to the checkpoint's own tokenizer."""
     v, t = config.vision_config, config.text_config
     return {"vision model_type": v.model_type, "text model_type": t.model_type,
             "vision hidden_size": v.hidden_size, "vision layers": v.num_hidden_layers,
             "vision heads": v.num_attention_heads, "image_size": v.image_size, "patch_size": v.patch_size,
             "text hidden_size": t.hidden_size, "text layers": t.num_hidden_layers,
-            "text heads": t.num_attention_heads, "vocab_size": t.vocab_size,
+            "text heads": t.num_attention_heads,
             "vision_feature_layer": config.vision_feature_layer,
-            "vision_feature_select_strategy": config.vision_feature_select_strategy,
-            "image_token_id": config.image_token_id}
+            "vision_feature_select_strategy": config.vision_feature_select_strategy}
 
 
 def _read_config(directory: Path) -> dict:
@@ -260,8 +268,9 @@ def _weight_files(directory: Path) -> list[Path]:
     return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
 
 
-def _check_shapes(s: PresetSpec, directory: Path, files: list[Path]) -> None:
-    """Every tensor the checkpoint shares with the preset's model has the preset's shape."""
+def _check_shapes(s: PresetSpec, directory: Path, files: list[Path], vocab_size: int) -> None:
+    """Every tensor the checkpoint shares with the preset's model has the preset's shape (the embedding and head
+    rows are the checkpoint's own ``vocab_size``: its tokenizer's, not the preset's)."""
     def norm(key: str) -> str:  # transformers 4 and 5 name the same tensor with or without these segments
         return ".".join(p for p in key.split(".") if p not in ("model", "language_model"))
 
@@ -269,8 +278,10 @@ def _check_shapes(s: PresetSpec, directory: Path, files: list[Path]) -> None:
     for f in files:
         for k, v in safetensors_shapes(f).items():
             got[norm(k)], names[norm(k)] = v, f"{f.name}:{k}"
+    config = make_config(s)
+    config.text_config.vocab_size = vocab_size
     with torch.device("meta"):
-        want = {norm(k): tuple(v.shape) for k, v in model_class(s)(make_config(s)).state_dict().items()}
+        want = {norm(k): tuple(v.shape) for k, v in model_class(s)(config).state_dict().items()}
     bad = [f"{names[k]} has shape {list(got[k])}, preset {s.name} expects {list(want[k])}" for k in want
            if k in got and got[k] != want[k]]
     if bad:
@@ -310,7 +321,7 @@ def check_checkpoint(preset: str | PresetSpec, directory: str | Path) -> Path:
         matching = [n for n, p in PRESETS.items() if _signature(make_config(p)) == got]
         hint = f"use preset {matching[0]!r}" if matching else f"choose a preset that matches ({', '.join(PRESETS)})"
         raise PresetError(f"checkpoint {directory} does not match preset {s.name}: " + "; ".join(diffs) + f"; {hint}")
-    _check_shapes(s, directory, _weight_files(directory))
+    _check_shapes(s, directory, _weight_files(directory), found.text_config.vocab_size)
     return directory
 
 
@@ -328,67 +339,11 @@ def load_checkpoint(preset: str | PresetSpec, directory: str | Path,
     return model.eval()
 
 
-# ------------------------------------------------------------------------------------------------ inputs
-def make_processor(preset: str | PresetSpec):
-    """The preset's transformers image processor (CLIP or SigLIP settings, built from arguments, no download)."""
-    s = get_preset(preset)
-    size = s.image_size
-    if s.vision == "clip":
-        kw = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
-                  do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True,
-                  image_mean=list(s.image_mean), image_std=list(s.image_std))
-        names = ("CLIPImageProcessorPil", "CLIPImageProcessor")
-    else:
-        kw = dict(size={"height": size, "width": size}, do_resize=True, do_rescale=True, do_normalize=True,
-                  do_convert_rgb=True, image_mean=list(s.image_mean), image_std=list(s.image_std))
-        names = ("SiglipImageProcessorPil", "SiglipImageProcessor")
-    import transformers
-    try:
-        import torchvision  # noqa: F401  (the default processors need it; the PIL ones do not)
-        names = names[::-1]
-    except ImportError:
-        pass
-    for n in names:
-        cls = getattr(transformers, n, None)
-        if cls is not None:
-            return cls(**kw)
-    raise PresetError(f"transformers {transformers.__version__} has none of {names}; install transformers>=5")
-
-
-def encode_prompt(preset: str | PresetSpec, text: str, add_bos: bool = True) -> list[int]:
-    """Deterministic token ids for ``text`` (no tokenizer offline): ``BOS`` (if ``add_bos``), each UTF-8 byte ``b``
-    as ``3 + b``, and each ``<image>`` as ``num_image_tokens`` copies of ``image_token_id`` (as LlavaProcessor)."""
-    s = get_preset(preset)
-    ids = [BOS_ID] if add_bos else []
-    for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if i:
-            ids += [s.image_token_id] * s.num_image_tokens
-        ids += [BYTE_OFFSET + b for b in part.encode("utf-8")]
-    return ids
-
-
-def decode_tokens(preset: str | PresetSpec, ids) -> str:
-    """Inverse of :func:`encode_prompt` for byte ids; special and image ids are dropped, other ids shown as
-    ``<id>`` (random-weight models produce them)."""
-    s = get_preset(preset)
-    out, buf = [], bytearray()
-    for i in (int(t) for t in ids):
-        if BYTE_OFFSET <= i < BYTE_OFFSET + 256:
-            buf.append(i - BYTE_OFFSET)
-            continue
-        out.append(buf.decode("utf-8", errors="replace"))
-        buf = bytearray()
-        if i not in (PAD_ID, BOS_ID, EOS_ID, s.image_token_id):
-            out.append(f"<{i}>")
-    out.append(buf.decode("utf-8", errors="replace"))
-    return "".join(out)
-
-
 def preset_info(preset: str | PresetSpec) -> dict:
     """The preset as a JSON-ready dict (for export manifests)."""
     s = get_preset(preset)
     d = dataclasses.asdict(s)
     d.update(num_image_tokens=s.num_image_tokens, num_patches=s.num_patches, vision_head_dim=s.vision_head_dim,
              text_head_dim=s.text_head_dim, num_layers=s.text_layers, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-             pad_token_id=PAD_ID)
+             pad_token_id=s.pad_token_id)
     return d

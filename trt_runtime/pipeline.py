@@ -5,7 +5,8 @@ Every stage is a graph of the export run by one backend's runners (:mod:`vlmx.tr
 each other torch tensors (on GPU backends: on the device, never through numpy); the host sees token ids only. Per
 generation the LM's KV cache ([1, H_kv, S_max, D] per layer), its logits and the decode-step embedding buffers are
 allocated once and bound (cache as both ``past.*`` and ``present.*``); a decode step then feeds one token id and the
-length of a view of a preallocated attention mask. Text goes through one seam (:mod:`vlmx.trt_runtime.text`).
+length of a view of a preallocated attention mask. Text goes through one seam: the export's own processor
+(:mod:`vlmx.trt_runtime.processor`: tokenizer, chat template, image processor, streaming detokenization).
 """
 from __future__ import annotations
 
@@ -17,17 +18,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from vlmx.torch_ref import models
 from vlmx.torch_ref.contract import KV_PAST, KV_PRESENT, LM_GRAPH, PRUNE_METHODS, kv_names
-from vlmx.torch_ref.pruning import keep_count
+from vlmx.torch_ref.keep_rule import keep_count
 
 from .artifacts import Artifacts, load_artifacts
+from .processor import Processor
 from .runner import DEFAULT_BACKEND, graph_runners
 from .sampling import Sampler, Sampling
-from .text import prompt_text
-
-#: Largest image vlm-run decodes (the vision tower resizes to a few hundred pixels anyway).
-MAX_IMAGE_PIXELS = 50_000_000
 
 
 class PipelineError(ValueError):
@@ -108,37 +105,6 @@ class Generation:
         return self.result
 
 
-def load_image(image) -> "PIL.Image.Image":  # noqa: F821
-    """Open an image path (or pass a PIL image / HxWx3 uint8 array through) as RGB, with one clear error."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise PipelineError(f"image array must be HxWx3, got shape {image.shape}")
-        return Image.fromarray(image.astype(np.uint8), "RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise PipelineError(f"--image {path} does not exist; pass a PNG/JPEG file")
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise PipelineError(f"--image {path} is {im.width}x{im.height} pixels, more than vlmx reads "
-                                        f"({MAX_IMAGE_PIXELS // 10**6} megapixels); resize it first")
-                return im.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PipelineError(f"--image {path} is too large to decode safely (PIL's decompression-bomb limit); resize "
-                            "it first") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise PipelineError(f"--image {path} is not a readable image ({e.__class__.__name__}); pass a PNG/JPEG "
-                            "file") from None
-
-
 def _t(x) -> torch.Tensor:
     """A torch view of a runner output (numpy arrays are wrapped without a copy)."""
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
@@ -147,11 +113,11 @@ def _t(x) -> torch.Tensor:
 class VLMPipeline:
     """Runs an export directory end to end on one backend (``onnxruntime``, ``tensorrt`` or ``torch``).
 
-    ``text``: the text seam (default :func:`vlmx.trt_runtime.text.prompt_text`); ``cuda_graph``: capture the decode
-    step where the LM runner offers ``capture_decode`` (the torch backend on a GPU)."""
+    ``processor``: the text/image seam (default: the export's own :class:`Processor`); ``cuda_graph``: capture the
+    decode step where the LM runner offers ``capture_decode`` (the torch backend on a GPU)."""
 
     def __init__(self, artifacts: Artifacts | str | Path, backend: str = DEFAULT_BACKEND, prune: str | None = None,
-                 text=None, cuda_graph: bool = True, **backend_options):
+                 processor: Processor | None = None, cuda_graph: bool = True, **backend_options):
         self.artifacts = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
         prune = self.artifacts.manifest.get("prune", "text") if prune is None else prune
         if prune not in PRUNE_METHODS:
@@ -161,8 +127,7 @@ class VLMPipeline:
             raise PipelineError(f"--prune cls needs a [CLS] token, but the {info.get('vision')} vision tower of "
                                 f"{self.artifacts.model} has none; use --prune text")
         self.prune, self.backend, self.preset = prune, backend, self.artifacts.model
-        self.text = text or prompt_text(self.artifacts)
-        self.processor = models.make_processor(self.preset)
+        self.processor = processor or Processor.from_dir(self.artifacts.root)
         self.num_layers = int(info["num_layers"])
         self.max_seq_len = int(info["max_seq_len"])
         self.kv_shape = (int(info["num_kv_heads"]), self.max_seq_len, int(info["head_dim"]))
@@ -187,16 +152,14 @@ class VLMPipeline:
 
     # ------------------------------------------------------------------------------------------------ stages
     def preprocess(self, image) -> np.ndarray:
-        """Image → ``pixel_values`` [1, 3, H, W] float32 with the model's transformers image processor."""
-        pil = load_image(image)
-        return np.asarray(self.processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
+        """Image → ``pixel_values`` [1, 3, H, W] float32 with the export's image processor."""
+        return self.processor.image_processor(image)
 
     def prompt_ids(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids before and after the image (the text seam's template)."""
+        """Token ids before and after the image: the export's chat template around one image and ``prompt``."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PipelineError("--prompt must be a non-empty string")
-        prefix, suffix = self.text.encode(prompt)
-        return np.asarray(prefix, dtype=np.int64), np.asarray(suffix, dtype=np.int64)
+        return self.processor.prompt_ids(prompt)
 
     def _embed(self, ids) -> torch.Tensor:
         ids = _t(ids).reshape(1, -1)
@@ -295,6 +258,7 @@ class VLMPipeline:
         t3 = time.perf_counter()
         decode = self._decode_fn(embeds.shape[-1])
         tokens, text, emitted, reason = [], "", 0, "length"
+        stream = self.processor.stream()
         holdback = max((len(s) for s in stop), default=1) - 1
         step_start = t3
         while True:
@@ -302,15 +266,16 @@ class VLMPipeline:
             tokens.append(tid)
             if len(tokens) > 1:
                 t.step_ms.append(1e3 * (time.perf_counter() - step_start))
-            if tid in self.text.eos_ids:
-                reason = "eos"
+            if tid in self.processor.eos_token_ids:
+                text, reason = text + stream.flush(), "eos"
                 break
-            text = self.text.decode([x for x in tokens if x not in self.text.eos_ids])
+            text += stream.push(tid)  # never ends inside a multi-byte character
             hit = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
             if hit >= 0:
                 text, reason = text[:hit], "stop"
                 break
             last = len(tokens) >= max_new_tokens
+            text += stream.flush() if last else ""
             safe = len(text) if last else max(emitted, len(text) - holdback)
             yield Token(tid, text[emitted:safe], len(tokens) - 1)
             emitted = safe
