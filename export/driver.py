@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import copy
 import gc
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vlmx.torch_ref.contract import (GRAPH_NAMES, PRECISIONS, PRUNE_METHODS, QUANT_GRAPHS, checkpoint_table,
-                                    graph_entry, write_manifest)
-from vlmx.torch_ref.outdir import atomic_output
+                                    graph_entry, is_export_dir, write_manifest)
+from vlmx.torch_ref.outdir import atomic_output, check_out
 
 from . import hf_attention
 from .exporter import export_graph
@@ -117,7 +118,8 @@ def reference_graphs(family, ctx: ExportContext, same_dtype: bool = False) -> di
 def export_model(opts: ExportOptions, progress=None) -> dict:
     """Run the whole export into ``opts.out``; returns the manifest. Options must already be validated."""
     progress = progress or _NoProgress()
-    with atomic_output(opts.out) as tmp:
+    recheck = partial(check_out, opts.out, opts.overwrite, is_export_dir, "a vlmx export")
+    with atomic_output(opts.out, recheck=recheck) as tmp:
         return _export_into(tmp, opts, progress)
 
 
@@ -151,15 +153,15 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
             with torch.no_grad():
                 outs = ref.module(*(_upcast(v) if ref_fp32 else v for v in g.inputs.values()))
             outs = outs if isinstance(outs, tuple) else (outs,)
-            references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
-                                  "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}
+            references[g.name] = {"inputs": {k: g.padded(k, _to_numpy(v)) for k, v in g.inputs.items()},
+                                  "outputs": {n: g.padded(n, _to_numpy(o)) for n, o in zip(g.outputs, outs)}}
             path = export_graph(g, tmp, max(opset, g.min_opset), postprocess=_graph_passes(
                 opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision)),
                 functions=not opts.plugins_only)
             import onnx
 
             used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
-            entries[g.name] = graph_entry(path, g.dynamic_axes, g.profile, g.profiles)
+            entries[g.name] = graph_entry(path, g.manifest_axes, g.profile, g.profiles)
             entries[g.name]["passes"] = applied.get(g.name, [])
             if g.name == "vision":
                 vision_module = ref.module

@@ -103,6 +103,7 @@ def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postproc
     del prog
     model = onnx.load(str(out), load_external_data=False)
     rename_dims(model.graph, spec.dim_names)
+    fix_dims(model.graph, spec.dim_values)
     layers = layer_outputs(model)
     if postprocess is not None:
         model = postprocess(model, external)
@@ -122,6 +123,16 @@ def layer_outputs(model: onnx.ModelProto) -> dict[str, str]:
         for scope in _LAYER_SCOPE.findall(scopes):
             last[scope] = node.output[0]
     return last
+
+
+def fix_dims(graph: onnx.GraphProto, values: dict[str, int]) -> None:
+    """Give named symbolic dimensions a fixed size in every typed value of the graph."""
+    if not values:
+        return
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in values:
+                d.dim_value = int(values[d.dim_param])  # clears the dim_param (a oneof)
 
 
 def rename_dims(graph: onnx.GraphProto, names: dict[str, str]) -> None:

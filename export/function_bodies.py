@@ -3,8 +3,9 @@
 Each builder takes the node's attributes (validated against the op table), which optional inputs are present and
 the default-domain opset, and returns the body nodes of a model-local function whose formal inputs/outputs are the
 op-table names. Bodies compute in float32 and cast back with ``CastLike`` so one body serves float16 and float32.
-Attributes are baked into the body (a node whose attributes differ gets its own function overload, see
-:mod:`vlmx.export.functions`), so the body needs no ``ref_attr_name`` and runs on any ONNX runtime.
+Attributes are baked into the body (each variant of an op in a graph gets its own function, ``<Op>`` or
+``<Op>_v<k>``, see :mod:`vlmx.export.functions`), so the body needs no ``ref_attr_name`` and runs on any ONNX runtime
+and in TensorRT's parser (structural attributes such as ``layout`` or ``mode`` could not be references there).
 """
 from __future__ import annotations
 

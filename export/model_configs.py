@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +39,26 @@ class GraphSpec:
     min_opset: int = 0
     #: renames of exporter-made axis names (data-dependent sizes come out as ``u0``, ``u1``, ...)
     dim_names: dict[str, str] = field(default_factory=dict)
+    #: named axes traced as dynamic but written as fixed sizes (the LM cache length S_max: TensorRT's KV-cache
+    #: update needs a static sequence axis, while the graph still reads it with Shape, so small dummies trace it)
+    dim_values: dict[str, int] = field(default_factory=dict)
+
+    #: ``{tensor: (axis, size)}``: reference I/O zero-padded along ``axis`` to the written file's fixed size
+    reference_pad: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def padded(self, name: str, array: np.ndarray) -> np.ndarray:
+        """``array`` zero-padded as :attr:`reference_pad` says (the written file's fixed sizes)."""
+        if name not in self.reference_pad:
+            return array
+        axis, size = self.reference_pad[name]
+        widths = [(0, 0)] * array.ndim
+        widths[axis] = (0, size - array.shape[axis])
+        return np.pad(array, widths)
+
+    @property
+    def manifest_axes(self) -> dict[str, dict[int, str]]:
+        """The dynamic axes of the written file (``dim_values`` axes are fixed there)."""
+        return {k: {a: n for a, n in v.items() if n not in self.dim_values} for k, v in self.dynamic_axes.items()}
 
     @property
     def file(self) -> str:
@@ -218,8 +239,8 @@ class LlavaFamily:
         mask = torch.ones(b, p + n, dtype=torch.int64)
         mask[1, :2] = 0  # left padding in the second row
         inputs = {"inputs_embeds": self._embeds(ctx, 7, b, n), "attention_mask": mask}
-        # The cache length is a named axis of the graph (any S_max runs it); the export's S_max lives in the
-        # manifest and the TensorRT profiles. So the dummy caches stay small even for a 7B model.
+        # The cache length is traced as a named axis (the graph reads it with Shape), so the dummy caches stay small
+        # even for a 7B model; the written file fixes it to S_max (dim_values: TensorRT needs it static).
         slots = DUMMY["cache_slots"]
         for i, name in enumerate(self.kv_names(ctx, KV_PAST)):
             cache = self._randn(ctx, 100 + i, b, d["num_kv_heads"], slots, d["head_dim"])
@@ -235,7 +256,10 @@ class LlavaFamily:
         decode = self._profile(ctx, {"inputs_embeds": ((1, 1, c), (1, 1, c), (mb, 1, c)),
                                      "attention_mask": ((1, 2), (1, min(mx, opt + 1)), (mb, mx)), **kv})
         return GraphSpec(LM_GRAPH, self.lm_module(ctx), inputs, ["logits"] + self.kv_names(ctx, KV_PRESENT), dyn,
-                         prefill, profiles={"prefill": prefill, "decode": decode}, min_opset=TENSOR_SCATTER_OPSET)
+                         prefill, profiles={"prefill": prefill, "decode": decode}, min_opset=TENSOR_SCATTER_OPSET,
+                         dim_values={"max_seq_len": mx},
+                         # cache slots past the dummy's hold zeros in and out (the step writes inside the dummy)
+                         reference_pad={n: (2, mx) for n in self.kv_names(ctx, KV_PAST) + self.kv_names(ctx, KV_PRESENT)})
 
 
 class LlavaSiglipFamily(LlavaFamily):

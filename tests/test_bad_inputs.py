@@ -190,6 +190,21 @@ def test_second_writer_fails_clearly(tmp_path, capsys):
     assert snapshot(tmp_path) == {"out": -1}  # the first writer's (empty) result, nothing of the second
 
 
+def test_writer_rechecks_out_under_the_lock(tmp_path):
+    """An export that appeared after the CLI's check (a writer that just finished) is not replaced silently."""
+    from vlmx.export.driver import export_model
+    from vlmx.export.options import ExportOptions
+    from vlmx.torch_ref.outdir import OutputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": "vlmx-export"}))
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        export_model(ExportOptions(model="llava-tiny", out=out))
+    assert snapshot(tmp_path) == before
+
+
 def test_stale_temp_dirs_of_dead_processes_are_removed(tmp_path):
     from vlmx.torch_ref.outdir import atomic_output
 

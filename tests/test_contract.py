@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vlmx.torch_ref import contract as C
@@ -198,6 +198,8 @@ def test_fuzzed_compare_thresholds(value):
 
 @FUZZ
 @given(name=st.text(max_size=20), overwrite=st.booleans())
+@example(name="~0", overwrite=False)  # found by this test: expanduser raised RuntimeError for an unknown user
+@example(name="a\x00b", overwrite=True)
 def test_fuzzed_output_paths_never_touch_anything(tmp_path, monkeypatch, name, overwrite):
     monkeypatch.chdir(tmp_path)
     before = sorted(Path(tmp_path).rglob("*"))

@@ -68,7 +68,8 @@ def test_manifest_matches_the_contract(fp32_export):
     assert "prefill" not in g and "decode" not in g  # one LM graph, the weights stored once
     assert _names(g["lm"]["inputs"]) == ["inputs_embeds", "attention_mask"] + [f"past.{n}" for n in kv]
     assert _names(g["lm"]["outputs"]) == ["logits"] + [f"present.{n}" for n in kv]
-    assert g["lm"]["inputs"][2]["shape"] == ["batch", 4, "max_seq_len", 32] == g["lm"]["outputs"][1]["shape"]
+    assert g["lm"]["inputs"][2]["shape"] == ["batch", 4, 512, 32] == g["lm"]["outputs"][1]["shape"]
+    assert g["lm"]["dynamic_axes"]["past.0.key"] == {"0": "batch"}
     assert g["lm"]["profiles"]["decode"]["past.0.key"] == {"min": [1, 4, 512, 32], "opt": [1, 4, 512, 32],
                                                           "max": [4, 4, 512, 32]}
     assert g["lm"]["outputs"][0] == {"name": "logits", "shape": ["batch", 1, 1024], "dtype": "float32"}

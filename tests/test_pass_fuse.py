@@ -11,10 +11,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from test_export_helpers import assert_close, run
 from vlmx.export.passes import cleanup, fuse_attention, fuse_qkv, run_passes
+from vlmx.torch_ref.op_table import op_for_type
 
 
 def _ops(model):
-    return [n.op_type for n in model.graph.node]
+    """Node op types, vlmx variant names (``<Op>_v<k>``) as their op."""
+    return [op_for_type(n.op_type).name if n.domain == "vlmx" else n.op_type for n in model.graph.node]
 
 
 def _init(name, arr):

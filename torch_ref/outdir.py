@@ -43,32 +43,33 @@ def check_out(out, overwrite: bool, is_ours: Callable[[Path], bool], what: str =
     text = str(out) if out is not None else ""
     if not text.strip():
         raise OutputError(f"{flag} is empty; pass the directory to write, e.g. {flag} exports/llava-tiny")
+    label = text if text.isprintable() else repr(text)  # messages stay on one line
     if "\x00" in text:
         raise OutputError(f"{flag} contains a NUL character; pass a plain directory path")
-    path = Path(text).expanduser()
     try:
+        path = Path(text).expanduser()
         resolved = path.resolve()
-    except (OSError, RuntimeError) as e:  # symlink loops, unreadable components
-        raise OutputError(f"{flag} {text}: cannot resolve the path ({e}); choose another directory") from None
+    except (OSError, RuntimeError) as e:  # ~nosuchuser, symlink loops, unreadable components
+        raise OutputError(f"{flag} {label}: cannot resolve the path ({e}); choose another directory") from None
     cwd = Path.cwd().resolve()
     if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or resolved in (cwd, *cwd.parents):
-        raise OutputError(f"{flag} {text} is the root, home or working directory (or one of its parents); vlmx "
-                          f"never writes there: pass a new directory such as {flag} {text.rstrip('/')}/vlmx-out")
+        raise OutputError(f"{flag} {label} is the root, home or working directory (or one of its parents); vlmx "
+                          f"never writes there: pass a new directory such as {flag} {label.rstrip('/')}/vlmx-out")
     if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise OutputError(f"{flag} {text} exists and is not a directory; choose another path")
+        raise OutputError(f"{flag} {label} exists and is not a directory; choose another path")
     if path.is_dir():
         if not overwrite:
-            raise OutputError(f"{flag} {text} already exists; pass --overwrite to replace it or choose another "
+            raise OutputError(f"{flag} {label} already exists; pass --overwrite to replace it or choose another "
                               "directory")
         if any(path.iterdir()) and not is_ours(path):
-            raise OutputError(f"{flag} {text} is not {what} (it holds other files); --overwrite only replaces "
+            raise OutputError(f"{flag} {label} is not {what} (it holds other files); --overwrite only replaces "
                               f"{what}: choose another directory")
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise OutputError(f"{flag} {text}: {parent} is not a directory; choose another path")
+                raise OutputError(f"{flag} {label}: {parent} is not a directory; choose another path")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputError(f"{flag} {text}: {parent} is not writable; choose another directory")
+                raise OutputError(f"{flag} {label}: {parent} is not writable; choose another directory")
             break
     return path
 
@@ -139,15 +140,18 @@ def _missing_parents(path: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_output(out, flag: str = "--out"):
+def atomic_output(out, flag: str = "--out", recheck: Callable[[], object] | None = None):
     """Yield a fresh temporary directory beside ``out``; on success it replaces ``out`` (checked by
-    :func:`check_out` first), on any failure it and the parents this run created are removed."""
+    :func:`check_out` first, and again by ``recheck`` once the lock is held, so a writer that finished meanwhile is
+    never replaced silently), on any failure it and the parents this run created are removed."""
     out = Path(out)
     created = _missing_parents(out)
     tmp = out.parent / f"{out.name}{TMP_TAG}{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with _lock(out, flag):
+            if recheck is not None:
+                recheck()
             for stale in stale_dirs(out):
                 shutil.rmtree(stale, ignore_errors=True)
             if tmp.exists():

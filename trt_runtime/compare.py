@@ -101,6 +101,13 @@ def polygraphy_runners(art, graph: str, with_tensorrt: bool):
     if with_tensorrt and engine.is_file():
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
+        from .trt_backend import engine_plugin_library, load_plugin_library, read_engines_json
+        from .trt_import import import_tensorrt
+
+        lib = engine_plugin_library(engine)
+        if lib:  # the vlmx creators must be registered before the plan deserializes
+            trt = import_tensorrt((read_engines_json(engine) or {}).get("backend", "auto"))
+            load_plugin_library(trt, trt.module.get_plugin_registry(), lib)
         runners.append(TrtRunner(EngineFromBytes(engine.read_bytes()), name=f"tensorrt:{graph}"))
     return runners
 

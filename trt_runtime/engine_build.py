@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from vlmx.torch_ref.op_table import DOMAIN
@@ -61,6 +62,20 @@ def vlmx_nodes(onnx_path: Path) -> tuple[list[str], list[str]]:
         if node.domain == DOMAIN:
             (backed if (node.domain, node.op_type) in bodies else bare).append(f"{node.op_type}:{node.name}")
     return bare, backed
+
+
+def _plugin_copy(onnx_path: Path) -> Path:
+    """A copy of the graph with bare vlmx nodes named after their op (no bodies), next to the original so external
+    weights resolve: with a plugin library every node becomes our plugin, including variant nodes
+    (``FlashAttention_v1``: vlmx.export.functions), whose op_type names no creator."""
+    import onnx
+
+    from vlmx.export.functions import strip_vlmx_functions
+
+    model = strip_vlmx_functions(onnx.load(str(onnx_path), load_external_data=False))
+    out = onnx_path.with_name(f".{onnx_path.stem}.plugin-nodes.onnx")
+    onnx.save(model, str(out))
+    return out
 
 
 def _logger(trt, verbose: bool):
@@ -197,7 +212,13 @@ def build_engine(trt: TensorRT, onnx_path, plan_path, profile: dict | None = Non
     override = getattr(getattr(mod, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
     if plugin_lib and override is not None:
         parser.set_flag(override)  # our creators win over the vlmx function bodies (DESIGN: precedence rule)
-    if not parser.parse_from_file(str(onnx_path)):
+    parse_path = _plugin_copy(onnx_path) if plugin_lib and backed else onnx_path
+    try:
+        parsed = parser.parse_from_file(str(parse_path))
+    finally:
+        if parse_path != onnx_path:
+            parse_path.unlink(missing_ok=True)
+    if not parsed:
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         hint = ""
         if trt.is_rtx and any("MatMulInteger" in e for e in errs):
@@ -316,7 +337,8 @@ def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=No
     final = check_out(out_dir if out_dir else art.root / ENGINES_DIR, overwrite, is_engines_dir,
                       "a vlm-build engine directory")
     # Engines are built in a temporary directory renamed when every graph is done: no half-written directory.
-    with atomic_output(final) as out:
+    recheck = partial(check_out, final, overwrite, is_engines_dir, "a vlm-build engine directory")
+    with atomic_output(final, recheck=recheck) as out:
         if not trt.is_rtx and not timing_cache and (final / "timing.cache").is_file():
             shutil.copy2(final / "timing.cache", out / "timing.cache")  # reuse the last build's tactics
         cache = None if trt.is_rtx else Path(timing_cache) if timing_cache else out / "timing.cache"

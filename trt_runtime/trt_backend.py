@@ -17,7 +17,7 @@ from vlmx.torch_ref.contract import sha256_file
 
 from .engine_build import ENGINES_FORMAT, ENGINES_JSON
 from .runner import Runner
-from .trt_import import TensorRTUnavailable, import_tensorrt
+from .trt_import import TensorRT, TensorRTUnavailable, import_tensorrt
 
 
 class EngineMismatch(RuntimeError):
@@ -66,6 +66,28 @@ def _device():
     return 10 * major + minor, torch.cuda.get_device_name()
 
 
+def engine_plugin_library(engine_path, plugin_lib=None) -> str | None:
+    """The plugin library an engine needs: ``plugin_lib`` if given, else the one engines.json recorded (or None)."""
+    if plugin_lib:
+        return str(plugin_lib)
+    meta = read_engines_json(engine_path) or {}
+    return (meta.get("plugin_lib") or {}).get("path")
+
+
+def load_plugin_library(trt: TensorRT, registry, plugin_lib) -> None:
+    """Register the vlmx creators of ``plugin_lib`` in TensorRT's plugin registry (``load_library`` calls the
+    library's getCreators; polygraphy's ``LoadPlugins`` only dlopens, which registers no IPluginV3 creator), before
+    any engine that uses them is deserialized. Raises naming what is wrong and what to do."""
+    if not trt.has_plugins:
+        raise EngineMismatch(f"TensorRT-RTX cannot load plugin libraries; this engine needs {plugin_lib}: run it "
+                             "with TensorRT")
+    if not Path(plugin_lib).is_file():
+        raise FileNotFoundError(f"plugin library {plugin_lib} (recorded in engines.json) is missing; pass "
+                                "--plugin-lib or rebuild it with python -m vlmx.plugins.trt_build")
+    if registry.load_library(str(plugin_lib)) is None:
+        raise EngineMismatch(f"{trt.flavour} {trt.version} could not load the plugin library {plugin_lib}")
+
+
 class _CudaArray:
     """A device buffer given through ``__cuda_array_interface__`` (pointer, shape, dtype)."""
 
@@ -103,8 +125,7 @@ class TensorRTRunner(Runner):
         self.trt = import_tensorrt(meta["backend"] if meta else "auto")
         sm, name = _device()
         if meta is not None:
-            if not self.plugin_lib and meta.get("plugin_lib"):
-                self.plugin_lib = meta["plugin_lib"]["path"]
+            self.plugin_lib = engine_plugin_library(self.engine_path, self.plugin_lib)
             check_engine_compat(meta, self.trt.flavour, self.trt.version, sm, name, self.plugin_lib)
         elif sm is None:
             raise EngineMismatch(f"no CUDA GPU is visible; {self.engine_path} needs one to run")
@@ -112,13 +133,7 @@ class TensorRTRunner(Runner):
         self.logger = mod.Logger(mod.Logger.WARNING)
         runtime = mod.Runtime(self.logger)
         if self.plugin_lib:
-            if not self.trt.has_plugins:
-                raise EngineMismatch("TensorRT-RTX cannot load plugin libraries; this engine needs "
-                                     f"{self.plugin_lib}: run it with TensorRT")
-            if not Path(self.plugin_lib).is_file():
-                raise FileNotFoundError(f"plugin library {self.plugin_lib} (recorded in engines.json) is missing; "
-                                        "pass --plugin-lib or rebuild it with python -m vlmx.plugins.trt_build")
-            runtime.get_plugin_registry().load_library(self.plugin_lib)
+            load_plugin_library(self.trt, runtime.get_plugin_registry(), self.plugin_lib)
         self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
             raise EngineMismatch(f"{self.trt.flavour} {self.trt.version} refused to deserialize {self.engine_path} "
