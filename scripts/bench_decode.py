@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -142,6 +143,8 @@ def main(argv=None) -> int:
         "kv_read_floor_ms_per_1k_tokens": round(1e3 * kv_token * 1000 / (bw / 2), 4),
         "ttft_ms": res.timings.ttft_ms, "prefill_ms": res.timings.prefill_ms, "prompt_tokens": res.prompt_tokens,
         "generation_tokens_per_s": res.timings.tokens_per_s, "generation_decode_tokens": res.timings.decode_tokens,
+        "generation_median_step_ms": round(statistics.median(res.timings.step_ms), 4) if res.timings.step_ms else None,
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "lm_weight_bytes": lm_bytes, "copy_bandwidth_gbps": round(bw / 1e9, 2),
         "weight_read_floor_ms": round(floor_ms, 4), "floor_tokens_per_s": round(1e3 / floor_ms, 1),
         "fraction_of_floor": round(res.timings.tokens_per_s / (1e3 / floor_ms), 4),
@@ -157,12 +160,15 @@ def main(argv=None) -> int:
                f"{record['intercept_ms']:.3f} ms); KV-read floor {record['kv_read_floor_ms_per_1k_tokens']:.4f} "
                "ms per 1k tokens",
            f"- time to first token {record['ttft_ms']:.1f} ms ({record['prompt_tokens']} prompt tokens, prefill "
-           f"{record['prefill_ms']:.1f} ms); generation {record['generation_tokens_per_s']:.1f} tokens/s",
+           f"{record['prefill_ms']:.1f} ms); generation {record['generation_tokens_per_s']:.1f} tokens/s (mean over "
+           f"{record['generation_decode_tokens']} steps; median step {record['generation_median_step_ms']} ms; "
+           f"1-min load average {record['load_average']})",
            f"- weight-read floor: {lm_bytes / 1e6:.1f} MB LM weights / {record['copy_bandwidth_gbps']} GB/s copy "
            f"bandwidth = {floor_ms:.3f} ms/token ({record['floor_tokens_per_s']} tokens/s); measured "
            f"{100 * record['fraction_of_floor']:.1f} % of it",
            f"- peak memory {record['peak_memory_bytes'] / GIB:.3f} GiB "
-           f"({'process RSS' if device == 'cpu' else 'torch allocator'}) vs plan {mem_plan.total / GIB:.3f} GiB "
+           f"({'process RSS, including Python, torch and transformers' if device == 'cpu' else 'torch allocator'}) "
+           f"vs plan {mem_plan.total / GIB:.3f} GiB "
            f"(weights {mem_plan.weights / GIB:.3f}, KV {mem_plan.kv_cache / GIB:.4f}, activations "
            f"{mem_plan.activations / GIB:.3f}, workspace {mem_plan.workspace / GIB:.3f})", ""]
     (out / "decode_bench.md").write_text("\n".join(md))

@@ -159,7 +159,8 @@ def test_too_long_generation_is_refused_before_any_work(llava, image_path):
                                                 rf"KV-cache length {S_MAX}; pass --max-new-tokens {S_MAX - prompt}"):
             pipe.stream(image_path, PROMPT, max_new_tokens=S_MAX)
         assert not calls
-        pipe.generate(image_path, "hi", max_new_tokens=S_MAX - prompt + len(PROMPT) - 2)  # fits exactly
+        hi = len(pipe.prompt_ids("hi")[0]) + len(pipe.prompt_ids("hi")[1]) + 16
+        pipe.generate(image_path, "hi", max_new_tokens=S_MAX - hi)  # fits exactly
 
 
 def test_vlm_run_streams_and_prints_a_json_record(llava, image_path, capsys):
@@ -173,3 +174,17 @@ def test_vlm_run_streams_and_prints_a_json_record(llava, image_path, capsys):
     assert "--max-new-tokens" in capsys.readouterr().err
     assert run_cli.main(args + ["--top-p", "0"]) == 2
     assert "--top-p 0.0 must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the torch backend's CUDA-graph decode)")
+def test_torch_backend_cuda_graph_decode_matches_onnxruntime(llava, image_path):
+    """On a GPU: the torch backend (device tensors, caches written in place, decode replayed from one CUDA graph)
+    gives ONNX Runtime's greedy tokens, with and without the graph; its caches never leave the device."""
+    with VLMPipeline(llava) as pipe:
+        want = pipe.generate(image_path, PROMPT, max_new_tokens=NEW_TOKENS).tokens
+    for graph in (True, False):
+        with VLMPipeline(llava, backend="torch", cuda_graph=graph) as tp:
+            assert tp.lm.device_io
+            res = tp.generate(image_path, PROMPT, max_new_tokens=NEW_TOKENS)
+        assert res.tokens == want, f"cuda_graph={graph}"
