@@ -171,8 +171,9 @@ class LlavaFamily:
     def _embeds(self, ctx, salt, batch, length):
         vocab = ctx.model.config.text_config.vocab_size
         ids = torch.randint(0, vocab, (batch, length), generator=ctx.generator(salt))
-        with torch.no_grad():
-            return ctx.model.get_input_embeddings()(ids)
+        embed = ctx.model.get_input_embeddings()
+        with torch.no_grad():  # the model may already be on the GPU (the torch backend builds its graphs there)
+            return embed(ids.to(embed.weight.device))
 
     def _profile(self, ctx, shapes: dict[str, tuple]) -> dict:
         """min/opt/max per input from ``{input: ((min...), (opt...), (max...))}``."""
