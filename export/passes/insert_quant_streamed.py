@@ -9,8 +9,8 @@ Each float constant 2-D MatMul weight is read from its data file (offset/length)
 :func:`~vlmx.export.passes.insert_quant.quantize_weight` (so the result equals the in-memory pass bit for bit), and
 written as int8 ``[N, K]`` + float32 ``[N]`` scale into a new data file, which also receives every other still
 referenced initializer, copied in chunks. The new file replaces the old one. Peak memory: one weight (float32) and
-its int8 copy. ``skip``: weight-initializer names or name fragments (e.g. ``layers.3.mlp.down_proj``) of
-linears to keep float. Generic over MatMul-with-initializer patterns: prefill/decode or one LM graph alike.
+its int8 copy. ``skip``: node names of linears to keep float (as for :func:`insert_quant`; see
+:func:`~vlmx.export.passes.insert_quant.skip_nodes`). Generic over MatMul-with-initializer patterns: prefill/decode or one LM graph alike.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from vlmx.torch_ref.op_table import DOMAIN, OPS
+from vlmx.torch_ref.op_table import DOMAIN, OPS, OPSET_VERSION
 
 from ..domain import node_attrs
 from .insert_quant import quantize_weight
@@ -50,32 +50,30 @@ def read_tensor(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
     return data.reshape(tuple(t.dims))
 
 
-def _matches(name: str, skip) -> bool:
-    return any(s == name or s in name for s in skip)
-
-
-def _linears(model: onnx.ModelProto, skip) -> list[tuple[onnx.NodeProto, onnx.NodeProto | None]]:
-    """(MatMul, bias Add or None) for every float MatMul whose second input is a 2-D initializer."""
+def _linears(model: onnx.ModelProto, skip) -> list[tuple[int, int | None]]:
+    """(index of the MatMul, of its bias Add or None) for every float MatMul whose second input is a 2-D
+    initializer (indices: protobuf hands out a new wrapper object per access, so identity cannot be used)."""
     inits = {t.name: t for t in model.graph.initializer}
+    nodes = list(model.graph.node)
     consumers: dict[str, list] = {}
-    for n in model.graph.node:
+    for j, n in enumerate(nodes):
         for i in n.input:
-            consumers.setdefault(i, []).append(n)
+            consumers.setdefault(i, []).append(j)
     found = []
-    for n in model.graph.node:
+    for j, n in enumerate(nodes):
         if n.op_type != "MatMul" or len(n.input) != 2 or n.input[1] not in inits:
             continue
         w = inits[n.input[1]]
-        if len(w.dims) != 2 or w.data_type not in _FLOAT or _matches(w.name, skip) or _matches(n.name, skip):
+        if len(w.dims) != 2 or w.data_type not in _FLOAT or n.name in skip:
             continue
         add = None
         users = consumers.get(n.output[0], [])
-        if len(users) == 1 and users[0].op_type == "Add":
-            other = [i for i in users[0].input if i != n.output[0]]
+        if len(users) == 1 and nodes[users[0]].op_type == "Add":
+            other = [i for i in nodes[users[0]].input if i != n.output[0]]
             if len(other) == 1 and other[0] in inits and list(inits[other[0]].dims) == [w.dims[1]] \
                     and inits[other[0]].data_type == w.data_type:
                 add = users[0]
-        found.append((n, add))
+        found.append((j, add))
     return found
 
 
@@ -85,6 +83,7 @@ def insert_quant_streamed(model: onnx.ModelProto, base_dir: str | Path, data_fil
     ``base_dir``) to W8A8Linear, streaming tensor by tensor; writes the new data file ``data_file`` (default: the
     name the model already uses) in ``base_dir`` and returns the rewritten model (save it next to the data)."""
     base_dir = Path(base_dir)
+    skip = set(skip)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     locations = {e["location"] for t in g.initializer if (e := _external(t))}
@@ -98,8 +97,11 @@ def insert_quant_streamed(model: onnx.ModelProto, base_dir: str | Path, data_fil
                 _append_raw(out, t, t.raw_data)
                 new_inits.append(t)
 
-            replaced: dict[str, tuple[list, list]] = {}
-            for i, (mm, add) in enumerate(_linears(model, skip)):
+            nodes = list(g.node)
+            replaced: dict[int, list] = {}
+            drop: set[int] = set()
+            for i, (mi, ai) in enumerate(_linears(model, skip)):
+                mm, add = nodes[mi], (nodes[ai] if ai is not None else None)
                 w = read_tensor(inits[mm.input[1]], base_dir)
                 wq, ws = quantize_weight(w)
                 del w
@@ -111,17 +113,18 @@ def insert_quant_streamed(model: onnx.ModelProto, base_dir: str | Path, data_fil
                     ins.append(next(x for x in add.input if x != mm.output[0]))
                 last = add if add is not None else mm
                 out_dtype = "float16" if inits[mm.input[1]].data_type == TensorProto.FLOAT16 else "float32"
-                nodes = [helper.make_node("QuantizePerToken", [mm.input[0]], ins[:2], f"{name}_quantize",
+                new = [helper.make_node("QuantizePerToken", [mm.input[0]], ins[:2], f"{name}_quantize",
                                           domain=DOMAIN, **node_attrs(OPS["QuantizePerToken"], {})),
                          helper.make_node("W8A8Linear", ins, [last.output[0]], f"{name}_w8a8", domain=DOMAIN,
                                           **node_attrs(OPS["W8A8Linear"], {"out_dtype": out_dtype}))]
-                replaced[id(mm)] = (nodes, [add] if add is not None else [])
-            drop = {id(a) for _, extra in replaced.values() for a in extra}
+                replaced[mi] = new
+                if ai is not None:
+                    drop.add(ai)
             rebuilt = []
-            for n in g.node:
-                if id(n) in replaced:
-                    rebuilt += replaced[id(n)][0]
-                elif id(n) not in drop:
+            for j, n in enumerate(nodes):
+                if j in replaced:
+                    rebuilt += replaced[j]
+                elif j not in drop:
                     rebuilt.append(n)
             del g.node[:]
             g.node.extend(rebuilt)
@@ -151,6 +154,8 @@ def insert_quant_streamed(model: onnx.ModelProto, base_dir: str | Path, data_fil
         for old in locations - {data_file}:
             (base_dir / old).unlink(missing_ok=True)
         os.replace(tmp, base_dir / data_file)
+        if any(n.domain == DOMAIN for n in g.node) and not any(o.domain == DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(DOMAIN, OPSET_VERSION))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
