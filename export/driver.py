@@ -23,12 +23,16 @@ from .manifest import graph_entry, write_manifest
 from .model_configs import ExportContext, family_for
 from .passes import calibrate, fuse_qkv, insert_quant, run_passes, strip_functions
 from .passes.cleanup import cleanup
+from .passes.insert_quant import skip_nodes
+from .passes.insert_quant_streamed import insert_quant_streamed
 from .weights import LARGE_MODEL_BYTES, random_model, weight_bytes_estimate
 
 PRECISIONS = ("fp16", "w8a8", "fp32")
 PRUNE_METHODS = ("text", "cls")
 #: Graphs that carry the model's linear layers (quantized under --precision w8a8).
 QUANT_GRAPHS = ("vision", "prefill", "decode")
+#: Sidecar with the language model's SmoothQuant plan (α per group, calibrated errors, skip list) under w8a8.
+LM_W8A8_FILE = "lm_w8a8.json"
 #: Graphs written to reference.npz / checked by the report.
 REFERENCE_GRAPHS = ("vision", "embed", "score", "prune", "prefill", "decode")
 
@@ -51,6 +55,10 @@ class ExportOptions:
     plugins_only: bool = False
     overwrite: bool = False
     report: bool = True
+    #: weight bytes above which a graph's weights go to external data and its passes stream (tests lower it)
+    external_threshold: int | None = None
+    #: w8a8: language-model linears (torch module names) kept float; None = chosen by calibration
+    lm_skip: tuple[str, ...] | None = None
 
     def resolved_opset(self) -> int:
         """--opset, or the smallest one the options need (23 for native attention, 19 for static Q/DQ, else 18)."""
@@ -82,30 +90,39 @@ def _to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: dict, vision_quantized: bool):
+def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: dict, vision_quantized: bool,
+                 base_dir: Path | None = None, lm_skip=()):
     """The pass list of one graph for these options (the passes never see CLI flags, only their arguments).
 
-    Weight-rewriting passes (fuse_qkv, insert_quant) need the weights in memory; a graph whose weights were
-    streamed to external data (over 1.8 GB: the 7B language models) keeps its float linears and only gets the
-    graph-level steps. ``applied[name]`` records what ran.
+    Weight-rewriting passes need the weights in memory; a graph whose weights were streamed to external data (over
+    1.8 GB: the 7B language models) gets only the graph-level steps, plus under w8a8 the streamed W8A8 quantization
+    (:func:`insert_quant_streamed`, one initializer at a time, in ``base_dir``). ``lm_skip``: torch module names of
+    the language model's linears that stay float (SmoothQuant's skip list). ``applied[name]`` records what ran.
     """
+    quantize = opts.precision == "w8a8" and name in QUANT_GRAPHS and not (name == "vision" and vision_quantized)
 
     def post(model, external=False):
+        skip = skip_nodes(model, lm_skip) if quantize and name != "vision" else set()
         if external:
+            names = []
+            if quantize:
+                model = insert_quant_streamed(model, base_dir, skip=skip)
+                names.append("insert_quant(dynamic, streamed)")
             if opts.plugins_only:
                 strip_vlmx_functions(model)
-            applied[name] = ["strip_functions"] if opts.plugins_only else []
+                names.append("strip_functions")
+            applied[name] = names
             return model
         passes = [fuse_qkv]
         names = ["fuse_qkv"]
-        if opts.precision == "w8a8" and name in QUANT_GRAPHS and not (name == "vision" and vision_quantized):
+        if quantize:
             names.append("insert_quant(static)" if opts.calib else "insert_quant(dynamic)")
             if opts.calib:
                 feeds = _calib_feeds(spec_inputs, opts.calib, opts.seed)
                 amax = calibrate(run_passes(model, [fuse_qkv]), feeds)
-                passes.append(lambda g: insert_quant(g, "static", amax))
+                passes.append(lambda g: insert_quant(g, "static", amax, skip=skip))
             else:
-                passes.append(lambda g: insert_quant(g, "dynamic"))
+                passes.append(lambda g: insert_quant(g, "dynamic", skip=skip))
         passes.append(cleanup)
         names.append("cleanup")
         if opts.plugins_only:
@@ -172,6 +189,8 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                 _, model, _ = random_model(spec, opts.seed, opts.dtype)
             else:
                 model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
+            # before prepare(): calibration runs the language model's layers with their own attention
+            lm_plan = family.smooth_language_model(model, opts.precision, skip=opts.lm_skip)  # w8a8, else None
             family.prepare(model, opts.attention, opts.precision)
             ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed)
             ref_graphs = reference_graphs(family, ctx, same_dtype=large)
@@ -188,8 +207,9 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                 references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
                                       "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}
                 path = export_graph(g, tmp, opset, postprocess=_graph_passes(
-                    opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision)),
-                    functions=not opts.plugins_only)
+                    opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision), tmp,
+                    lm_plan.skip if lm_plan else ()), functions=not opts.plugins_only,
+                    external_threshold=opts.external_threshold)
                 import onnx
 
                 used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
@@ -201,6 +221,12 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
                  "them in memory)" for g in QUANT_GRAPHS if opts.precision == "w8a8" and g in entries
                  and not any(p.startswith("insert_quant") for p in entries[g]["passes"])
                  and not (g == "vision" and family.quantizes_vision(opts.precision))]
+        if lm_plan is not None:
+            import json
+
+            (tmp / LM_W8A8_FILE).write_text(json.dumps(lm_plan.to_dict(), indent=1) + "\n")
+            notes.append(f"language model: SmoothQuant on {lm_plan.tokens} calibration tokens; "
+                         f"{len(lm_plan.skip)} linears kept float ({LM_W8A8_FILE})")
         del model, ctx, ref_graphs, g, ref  # the report's ONNX Runtime sessions need the memory
         gc.collect()
         with progress.stage("reference + report"):

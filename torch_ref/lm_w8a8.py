@@ -43,6 +43,8 @@ S_RANGE = (1e-3, 1e3)
 #: Characters of the built-in calibration text: ``pydoc_data.topics`` from this offset on (the evaluation text of
 #: bench/w8a8_real_weights.py starts after CALIB_CHARS, so calibration and evaluation never overlap).
 CALIB_OFFSET, CALIB_CHARS = 0, 12_000
+#: (sequences, tokens) of the export's default calibration.
+EXPORT_CALIB = (4, 128)
 
 
 class W8A8Linear(nn.Module):
@@ -275,13 +277,15 @@ def calibrate(model: nn.Module, input_ids: torch.Tensor, alphas=ALPHAS, smooth: 
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    h = embed(input_ids)
+    h = embed(input_ids).float()
     b, n = input_ids.shape
     pos = torch.arange(n).expand(b, n)
     pos_emb = rotary(h, pos)
     mask = _causal_mask(n, h.dtype)
     plan = SmoothQuantPlan(tokens=b * n, smooth=smooth)
     for li, layer in enumerate(layers):
+        dtype = next(layer.parameters()).dtype
+        layer.float()  # one layer in float32 at a time: exact statistics, fast CPU GEMMs, bounded memory
         groups = llama_groups(layer, heads, kv_heads)
         seen, hooks = _capture([g.linears[0] for g in groups])
         try:
@@ -291,6 +295,7 @@ def calibrate(model: nn.Module, input_ids: torch.Tensor, alphas=ALPHAS, smooth: 
                 hk.remove()
         h = out[0] if isinstance(out, tuple) else out
         _smooth_layer(plan, f"{prefix}.{li}", layer, groups, seen, alphas if smooth else (None,))
+        layer.to(dtype)
         del seen
     return _finish(plan, skip, skip_threshold, max_skip)
 
