@@ -94,24 +94,30 @@ def smollm2(args) -> dict:
     ref = lm_measure(fp32, ids, None, continuations)
     rows = {"fp32": {k: v for k, v in ref.items() if k != "hidden"}}
     rows["fp32"]["seconds"] = time.time() - t0
-    variants = {"fp16": None, "w8a8 (no smoothing)": dict(smooth=False, skip=[]),
-                "w8a8 smoothquant": dict(smooth=True, skip=[]),
-                "w8a8 smoothquant + auto skip": dict(smooth=True),
-                "w8a8 smoothquant + auto skip + lm_head": dict(smooth=True, lm_head=True)}
-    plans = {}
-    for name, cfg in variants.items():
+    # two calibrations (without and with smoothing); the skip / lm_head variants reuse the smoothed model
+    plans, smoothed = {}, {}
+    for smooth in (False, True):
         t0 = time.time()
         model = copy.deepcopy(fp32)
-        plan = None
-        if cfg is not None:
-            cfg = dict(cfg)
-            lm_head = cfg.pop("lm_head", False)
-            plan = lm_w8a8.calibrate(model, calib, **cfg)
+        plan = lm_w8a8.calibrate(model, calib, smooth=smooth)
         to_fp16_weights(model)
-        if plan is not None:
-            swapped = lm_w8a8.quantize_linears(model, plan.skip, include=lambda n: n.startswith("model.layers.")
+        smoothed[smooth] = (model, plan, time.time() - t0)
+    variants = {"fp16": None, "w8a8 (no smoothing)": (False, False, False),
+                "w8a8 smoothquant": (True, False, False), "w8a8 smoothquant + auto skip": (True, True, False),
+                "w8a8 smoothquant + auto skip + lm_head": (True, True, True)}
+    for name, cfg in variants.items():
+        t0 = time.time()
+        if cfg is None:
+            model = copy.deepcopy(fp32)
+            to_fp16_weights(model)
+        else:
+            smooth, use_skip, lm_head = cfg
+            base, plan, calib_s = smoothed[smooth]
+            model = copy.deepcopy(base)
+            skip = plan.skip if use_skip else []
+            swapped = lm_w8a8.quantize_linears(model, skip, include=lambda n: n.startswith("model.layers.")
                                                or (lm_head and n == "lm_head"))
-            plans[name] = {**plan.to_dict(), "quantized": len(swapped)}
+            plans[name] = {**plan.to_dict(), "skip": skip, "quantized": len(swapped), "calibration_s": calib_s}
         rows[name] = lm_measure(model, ids, ref, continuations)
         rows[name]["seconds"] = time.time() - t0
         print(f"{name}: ppl {rows[name]['perplexity']:.4f} agreement {rows[name]['greedy_agreement']:.4f} "
@@ -227,11 +233,11 @@ def markdown(res: dict, cmd: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=None, help="write w8a8_real.{json,md} and the plot here")
-    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--windows", type=int, default=4)
     p.add_argument("--window", type=int, default=256)
-    p.add_argument("--calib-seqs", type=int, default=4)
+    p.add_argument("--calib-seqs", type=int, default=2)
     p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--parts", nargs="+", default=["smollm2", "dinov2", "minilm"])
     args = p.parse_args(argv)
@@ -241,13 +247,17 @@ def main(argv=None) -> int:
             return 2
     torch.manual_seed(0)
     res = {"torch": torch.__version__, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
+    out = args.results / "w8a8_real.json" if args.results else None
+    if out is not None and out.exists():  # parts measured by an earlier run are kept
+        res = {**json.loads(out.read_text()), **res}
     for part in args.parts:
         res[part] = globals()[part](args)
         print(part, "done", flush=True)
+        if out is not None:
+            args.results.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=1) + "\n")
     if args.results:
-        args.results.mkdir(parents=True, exist_ok=True)
         cmd = "python scripts/bench_w8a8_real.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        (args.results / "w8a8_real.json").write_text(json.dumps(res, indent=1) + "\n")
         if "smollm2" in res:
             plot(res, args.results / "w8a8_real_layers.png")
         if all(k in res for k in ("smollm2", "dinov2", "minilm")):
