@@ -8,9 +8,9 @@ import json
 import onnx
 import pytest
 
-from vlmx.export.driver import LM_W8A8_FILE, ExportOptions, export_model
+from vlmx.export.driver import LM_W8A8_FILE, QUANT_GRAPHS, ExportOptions, export_model
 
-LM_GRAPHS = ("prefill", "decode")
+LM_GRAPHS = tuple(g for g in QUANT_GRAPHS if g != "vision")  # prefill + decode, or the one LM graph
 
 
 def _float_linears(model: onnx.ModelProto) -> int:
@@ -40,6 +40,7 @@ def test_llava_tiny_w8a8_language_model(tmp_path, streamed):
         # 2 layers × (q, k, v or one fused qkv; o, gate, up, down) + lm_head, less the skipped ones
         per_layer = 7 if streamed else 5
         assert ops.count("W8A8Linear") == 2 * per_layer + 1 - len(plan["skip"]), ops
+        assert ops.count("QuantizePerToken") == ops.count("W8A8Linear")
         assert _float_linears(model) == len(plan["skip"]), plan["skip"]
         if streamed:
             assert (out / f"{g}.onnx.data").exists()

@@ -133,14 +133,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def group_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None) -> tuple[float, list[float]]:
-    """Relative error of ``int8(x / s) @ int8(W · s)^T`` vs ``x @ W^T`` (all of the group, then per weight)."""
+def group_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None,
+                refs: list[torch.Tensor] | None = None) -> tuple[float, list[float]]:
+    """Relative error of ``int8(x / s) @ int8(W · s)^T`` vs ``x @ W^T`` (all of the group, then per weight);
+    ``refs``: the float products, when already computed."""
     xs = x if s is None else x / s
     xq = _fake_quant_rows(xs)
-    refs, outs = [], []
+    refs = refs if refs is not None else [x @ w.t() for w in weights]
+    outs = []
     for w in weights:
         ws = w if s is None else w * s
-        refs.append(x @ w.t())
         outs.append(xq @ _fake_quant_rows(ws).t())
     return _rel(torch.cat(outs, -1), torch.cat(refs, -1)), [_rel(o, r) for o, r in zip(outs, refs)]
 
@@ -238,9 +240,10 @@ def smooth_group(group: Group, x: torch.Tensor, alphas=ALPHAS) -> tuple[float | 
     ws = [lin.weight.float() for lin in group.linears]
     act_max, w_max = x.abs().amax(0), torch.stack([w.abs().amax(0) for w in ws]).amax(0)
     best = (math.inf, None, None, None)
+    refs = [x @ w.t() for w in ws]
     for alpha in alphas if group.fold is not None else [None]:
         s_fold = None if alpha is None else smooth_scales(group.reduce(act_max), group.reduce(w_max), alpha)
-        err, per = group_error(x, ws, None if s_fold is None else group.expand(s_fold))
+        err, per = group_error(x, ws, None if s_fold is None else group.expand(s_fold), refs)
         if err < best[0]:
             best = (err, alpha, s_fold, per)
     _, alpha, s_fold, per = best
