@@ -25,8 +25,13 @@ from .model_configs import ExportContext, family_for
 from .options import ExportOptions
 from .passes import calibrate, fuse_qkv, insert_quant, run_passes, strip_functions
 from .passes.cleanup import cleanup
+from .passes.insert_quant import skip_nodes
+from .passes.insert_quant_streamed import insert_quant_streamed
 from .processor_files import write_processor_files
 from .weights import LARGE_MODEL_BYTES, random_model, weight_bytes_estimate
+
+#: Sidecar with the language model's SmoothQuant plan (alpha per group, calibrated errors, skip list) under w8a8.
+LM_W8A8_FILE = "lm_w8a8.json"
 
 __all__ = ["ExportOptions", "export_model", "GRAPH_NAMES", "PRECISIONS", "PRUNE_METHODS", "QUANT_GRAPHS"]
 
@@ -48,30 +53,39 @@ def _to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: dict, vision_quantized: bool):
+def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: dict, vision_quantized: bool,
+                 base_dir: Path | None = None, lm_skip=()):
     """The pass list of one graph for these options (the passes never see CLI flags, only their arguments).
 
-    Weight-rewriting passes (fuse_qkv, insert_quant) need the weights in memory; a graph whose weights were
-    streamed to external data (over 1.8 GB: the 7B language models) keeps its float linears and only gets the
-    graph-level steps. ``applied[name]`` records what ran.
+    Weight-rewriting passes need the weights in memory; a graph whose weights were streamed to external data (over
+    1.8 GB: the 7B language models) gets only the graph-level steps, plus under w8a8 the streamed W8A8 quantization
+    (:func:`insert_quant_streamed`, one initializer at a time, in ``base_dir``). ``lm_skip``: torch module names of
+    the language model's linears that stay float (SmoothQuant's skip list). ``applied[name]`` records what ran.
     """
+    quantize = opts.precision == "w8a8" and name in QUANT_GRAPHS and not (name == "vision" and vision_quantized)
 
     def post(model, external=False):
+        skip = skip_nodes(model, lm_skip) if quantize and name != "vision" else set()
         if external:
+            names = []
+            if quantize:
+                model = insert_quant_streamed(model, base_dir, skip=skip)
+                names.append("insert_quant(dynamic, streamed)")
             if opts.plugins_only:
                 strip_vlmx_functions(model)
-            applied[name] = ["strip_functions"] if opts.plugins_only else []
+                names.append("strip_functions")
+            applied[name] = names
             return model
         passes = [fuse_qkv]
         names = ["fuse_qkv"]
-        if opts.precision == "w8a8" and name in QUANT_GRAPHS and not (name == "vision" and vision_quantized):
+        if quantize:
             names.append("insert_quant(static)" if opts.calib else "insert_quant(dynamic)")
             if opts.calib:
                 feeds = _calib_feeds(spec_inputs, opts.calib, opts.seed)
                 amax = calibrate(run_passes(model, [fuse_qkv]), feeds)
-                passes.append(lambda g: insert_quant(g, "static", amax))
+                passes.append(lambda g: insert_quant(g, "static", amax, skip=skip))
             else:
-                passes.append(lambda g: insert_quant(g, "dynamic"))
+                passes.append(lambda g: insert_quant(g, "dynamic", skip=skip))
         passes.append(cleanup)
         names.append("cleanup")
         if opts.plugins_only:
@@ -140,6 +154,8 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
             _, model, _ = random_model(spec, opts.seed, opts.dtype)
         else:
             model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
+        # before prepare(): calibration runs the language model's layers with their own attention
+        lm_plan = family.smooth_language_model(model, opts.precision, skip=opts.lm_skip)  # w8a8, else None
         family.prepare(model, opts.attention, opts.precision)
         ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed, max_seq_len=opts.max_seq_len)
         ref_graphs = reference_graphs(family, ctx, same_dtype=large)
@@ -156,8 +172,9 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
             references[g.name] = {"inputs": {k: g.padded(k, _to_numpy(v)) for k, v in g.inputs.items()},
                                   "outputs": {n: g.padded(n, _to_numpy(o)) for n, o in zip(g.outputs, outs)}}
             path = export_graph(g, tmp, max(opset, g.min_opset), postprocess=_graph_passes(
-                opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision)),
-                functions=not opts.plugins_only)
+                opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision), tmp,
+                lm_plan.skip if lm_plan else ()), functions=not opts.plugins_only,
+                external_threshold=opts.external_threshold)
             import onnx
 
             used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
@@ -169,6 +186,12 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
              "them in memory)" for g in QUANT_GRAPHS if opts.precision == "w8a8" and g in entries
              and not any(p.startswith("insert_quant") for p in entries[g]["passes"])
              and not (g == "vision" and family.quantizes_vision(opts.precision))]
+    if lm_plan is not None:
+        import json
+
+        (tmp / LM_W8A8_FILE).write_text(json.dumps(lm_plan.to_dict(), indent=1) + "\n")
+        notes.append(f"language model: SmoothQuant on {lm_plan.tokens} calibration tokens; "
+                     f"{len(lm_plan.skip)} linears kept float ({LM_W8A8_FILE})")
     del model, ctx, ref_graphs, g, ref  # the report's ONNX Runtime sessions need the memory
     gc.collect()
     with progress.stage("reference + report"):

@@ -82,14 +82,16 @@ def _quiet():
 
 
 def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postprocess=None,
-                 functions: bool = True) -> Path:
+                 functions: bool = True, external_threshold: int | None = None) -> Path:
     """Export ``spec`` to ``out_dir/<name>.onnx``; ``postprocess(model_proto, external) -> model_proto`` runs
     before the vlmx functions are attached (``external``: the weights live in ``<name>.onnx.data`` and are not
-    loaded, so only graph-level passes may run). ``functions=False`` leaves the vlmx nodes bare (``--plugins-only``).
-    Returns the file path."""
+    loaded, so only graph-level and streamed passes may run). ``functions=False`` leaves the vlmx nodes bare
+    (``--plugins-only``). ``external_threshold``: weight bytes above which the weights go to external data (default
+    :data:`EXTERNAL_DATA_THRESHOLD`; tests force the large-graph path with a small one). Returns the file path."""
     check_opset(opset)
     out = Path(out_dir) / spec.file
-    external = weight_bytes(spec.module) > EXTERNAL_DATA_THRESHOLD
+    limit = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
+    external = weight_bytes(spec.module) > limit
     try:
         with _quiet(), torch.no_grad():
             prog = torch.onnx.export(spec.module, tuple(spec.inputs.values()), input_names=list(spec.inputs),

@@ -130,6 +130,22 @@ class LlavaFamily:
         """True when ``prepare`` already put a W8A8 vision encoder in (no graph-level quantization needed)."""
         return False
 
+    def smooth_language_model(self, model: nn.Module, precision: str, calib_ids: torch.Tensor | None = None,
+                              skip=None):
+        """Under ``w8a8``: SmoothQuant-smooth the language model's float weights in place (the function is
+        unchanged; insert_quant then quantizes the smoothed linears) and return the plan (α per group, per-linear
+        calibrated errors, the skip list of linears to keep float); else None. ``calib_ids``: calibration tokens,
+        default the built-in pydoc-topics text (UTF-8 bytes modulo the vocabulary: presets have no tokenizer).
+        ``skip``: module names to keep float instead of the calibrated choice."""
+        if precision != "w8a8":
+            return None
+        from vlmx.torch_ref import lm_w8a8
+
+        if calib_ids is None:
+            calib_ids = lm_w8a8.calibration_ids(vocab_size=self.lm_dims(model)["vocab_size"],
+                                                seq_len=lm_w8a8.EXPORT_CALIB[1], num_seqs=lm_w8a8.EXPORT_CALIB[0])
+        return lm_w8a8.calibrate(model, calib_ids, skip=None if skip is None else list(skip))
+
     def ops_used(self, attention: str, precision: str) -> list[str]:
         """vlmx ops the export will contain (before quantization passes add theirs)."""
         ops = {"TokenImportance", "GatherTopK"}
@@ -305,6 +321,11 @@ class LlavaMptFamily(LlavaFamily):
         c = model.config.text_config
         return {"lm_hidden": c.d_model, "num_layers": c.n_layers, "num_heads": c.n_heads,
                 "num_kv_heads": c.n_heads, "head_dim": c.d_model // c.n_heads, "vocab_size": c.vocab_size}
+
+    def smooth_language_model(self, model, precision, calib_ids=None, skip=None):
+        """MPT blocks are not Llama-shaped (fused Wqkv, LayerNorm without a foldable pair): linears are quantized
+        as they are."""
+        return None
 
     def score_modules(self, model):
         block = model.model.language_model.blocks[0]

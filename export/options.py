@@ -40,6 +40,10 @@ class ExportOptions:
     report: bool = True
     #: KV-cache length S_max of the LM graph (None: the preset's context length)
     max_seq_len: int | None = None
+    #: weight bytes above which a graph's weights go to external data and its passes stream (tests lower it)
+    external_threshold: int | None = None
+    #: w8a8: language-model linears (torch module names) kept float; None = chosen by calibration
+    lm_skip: tuple[str, ...] | None = None
 
     def resolved_opset(self) -> int:
         """--opset, or the smallest one the options need (23 for native attention, 19 for static Q/DQ, else 18)."""
