@@ -14,9 +14,14 @@ ATTENTIONS = ("eager", "sdpa")
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Re-initialise every 1-D parameter: biases ~ N(0, 0.3), norm scales ~ U(0.5, 1.5) (default init has zero biases
-    and unit scales, under which a misordered bias or a dropped scale goes unnoticed)."""
+    and unit scales, under which a misordered bias or a dropped scale goes unnoticed), and Linear weights
+    ~ N(0, 1/fan_in) (at the default std 0.02 the blocks barely change the residual stream, so a broken layer
+    would hide below a w8a8 threshold)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * m.in_features ** -0.5)
         for name, p in model.named_parameters():
             if p.ndim != 1:
                 continue

@@ -16,6 +16,7 @@ import pytest
 import stock_onnx as S
 from vlmx.export.optimize import Options, optimize
 
+pytestmark = pytest.mark.slow  # 56 torch.onnx exports: ~2 min of CPU
 LAYERS = 2
 KV_HEADS = {"llama-mha": 4, "llama-gqa": 2, "llama-mqa": 1}
 FORMS = [f for f in itertools.product(S.FAMILIES, S.EXPORTERS, S.ATTENTIONS, ("static", "dynamic"))
