@@ -3,7 +3,6 @@
 dynamic shapes. No vlmx code takes part in the export."""
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import torch
 

@@ -29,11 +29,11 @@ import onnx_graphsurgeon as gs
 from vlmx.torch_ref.op_table import DOMAIN, OPS
 
 from ..domain import node_attrs
+from .tensor_facts import const_values, dim, producer, rank, scalar
 
 TARGETS = ("vlmx", "onnx")
 #: First default-domain opset with the standard ``Attention`` op.
 ONNX_ATTENTION_OPSET = 23
-_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Neg", "Cast", "Concat")
 
 
 class NoMatch(Exception):
@@ -45,134 +45,42 @@ class NoMatch(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-def _producer(t) -> gs.Node | None:
-    return t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
-
-
-def _const_values(t) -> np.ndarray | None:
-    """Values of an initializer or of a ``Constant`` node's output, else None (small tensors only)."""
-    if isinstance(t, gs.Constant):
-        return None if t.shape is None or int(np.prod(t.shape)) > 64 else np.asarray(t.values)
-    node = _producer(t)
-    if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-        return np.asarray(node.attrs["value"].values)
-    return None
-
-
-def _scalar(t) -> float | None:
-    v = _const_values(t)
-    return float(v.reshape(-1)[0]) if v is not None and v.size == 1 else None
-
-
 def _single_use(t, outputs: set) -> bool:
     return len(t.outputs) == 1 and t.name not in outputs
 
 
-def _only_consumer(t, outputs: set) -> gs.Node | None:
-    return t.outputs[0] if _single_use(t, outputs) else None
-
-
 def _strip_scalar_mul(t, outputs: set) -> tuple:
     """``Mul(x, c)`` with a scalar constant c and a single use → ``(x, c)``; else ``(t, 1)``."""
-    node = _producer(t)
+    node = producer(t)
     if node is not None and node.op == "Mul" and _single_use(t, outputs):
         for a, b in ((0, 1), (1, 0)):
-            c = _scalar(node.inputs[b])
+            c = scalar(node.inputs[b])
             if c is not None:
                 return node.inputs[a], c
     return t, 1.0
 
 
-def _rank(t) -> int | None:
-    return len(t.shape) if t.shape is not None else None
-
-
-def dim(t, axis: int, depth: int = 8) -> int | None:
-    """A static size of ``t`` along ``axis``: from its shape, else traced through Transpose, elementwise ops and the
-    Reshape that produced it (a ``-1`` entry is solved from a static input, ``[B, S, H·D] -> [B, S, -1, D]``)."""
-    shape = t.shape
-    if shape is not None:
-        axis = axis % len(shape)
-        if isinstance(shape[axis], (int, np.integer)) and shape[axis] >= 0:
-            return int(shape[axis])
-    node = _producer(t)
-    if node is None or depth == 0 or shape is None:
-        return None
-    if node.op == "Transpose":
-        perm = node.attrs.get("perm")
-        return dim(node.inputs[0], perm[axis], depth - 1) if perm is not None else None
-    if node.op == "Slice":  # sizes of axes it does not slice are kept
-        axes = _const_values(node.inputs[3]) if len(node.inputs) > 3 else None
-        if axes is not None and all(int(a) % len(shape) != axis for a in axes.reshape(-1)):
-            return dim(node.inputs[0], axis, depth - 1)
-        return None
-    concat_axis = node.attrs.get("axis") if node.op == "Concat" else None
-    if concat_axis is not None and concat_axis % len(shape) == axis:
-        return None
-    if node.op in _ELEMENTWISE:  # broadcasting (or Concat along another axis): the largest size, when all are known
-        dims = [dim(x, axis, depth - 1) if _rank(x) == len(shape) else 1
-                for x in node.inputs if isinstance(x, gs.Variable) or _rank(x) == len(shape)]
-        known = [d for d in dims if d is not None]
-        if known and max(known) > 1:
-            return max(known)
-        return 1 if known and len(known) == len(dims) else None
-    if node.op == "Reshape":
-        target = _const_values(node.inputs[1])
-        if target is None:
-            target = _concat_values(node.inputs[1])
-        if target is None or len(target) != len(shape):
-            return None
-        e = target[axis]
-        if e is not None and e > 0:
-            return int(e)
-        src = node.inputs[0]
-        if e == 0:
-            return dim(src, axis, depth - 1)
-        if e == -1 and _rank(src) == axis + 1 and axis == len(shape) - 2:  # [.., H·D] -> [.., -1, D]
-            total, rest = dim(src, -1, depth - 1), target[axis + 1]
-            if total is not None and rest is not None and rest > 0 and total % rest == 0:
-                return total // int(rest)
-    return None
-
-
-def _concat_values(t) -> list | None:
-    """A shape built by ``Concat`` of 1-element pieces: known constants, None for dynamic pieces."""
-    node = _producer(t)
-    if node is None or node.op != "Concat":
-        return None
-    out = []
-    for x in node.inputs:
-        v = _const_values(x)
-        if v is None:
-            if _rank(x) != 1 or x.shape[0] != 1:
-                return None
-            out.append(None)
-        else:
-            out += [int(e) for e in v.reshape(-1)]
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ pattern pieces
 def _undo_kv_expand(t, heads: int | None):
     """``Reshape(Expand(Unsqueeze(kv, axis=2)), [B, H, S, D])`` (repeat_kv) → ``(kv, H_kv)``; else ``(t, None)``."""
-    node = _producer(t)
-    src = node.inputs[0] if node is not None and node.op == "Reshape" and _rank(node.inputs[0]) == 5 else None
-    if node is not None and node.op == "Expand" and _rank(t) == 5:  # already the 5-D expansion
+    node = producer(t)
+    src = node.inputs[0] if node is not None and node.op == "Reshape" and rank(node.inputs[0]) == 5 else None
+    if node is not None and node.op == "Expand" and rank(t) == 5:  # already the 5-D expansion
         src = t
     if src is None:
         return t, None
-    exp = _producer(src)
+    exp = producer(src)
     if exp is None or exp.op != "Expand":
         return t, None
-    un = _producer(exp.inputs[0])
+    un = producer(exp.inputs[0])
     if un is None or un.op != "Unsqueeze":
         return t, None
     axes = un.attrs.get("axes")
     axes = list(axes) if axes is not None else (
-        None if len(un.inputs) < 2 or _const_values(un.inputs[1]) is None else
-        [int(a) for a in _const_values(un.inputs[1]).reshape(-1)])
+        None if len(un.inputs) < 2 or const_values(un.inputs[1]) is None else
+        [int(a) for a in const_values(un.inputs[1]).reshape(-1)])
     kv = un.inputs[0]
-    if axes not in ([2], [-3]) or _rank(kv) != 4:
+    if axes not in ([2], [-3]) or rank(kv) != 4:
         return t, None
     kv_heads = dim(kv, 1)
     if kv_heads is None or (heads is not None and heads % kv_heads):
@@ -182,7 +90,7 @@ def _undo_kv_expand(t, heads: int | None):
 
 def _key(kt, heads, outputs: set):
     """kᵀ → ``(k source, perm to bhsd or None, kv heads or None)``; raises NoMatch."""
-    tr = _producer(kt)
+    tr = producer(kt)
     if tr is None:
         raise NoMatch("kᵀ is a graph input or initializer, not a transposed key")
     if tr.op == "Transpose":
@@ -195,20 +103,20 @@ def _key(kt, heads, outputs: set):
             kv, kv_heads = _undo_kv_expand(src, heads)
             return kv, None, kv_heads
         return src, k_perm, None
-    if tr.op == "Reshape" and _rank(kt) == 4:
-        t2 = _producer(tr.inputs[0])
+    if tr.op == "Reshape" and rank(kt) == 4:
+        t2 = producer(tr.inputs[0])
         if t2 is None or t2.op != "Transpose" or list(t2.attrs.get("perm", [])) != [0, 2, 1]:
             raise NoMatch("kᵀ Reshape does not follow a Transpose(0, 2, 1)", tr)
-        r1 = _producer(t2.inputs[0])
-        if r1 is None or r1.op != "Reshape" or _rank(r1.outputs[0]) != 3:
+        r1 = producer(t2.inputs[0])
+        if r1 is None or r1.op != "Reshape" or rank(r1.outputs[0]) != 3:
             raise NoMatch("kᵀ Transpose(0, 2, 1) does not follow a rank-3 Reshape", t2)
         src = r1.inputs[0]
-        if _rank(src) == 5:
+        if rank(src) == 5:
             kv, kv_heads = _undo_kv_expand(src, heads)
             if kv_heads is None:
                 raise NoMatch("rank-5 key before the kᵀ reshapes is not a repeat_kv expansion", r1)
             return kv, None, kv_heads
-        if _rank(src) != 4:
+        if rank(src) != 4:
             raise NoMatch("key before the kᵀ reshapes is not rank 4", r1)
         d_src, d_kt = dim(src, 3), dim(kt, 2)
         if d_src is None or (d_kt is None and not _views_of(src, r1, tr)) or (d_kt is not None and d_src != d_kt):
@@ -221,17 +129,17 @@ def _key(kt, heads, outputs: set):
 def _views_of(src, *reshapes) -> bool:
     """Every Reshape target is built only from constants and slices of ``Shape(src)`` (dynamic-shape exports)."""
     def from_src_shape(t, depth=3):
-        n = _producer(t)
+        n = producer(t)
         if n is None or depth == 0:
             return False
         if n.op == "Shape":
-            return n.inputs[0] is src or (_producer(n.inputs[0]) is not None and _producer(n.inputs[0]).op == "Transpose"
-                                          and _producer(n.inputs[0]).outputs[0] is src)
+            return n.inputs[0] is src or (producer(n.inputs[0]) is not None and producer(n.inputs[0]).op == "Transpose"
+                                          and producer(n.inputs[0]).outputs[0] is src)
         return n.op in ("Slice", "Gather", "Squeeze", "Unsqueeze") and from_src_shape(n.inputs[0], depth - 1)
 
     for r in reshapes:
-        cat = _producer(r.inputs[1])
-        if cat is None or cat.op != "Concat" or not all(_const_values(x) is not None or from_src_shape(x)
+        cat = producer(r.inputs[1])
+        if cat is None or cat.op != "Concat" or not all(const_values(x) is not None or from_src_shape(x)
                                                          for x in cat.inputs):
             return False
     return True
@@ -241,7 +149,7 @@ def _score_side(node: gs.Node, outputs: set):
     """Of a binary node's two inputs, ``(scores, other)`` where scores is the single-use tensor computed from the
     QKᵀ MatMul (masks and position biases are shared by all layers, or constant)."""
     def reaches(t, depth=6):
-        n = _producer(t)
+        n = producer(t)
         if n is None or depth == 0:
             return False
         if n.op == "MatMul":
@@ -258,8 +166,8 @@ def _score_side(node: gs.Node, outputs: set):
 def match(softmax: gs.Node, outputs: set) -> dict:
     """The rewrite of one Softmax-centred attention core; raises :class:`NoMatch`."""
     axis = softmax.attrs.get("axis", -1)
-    rank = _rank(softmax.inputs[0])
-    if axis != -1 and not (rank is not None and axis == rank - 1):
+    r = rank(softmax.inputs[0])
+    if axis != -1 and not (r is not None and axis == r - 1):
         raise NoMatch(f"Softmax axis {axis} is not the last axis", softmax)
     # ---- forward: (Cast)* → (Where(IsNaN(p), 0, p)) → (Cast)* → MatMul(p, v)
     p, guard, casts = softmax.outputs[0], False, 0
@@ -273,7 +181,7 @@ def match(softmax: gs.Node, outputs: set) -> dict:
         if len(users) == 2 and not guard and {u.op for u in users} == {"IsNaN", "Where"}:
             isnan = next(u for u in users if u.op == "IsNaN")
             where = next(u for u in users if u.op == "Where")
-            zero = _scalar(where.inputs[1])
+            zero = scalar(where.inputs[1])
             if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not p or zero != 0.0 or \
                     len(isnan.outputs[0].outputs) != 1:
                 raise NoMatch("IsNaN/Where after Softmax is not the safe-softmax guard Where(IsNaN(p), 0, p)", where)
@@ -288,7 +196,7 @@ def match(softmax: gs.Node, outputs: set) -> dict:
     # ---- backward: (Cast)* ← (Where fill) ← (Add bias)* ← (Mul/Div c) ← MatMul(q, kᵀ)
     cur, factor, biases, fill = softmax.inputs[0], 1.0, [], None
     while True:
-        node = _producer(cur)
+        node = producer(cur)
         if node is None:
             raise NoMatch("scores come from a graph input, not a Q·Kᵀ MatMul", softmax)
         if not _single_use(cur, outputs):
@@ -296,9 +204,9 @@ def match(softmax: gs.Node, outputs: set) -> dict:
         if node.op == "Cast":
             cur, casts = node.inputs[0], casts + 1
         elif node.op in ("Mul", "Div"):
-            c = _scalar(node.inputs[1])
+            c = scalar(node.inputs[1])
             if c is None and node.op == "Mul":
-                c, other = _scalar(node.inputs[0]), node.inputs[1]
+                c, other = scalar(node.inputs[0]), node.inputs[1]
             else:
                 other = node.inputs[0]
             if c is None or c == 0 or not np.isfinite(c):
@@ -313,7 +221,7 @@ def match(softmax: gs.Node, outputs: set) -> dict:
             cur = scores
         elif node.op == "Where" and fill is None and not biases and factor == 1.0:
             cond, a, b = node.inputs
-            fa, fb = _scalar(a), _scalar(b)
+            fa, fb = scalar(a), scalar(b)
             if fa is not None and fb is None:
                 fill, cur = (cond, fa, True), b
             elif fb is not None and fa is None:
@@ -327,7 +235,7 @@ def match(softmax: gs.Node, outputs: set) -> dict:
     qk = node
     q, c1 = _strip_scalar_mul(qk.inputs[0], outputs)
     kt, c2 = _strip_scalar_mul(qk.inputs[1], outputs)
-    if _rank(q) != 4:
+    if rank(q) != 4:
         raise NoMatch("Q is not rank 4 [B, H, S, D] (shape unknown)", qk)
     heads, head_dim = dim(q, 1), dim(q, 3)
     if heads is None or head_dim is None:
