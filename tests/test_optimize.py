@@ -247,3 +247,52 @@ def test_cli_missing_external_data_is_one_line(tmp_path, capsys):
     onnx.save_model(m, str(d / "in.onnx"), save_as_external_data=True, location="in.data", size_threshold=0)
     (d / "in.data").unlink()
     assert "missing next to the model" in _bad(tmp_path, capsys, [d / "in.onnx", tmp_path / "o.onnx", "--qkv"])
+
+
+@pytest.mark.slow
+def test_graph_over_2gb_is_optimized_without_loading_its_weights(tmp_path):
+    """A 2.2 GB embedding table in external data (a sparse file) plus three projections: vlm-optimize fuses the
+    projections in a process whose peak memory stays far below the weights, and streams the table to OUT.data."""
+    import resource
+    import subprocess
+    import sys
+
+    rows, width = 17_200_000, 32  # 17.2M x 32 float32 = 2.2 GB
+    rng = np.random.default_rng(0)
+    ws = [numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), f"w{i}") for i in range(3)]
+    table = TensorProto(name="table", data_type=TensorProto.FLOAT, dims=[rows, width])
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["x"])] + \
+        [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(3)]
+    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(3)],
+                          [table] + ws)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    data = tmp_path / "big.bin"
+    nbytes = rows * width * 4
+    with open(data, "wb") as f:
+        f.truncate(nbytes)  # sparse: no disk used for the input table
+        off = nbytes
+        for t in model.graph.initializer:
+            if t.name == "table":
+                large_model._set_external(t, "big.bin", 0, nbytes)
+            else:
+                f.seek(off)
+                f.write(t.raw_data)
+                large_model._set_external(t, "big.bin", off, len(t.raw_data))
+                off += len(t.raw_data)
+    (tmp_path / "big.onnx").write_bytes(model.SerializeToString())
+    out = tmp_path / "out.onnx"
+    try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        r = subprocess.run([sys.executable, "-m", "vlmx.export.optimize_cli", str(tmp_path / "big.onnx"), str(out),
+                            "--qkv", "--no-check"], capture_output=True, text=True, timeout=600)
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        assert r.returncode == 0, r.stderr
+        assert "fuse_qkv: 1 fused" in r.stdout
+        assert peak_mb < 1200 and before / 1024 < 1200, peak_mb  # the 2.2 GB table was never in memory
+        assert (tmp_path / "out.onnx.data").stat().st_size >= nbytes and out.stat().st_size < 1 << 20
+        fused = onnx.load(str(out), load_external_data=False)
+        assert [n.op_type for n in fused.graph.node] == ["Gather", "MatMul", "Split"]
+    finally:
+        for p in (data, tmp_path / "out.onnx.data"):
+            p.unlink(missing_ok=True)
