@@ -199,10 +199,12 @@ def run_passes(graph: gs.Graph, lazy: dict, store, model: onnx.ModelProto, opts:
         step("insert_quant(static)", lambda rows: rows.extend(
             _linear_rows(graph, lambda: insert_quant(graph, "static", amax), "static")))
     if opts.strip_functions:
-        n = sum(1 for f in graph.functions if f.domain == DOMAIN)
+        bodies = sum(1 for f in graph.functions if f.domain == DOMAIN)
+        bare = sum(1 for n in graph.nodes if n.domain == DOMAIN)
         step("strip_functions", lambda rows: (strip_functions(graph), rows.append(
-            {"status": "fused" if n else "not matched", "detail": f"{n} vlmx function bodies removed",
-             "reason": "the model has no vlmx function bodies", "at": "model functions"})))
+            {"status": "fused" if bare else "not matched", "reason": "the model has no vlmx nodes",
+             "at": "model graph", "detail": f"{bare} vlmx nodes left bare ({bodies} input function bodies "
+             "removed, none attached)"})))
     graph.cleanup().toposort()
     return report
 

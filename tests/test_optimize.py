@@ -3,6 +3,8 @@ a dropped mask), external data in and out with weights read only where a pass re
 report, --strict, and one clear error line (exit 2, nothing written) for every bad input."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -206,6 +208,8 @@ def test_cli_reports_per_layer_and_strict(tmp_path, llama, capsys):
     out = capsys.readouterr().out
     assert "fuse_attention: 2 fused, 0 not matched" in out and "numeric check" in out and "PASS" in out
     assert "only 2 projections" in out  # the MLP gate/up pair, with the reason and the node
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["check"]["verdict"] == "PASS" and len(saved["passes"]["fuse_attention"]) == 2
     onnx.save(_attention_model(18), str(tmp_path / "attn.onnx"))
     assert main([str(tmp_path / "attn.onnx"), str(tmp_path / "o2.onnx"), "--qkv"]) == 0
     assert main([str(tmp_path / "attn.onnx"), str(tmp_path / "o3.onnx"), "--qkv", "--strict"]) == 1
@@ -296,3 +300,20 @@ def test_graph_over_2gb_is_optimized_without_loading_its_weights(tmp_path):
     finally:
         for p in (data, tmp_path / "out.onnx.data"):
             p.unlink(missing_ok=True)
+
+
+def test_not_matched_says_why_and_where(tmp_path):
+    """Probabilities that are also a graph output (need_weights) cannot be fused: the row names the reason and
+    the Softmax; with --strip-functions the check is reported as not run (bare vlmx nodes)."""
+    m = _attention_model(18)
+    m.graph.output.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, None))
+    onnx.save(m, str(tmp_path / "in.onnx"))
+    report = O.optimize(tmp_path / "in.onnx", tmp_path / "out.onnx", O.Options(attention="vlmx"))
+    (row,) = report["passes"]["fuse_attention"]
+    assert row["status"] == "not matched" and "graph output" in row["reason"] and row["at"].startswith("Softmax")
+    onnx.save(_attention_model(18), str(tmp_path / "in2.onnx"))
+    report = O.optimize(tmp_path / "in2.onnx", tmp_path / "out2.onnx",
+                        O.Options(attention="vlmx", strip_functions=True))
+    assert report["summary"]["strip_functions"]["fused"] == 1 and report["check"]["verdict"] == "not run"
+    out = onnx.load(str(tmp_path / "out2.onnx"))
+    assert [n.op_type for n in out.graph.node] == ["FlashAttention"] and not out.functions
