@@ -42,8 +42,10 @@ def test_every_stock_form_fuses_and_passes_the_check(tmp_path, form):
     out = onnx.load(str(dst))
     fa = [n for n in out.graph.node if n.op_type == "FlashAttention"]
     assert len(fa) == LAYERS and not any(n.op_type == "Softmax" for n in out.graph.node)
-    kv = {a.name: a.i for a in fa[0].attribute}["num_kv_heads"]
-    assert kv == KV_HEADS.get(family, 4)  # GQA/MQA expansion undone: the fused node reads the true kv heads
+    attrs = {a.name: a.i for a in fa[0].attribute}
+    assert attrs["num_kv_heads"] == KV_HEADS.get(family, 4)  # GQA/MQA expansion undone: the true kv heads
+    # MPT: a static export's ALiBi constant is verified and becomes alibi=1; a sliced (dynamic) one stays a bias
+    assert attrs["alibi"] == int(family == "mpt" and shapes == "static")
 
 
 ONNX_FORMS = [("clip", "legacy", "eager"), ("clip", "legacy", "sdpa"), ("clip", "dynamo", "eager"),

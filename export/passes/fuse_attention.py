@@ -14,12 +14,13 @@ kᵀ is ``Transpose(k, perm)`` (eager; any perm that is a head split plus a swap
 and value expansion (``Reshape(Expand(Unsqueeze(kv, 2)))``, or the same folded into the kᵀ reshape) is undone, so
 the fused node reads the ``H_kv`` heads. Scalar constants may be initializers or ``Constant`` nodes (legacy
 exporter). A masked fill before Softmax (MPT) becomes an additive bias ``Where(m, fill, 0)``; an ALiBi bias stays
-an ordinary additive bias input. The NaN guard of SDPA's safe softmax is kept by the fused op's semantics (a row
-that sees no key gives 0). Head count and head dim come from static shapes, or from the Reshape that split the heads
+an additive bias unless its values are verified (below). The NaN guard of SDPA's safe softmax is kept by the fused
+op's semantics (a row that sees no key gives 0). Head count and head dim come from static shapes, or from the Reshape that split the heads
 (``[B, S, -1, D]`` of a ``[B, S, H·D]`` tensor).
 
 Every Softmax is reported: fused, or not matched with the reason and the node where the pattern broke. The result
-contains no Softmax for fused layers, so a second run finds nothing new (idempotent). Names are never used.
+contains no Softmax for fused layers, so a second run finds nothing new (idempotent). Names are never used. A constant
+bias equal to MPT's ALiBi (static shapes) becomes the op's ``alibi`` attribute.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from .tensor_facts import const_values, dim, producer, rank, scalar
 TARGETS = ("vlmx", "onnx")
 #: First default-domain opset with the standard ``Attention`` op.
 ONNX_ATTENTION_OPSET = 23
+#: MPT's default ``alibi_bias_max``: the slopes a constant bias is verified against.
+ALIBI_BIAS_MAX = 8
 
 
 class NoMatch(Exception):
@@ -303,7 +306,31 @@ def _bias_tensor(graph: gs.Graph, m: dict, name: str):
     return bias
 
 
+def _alibi(b, heads: int) -> bool:
+    """``b`` is a constant ALiBi bias ``slope_h · (j − (L − 1))`` with MPT's slopes, shape [H, 1, L] or [1, H, 1, L]
+    (a static-shape MPT export); shapes are checked before any value is read."""
+    node = producer(b)
+    if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+        b = node.attrs["value"]
+    if not isinstance(b, gs.Constant) or b.shape is None or len(b.shape) not in (3, 4):
+        return False
+    shape = tuple(b.shape) if len(b.shape) == 4 else (1, *b.shape)
+    if shape[:3] != (1, heads, 1) or shape[3] < 2:
+        return False
+    from vlmx.torch_ref.alibi import alibi_bias
+
+    ref = alibi_bias(heads, shape[3], ALIBI_BIAS_MAX).numpy()
+    return bool(np.allclose(np.asarray(b.values, np.float32).reshape(shape), ref, rtol=1e-5, atol=1e-6))
+
+
 def _rewrite(graph: gs.Graph, m: dict, name: str, target: str) -> None:
+    m["alibi"] = False
+    if target == "vlmx":  # a verified ALiBi constant becomes the op's alibi attribute (ONNX Attention has none)
+        for i, (b, f) in enumerate(m["biases"]):
+            if f == 1.0 and _alibi(b, m["heads"]):
+                m["biases"].pop(i)
+                m["alibi"] = True
+                break
     k = m["k"]
     if m["k_perm"] is not None:
         k = gs.Variable(f"{name}_k", dtype=k.dtype)
@@ -315,7 +342,8 @@ def _rewrite(graph: gs.Graph, m: dict, name: str, target: str) -> None:
     inputs = [m["q"], k, m["v"]] + ([bias] if bias is not None else [])
     if target == "vlmx":
         attrs = node_attrs(OPS["FlashAttention"], {"num_heads": m["heads"], "num_kv_heads": m["kv_heads"],
-                                                   "head_dim": m["head_dim"], "scale": m["scale"], "layout": "bhsd"})
+                                                   "head_dim": m["head_dim"], "scale": m["scale"], "layout": "bhsd",
+                                                   "alibi": int(m["alibi"]), "alibi_bias_max": ALIBI_BIAS_MAX})
         graph.nodes.append(gs.Node("FlashAttention", f"{name}_flash_attention", attrs=attrs, inputs=inputs,
                                    outputs=[out], domain=DOMAIN))
         return
@@ -335,6 +363,8 @@ def describe(m: dict) -> str:
     parts = [f"H={m['heads']}", f"H_kv={m['kv_heads']}", f"D={m['head_dim']}", f"scale={m['scale']:.6g}"]
     if m["biases"]:
         parts.append(f"{len(m['biases'])} additive bias")
+    if m.get("alibi"):
+        parts.append("ALiBi (slopes verified)")
     if m["fill"] is not None:
         parts.append("masked fill")
     if m["guard"]:
