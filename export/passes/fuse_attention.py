@@ -15,8 +15,8 @@ and value expansion (``Reshape(Expand(Unsqueeze(kv, 2)))``, or the same folded i
 the fused node reads the ``H_kv`` heads. Scalar constants may be initializers or ``Constant`` nodes (legacy
 exporter). A masked fill before Softmax (MPT) becomes an additive bias ``Where(m, fill, 0)``; an ALiBi bias stays
 an additive bias unless its values are verified (below). The NaN guard of SDPA's safe softmax is kept by the fused
-op's semantics (a row that sees no key gives 0). Head count and head dim come from static shapes, or from the Reshape that split the heads
-(``[B, S, -1, D]`` of a ``[B, S, H·D]`` tensor).
+op's semantics (a row that sees no key gives 0). Head count and head dim come from static shapes, or from the
+Reshape that split the heads (``[B, S, -1, D]`` of a ``[B, S, H·D]`` tensor).
 
 Every Softmax is reported: fused, or not matched with the reason and the node where the pattern broke. The result
 contains no Softmax for fused layers, so a second run finds nothing new (idempotent). Names are never used. A constant
