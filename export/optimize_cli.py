@@ -26,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output .onnx model (weights go to OUTPUT.data)")
     p.add_argument("--qkv", action="store_true", help="fuse each tensor's >=3 projections into one MatMul + Split")
     p.add_argument("--attention", default=None, metavar="TARGET",
-                   help=f"fuse attention cores: {' or '.join(TARGETS)} (vlmx FlashAttention / ONNX Attention, opset>=23)")
+                   help=f"fuse attention cores: {' or '.join(TARGETS)} "
+                        "(vlmx FlashAttention / ONNX Attention, opset>=23)")
     p.add_argument("--w8a8", action="store_true", help="quantize linears to vlmx W8A8Linear (dynamic per-token)")
     p.add_argument("--static-qdq", action="store_true", help="quantize linears to Q/DQ with calibrated scales")
     p.add_argument("--calib", type=int, default=8, help="--static-qdq: number of random calibration feeds")
