@@ -7,6 +7,7 @@ on fresh random inputs with the export contract's thresholds, and only then move
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -137,12 +138,26 @@ def numeric_check(src: Path, out: Path, model: onnx.ModelProto, opts: Options) -
     seed = opts.seed if opts.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
     feed = random_inputs(model, np.random.default_rng(seed), opts.dims)
     prec = precision(model, opts)
-    ref = run_onnx(str(src), feed)
-    got = run_onnx(str(out), feed)
+    head = {"precision": prec, "threshold": THRESHOLDS[prec], "seed": seed,
+            "inputs": {k: list(v.shape) for k, v in feed.items()}}
+    try:
+        ref = run_onnx(str(src), feed)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own types
+        raise OptimizeError(f"ONNX Runtime cannot run the input model {src} on random inputs "
+                            f"({_first_line(e)}); give symbolic sizes with --dim NAME=SIZE or skip with --no-check")
+    try:
+        got = run_onnx(str(out), feed)
+    except Exception as e:  # noqa: BLE001
+        return {"verdict": "FAIL", **head, "outputs": {}, "reason": f"ONNX Runtime cannot run the output "
+                f"({_first_line(e)})"}
     rows = compare_outputs(got, ref, THRESHOLDS[prec], feed)
     ok = all(r["passed"] for r in rows.values())
-    return {"verdict": "PASS" if ok else "FAIL", "precision": prec, "threshold": THRESHOLDS[prec], "seed": seed,
-            "inputs": {k: list(v.shape) for k, v in feed.items()}, "outputs": rows}
+    return {"verdict": "PASS" if ok else "FAIL", **head, "outputs": rows}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[-1] if text else type(e).__name__)[:200]
 
 
 # ------------------------------------------------------------------------------------------------ passes
@@ -233,8 +248,10 @@ def optimize(src: Path, dst: Path, opts: Options) -> dict:
     if not model.graph.value_info:
         model = infer_shapes(model)  # weightless proto: cheap at any size
     graph, lazy = large_model.import_graph(model)
+    made = [p for p in [dst.parent, *dst.parent.parents] if not p.exists()]
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    done = False
     try:
         store = large_model.Store(tmp / f"{dst.name}.data")
         passes = run_passes(graph, lazy, store, model, opts)
@@ -249,9 +266,13 @@ def optimize(src: Path, dst: Path, opts: Options) -> dict:
             data = dst.with_name(f"{dst.name}.data")
             os.replace(tmp / data.name, data)
             os.replace(tmp / dst.name, dst)
+            done = True
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in made if not done else []:  # directories this call created, when nothing was written
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def _count(rows: list[dict]) -> dict:
@@ -272,8 +293,8 @@ def format_report(report: dict) -> str:
             else:
                 lines.append(f"  [{i}] not matched {what}: {r['reason']} (at {r['at']})")
     c = report["check"]
-    if c["verdict"] == "not run":
-        lines.append(f"numeric check: not run ({c['reason']})")
+    if c["verdict"] == "not run" or not c.get("outputs"):
+        lines.append(f"numeric check: {c['verdict']} ({c['reason']})")
     else:
         worst = max((r["relative"] for r in c["outputs"].values() if r["relative"] is not None), default=float("nan"))
         lines.append(f"numeric check (ONNX Runtime, seed {c['seed']}, {c['precision']} threshold {c['threshold']:g}): "

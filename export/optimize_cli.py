@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OptimizeError, ModelError) as e:
         print(f"vlm-optimize: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"vlm-optimize: error: cannot write {args.output}: {e.strerror or e}; check the path, its "
+              "permissions and free disk space", file=sys.stderr)
+        return 2
     print(format_report(report))
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, default=str) + "\n")

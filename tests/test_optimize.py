@@ -317,3 +317,13 @@ def test_not_matched_says_why_and_where(tmp_path):
     assert report["summary"]["strip_functions"]["fused"] == 1 and report["check"]["verdict"] == "not run"
     out = onnx.load(str(tmp_path / "out2.onnx"))
     assert [n.op_type for n in out.graph.node] == ["FlashAttention"] and not out.functions
+
+
+def test_cli_input_that_onnx_runtime_cannot_run_is_one_line(tmp_path, capsys):
+    m = _attention_model(18)
+    m.graph.node.append(helper.make_node("NoSuchOp", ["o"], ["z"], domain="acme"))
+    m.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    m.opset_import.append(helper.make_opsetid("acme", 1))
+    onnx.save(m, str(tmp_path / "in.onnx"))
+    err = _bad(tmp_path, capsys, [tmp_path / "in.onnx", tmp_path / "new" / "dir" / "o.onnx", "--attention", "vlmx"])
+    assert "cannot run the input model" in err and "--no-check" in err  # and new/dir was removed again
