@@ -94,11 +94,14 @@ def build(family: str, attention: str, layers: int = 2):
     raise ValueError(family)
 
 
-def export(family: str, exporter: str, attention: str, dynamic: bool, path, opset: int = 18, layers: int = 2):
+def export(family: str, exporter: str, attention: str, dynamic: bool, path, opset: int = 18, layers: int = 2,
+           dtype=torch.float32):
     """Export one form to ``path``; returns ``(onnx model, feed {name: array}, attention layers)``."""
     from vlmx.export.exporter import _quiet
 
     module, inputs, axes, n = build(family, attention, layers)
+    module = module.to(dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     names = list(inputs)
     args = tuple(inputs.values())
     with _quiet(), torch.no_grad():

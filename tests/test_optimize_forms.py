@@ -12,6 +12,7 @@ import itertools
 
 import onnx
 import pytest
+import torch
 
 import stock_onnx as S
 from vlmx.export.optimize import Options, optimize
@@ -63,3 +64,18 @@ def test_fusion_to_the_standard_onnx_attention(tmp_path, form):
     assert report["check"]["verdict"] == "PASS", report["check"]
     ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
     assert ops.count("Attention") == LAYERS and "Softmax" not in ops and "FlashAttention" not in ops
+
+
+FP16_FORMS = [("clip", "legacy", "eager"), ("llama-gqa", "legacy", "eager"), ("llama-gqa", "legacy", "sdpa")]
+
+
+@pytest.mark.parametrize("form", FP16_FORMS, ids=_id)
+def test_float16_forms(tmp_path, form):
+    """float16 graphs: Casts around Softmax, and SDPA's upcast of only V to float32 (the fused op casts the kv
+    heads to q's type and the output back to what the graph expects); fp16 threshold."""
+    family, exporter, attention = form
+    src = tmp_path / "in.onnx"
+    S.export(family, exporter, attention, True, src, layers=LAYERS, dtype=torch.float16)
+    report = optimize(src, tmp_path / "out.onnx", Options(qkv=True, attention="vlmx", seed=2))
+    assert report["summary"]["fuse_attention"] == {"fused": LAYERS, "not matched": 0}, report["passes"]
+    assert report["check"]["precision"] == "fp16" and report["check"]["verdict"] == "PASS", report["check"]

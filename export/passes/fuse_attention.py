@@ -91,6 +91,18 @@ def _undo_kv_expand(t, heads: int | None):
     return kv, kv_heads
 
 
+def _undo_kv_expand_cast(t, heads: int | None, outputs: set):
+    """:func:`_undo_kv_expand`, also through one ``Cast`` after the expansion (SDPA upcasting float16 inputs; the
+    rewrite casts the kv heads to q's type itself)."""
+    kv, kv_heads = _undo_kv_expand(t, heads)
+    node = producer(t)
+    if kv_heads is None and node is not None and node.op == "Cast" and _single_use(t, outputs):
+        inner, h = _undo_kv_expand(node.inputs[0], heads)
+        if h is not None:
+            return inner, h
+    return kv, kv_heads
+
+
 def _key(kt, heads, outputs: set):
     """kᵀ → ``(k source, perm to bhsd or None, kv heads or None)``; raises NoMatch."""
     tr = producer(kt)
@@ -103,7 +115,7 @@ def _key(kt, heads, outputs: set):
         k_perm = [perm[0], perm[1], perm[3], perm[2]]  # kᵀ = x.transpose(perm)  ⇒  k = x.transpose(k_perm)
         src = tr.inputs[0]
         if k_perm == [0, 1, 2, 3]:
-            kv, kv_heads = _undo_kv_expand(src, heads)
+            kv, kv_heads = _undo_kv_expand_cast(src, heads, outputs)
             return kv, None, kv_heads
         return src, k_perm, None
     if tr.op == "Reshape" and rank(kt) == 4:
@@ -124,7 +136,7 @@ def _key(kt, heads, outputs: set):
         d_src, d_kt = dim(src, 3), dim(kt, 2)
         if d_src is None or (d_kt is None and not _views_of(src, r1, tr)) or (d_kt is not None and d_src != d_kt):
             raise NoMatch(f"kᵀ reshapes do not transpose the head dim ({d_src} vs {d_kt})", tr)
-        kv, kv_heads = _undo_kv_expand(src, heads)
+        kv, kv_heads = _undo_kv_expand_cast(src, heads, outputs)
         return kv, None, kv_heads
     raise NoMatch(f"kᵀ comes from {tr.op}, not a Transpose or the SDPA reshape chain", tr)
 
@@ -248,7 +260,7 @@ def match(softmax: gs.Node, outputs: set) -> dict:
         kv_heads = dim(k, k_perm[1] if k_perm else 1)
     if kv_heads is None:
         raise NoMatch("K's head count is not static", qk)
-    v_src, v_heads = _undo_kv_expand(v, heads)
+    v_src, v_heads = _undo_kv_expand_cast(v, heads, outputs)
     if v_heads is None:
         v_heads = dim(v, 1)
     if v_heads != kv_heads and k_perm is None:  # value expanded differently from the key: read the expanded heads
@@ -331,14 +343,27 @@ def _rewrite(graph: gs.Graph, m: dict, name: str, target: str) -> None:
                 m["biases"].pop(i)
                 m["alibi"] = True
                 break
+    qdt = m["q"].dtype
+    for key in ("k", "v"):  # the fused op takes q, k, v in one type (SDPA may have upcast only some of them)
+        t = m[key]
+        if t.dtype is not None and qdt is not None and np.dtype(t.dtype) != np.dtype(qdt):
+            cast = gs.Variable(f"{name}_{key}_as_q", dtype=qdt)
+            graph.nodes.append(gs.Node("Cast", f"{name}_{key}_as_q", attrs={"to": _onnx_dtype(qdt)}, inputs=[t],
+                                       outputs=[cast]))
+            m[key] = cast
     k = m["k"]
     if m["k_perm"] is not None:
         k = gs.Variable(f"{name}_k", dtype=k.dtype)
         graph.nodes.append(gs.Node("Transpose", f"{name}_k_transpose", attrs={"perm": m["k_perm"]},
                                    inputs=[m["k"]], outputs=[k]))
     bias = _bias_tensor(graph, m, name)
-    out = m["out"].outputs[0]
+    final = m["out"].outputs[0]
     m["out"].outputs.clear()
+    out = final
+    if final.dtype is not None and qdt is not None and np.dtype(final.dtype) != np.dtype(qdt):
+        out = gs.Variable(f"{name}_out", dtype=qdt)  # computed in q's type, then the type the graph expects
+        graph.nodes.append(gs.Node("Cast", f"{name}_out_cast", attrs={"to": _onnx_dtype(final.dtype)},
+                                   inputs=[out], outputs=[final]))
     inputs = [m["q"], k, m["v"]] + ([bias] if bias is not None else [])
     if target == "vlmx":
         attrs = node_attrs(OPS["FlashAttention"], {"num_heads": m["heads"], "num_kv_heads": m["kv_heads"],
