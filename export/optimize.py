@@ -286,6 +286,8 @@ def format_report(report: dict) -> str:
     for name, rows in report["passes"].items():
         s = report["summary"][name]
         lines.append(f"{name}: {s['fused']} fused, {s['not matched']} not matched")
+        if not rows:
+            lines.append("  (no candidate in the graph: nothing for this pass to match)")
         for i, r in enumerate(rows):
             what = r.get("softmax") or r.get("input") or r.get("linear") or ""
             if r["status"] == "fused":
