@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from vlmx.torch_ref.contract import THRESHOLDS
 from vlmx.torch_ref.op_table import DOMAIN
 
 from . import large_model
@@ -26,8 +27,6 @@ from .passes import calibrate, fuse_attention, fuse_qkv, insert_quant, strip_fun
 from .passes.cleanup import infer_shapes
 from .passes.fuse_attention import ONNX_ATTENTION_OPSET, TARGETS
 from .passes.insert_quant import linears
-from vlmx.torch_ref.contract import THRESHOLDS
-
 from .report import compare_outputs, run_onnx
 
 MIN_OPSET, MAX_OPSET = 17, 24
