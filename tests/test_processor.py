@@ -145,8 +145,10 @@ def test_streaming_never_splits_a_character(tmp_path, smollm2_dirs):
 def test_streaming_random_ids_concatenate_to_decode(tmp_path, smollm2_dirs):
     rng = np.random.default_rng()
     for mine, _ in tokenizers_under_test(tmp_path, smollm2_dirs):
-        for _ in range(30):
+        specials = [i for i, t in mine.tokenizer.get_added_tokens_decoder().items() if t.special]
+        for _ in range(1000):  # lone/partial bytes, specials between byte tokens (skipped: the runs join)
             ids = rng.integers(0, len(mine), int(rng.integers(1, 60))).tolist()
+            ids = [int(rng.choice(specials)) if rng.random() < 0.1 else i for i in ids]
             stream = mine.stream()
             assert "".join(stream.push(i) for i in ids) + stream.flush() == mine.decode(ids)
 

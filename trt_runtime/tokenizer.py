@@ -183,21 +183,24 @@ class StreamDecoder:
     Each step decodes a short window of ids (from the last emitted boundary) and emits only what the window adds
     beyond the previous one, and only when it does not end in U+FFFD (an incomplete UTF-8 character), so
     ``"".join(pieces) + flush()`` equals ``decode(all ids)`` (vLLM / TGI's offsets scheme). Byte-fallback tokens
-    (``<0xNN>``) are held until a normal token follows: the decoder judges a run of them as one UTF-8 string.
+    (``<0xNN>``) are held until a normal token follows: the decoder judges a run of them as one UTF-8 string (so
+    are skipped special tokens, which join the byte runs around them).
     """
 
     def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
         self.prefix = self.read = 0
-        self.byte_ids = byte_fallback_ids(tokenizer.tokenizer)
+        self.hold_ids = byte_fallback_ids(tokenizer.tokenizer)
+        if skip_special_tokens:
+            self.hold_ids |= {i for i, t in tokenizer.tokenizer.get_added_tokens_decoder().items() if t.special}
 
     def _decode(self, start: int, stop: int | None = None) -> str:
         return self.tokenizer.decode(self.ids[start:stop], skip_special_tokens=self.skip)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        if self.ids[-1] in self.byte_ids:
+        if self.ids[-1] in self.hold_ids:
             return ""
         before, now = self._decode(self.prefix, self.read), self._decode(self.prefix)
         if len(now) > len(before) and not now.endswith(REPLACEMENT_CHAR):
