@@ -174,7 +174,7 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
             path = export_graph(g, tmp, max(opset, g.min_opset), postprocess=_graph_passes(
                 opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision), tmp,
                 lm_plan.skip if lm_plan else ()), functions=not opts.plugins_only,
-                external_threshold=opts.external_threshold)
+                **({} if opts.external_threshold is None else {"external_threshold": opts.external_threshold}))
             import onnx
 
             used |= set(ops_used(onnx.load(str(path), load_external_data=False)))

@@ -45,6 +45,8 @@ S_RANGE = (1e-3, 1e3)
 CALIB_OFFSET, CALIB_CHARS = 0, 12_000
 #: (sequences, tokens) of the export's default calibration.
 EXPORT_CALIB = (4, 128)
+#: Linears the export keeps float on top of the calibrated skip list (lm_head: +0.57 perplexity points on SmolLM2).
+EXPORT_FLOAT = ("lm_head",)
 
 
 class W8A8Linear(nn.Module):
