@@ -324,7 +324,7 @@ EXPORT_DIR_CASES = [
     ("torch-w8a8", "vlm-run", _w8a8, PROMPT + ["--backend", "torch"], 2, "cannot run a --precision w8a8 export"),
     ("torch-random-weights", "vlm-run", _other_transformers, PROMPT + ["--backend", "torch"], 2,
      "drawn by other library versions (transformers 4.0.0"),
-    ("context", "vlm-run", None, PROMPT + ["--max-new-tokens", "3000"], 2, "more than the model's context of 512"),
+    ("context", "vlm-run", None, PROMPT + ["--max-new-tokens", "3000"], 2, "> the export's KV-cache length 512"),
     ("new-tokens-zero", "vlm-run", None, PROMPT + ["--max-new-tokens", "0"], 2, "must be >= 1"),
     ("long-prompt", "vlm-run", None, ["--prompt", "why " * 2500], 2, "pass at most 8000"),
     ("huge-image", "vlm-run", None, PROMPT + ["--image", _big_image], 2, "resize it first"),

@@ -159,8 +159,9 @@ def test_too_long_generation_is_refused_before_any_work(llava, image_path):
                                                 rf"KV-cache length {S_MAX}; pass --max-new-tokens {S_MAX - prompt}"):
             pipe.stream(image_path, PROMPT, max_new_tokens=S_MAX)
         assert not calls
-        hi = len(pipe.prompt_ids("hi")[0]) + len(pipe.prompt_ids("hi")[1]) + 16
-        pipe.generate(image_path, "hi", max_new_tokens=S_MAX - hi)  # fits exactly
+        short = sum(len(x) for x in pipe.prompt_ids("hi")) + 16
+        res = pipe.generate(image_path, "hi", max_new_tokens=S_MAX - short)  # fills the cache exactly
+        assert res.prompt_tokens == short and len(res.tokens) <= S_MAX - short
 
 
 def test_vlm_run_streams_and_prints_a_json_record(llava, image_path, capsys):
