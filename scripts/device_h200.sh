@@ -7,10 +7,6 @@
 set -uo pipefail
 RESULTS=${OUT:-$PWD/out}
 W=/tmp/o; rm -rf "$W"; mkdir -p "$W" "$RESULTS"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || { echo "wheel install failed"; exit 1; }
-fi
 export PYTHONUNBUFFERED=1
 OUT=$W/plugins bash scripts/device_plugins.sh >"$W/plugins_log.txt" 2>&1; echo "plugin harness rc=$?"
 tail -4 "$W/plugins_log.txt"

@@ -6,10 +6,6 @@
 set -uo pipefail
 RESULTS=${OUT:-$PWD/out}
 W=/tmp/r; rm -rf "$W"; mkdir -p "$W" "$RESULTS"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || { echo "wheel install failed"; exit 1; }
-fi
 export PYTHONUNBUFFERED=1
 OUT=$W source scripts/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$W/device.txt"
