@@ -51,12 +51,18 @@ def _hf_generate(model, info, **kw):
                               pad_token_id=0)
 
 
-def test_greedy_tokens_equal_transformers_generate(export, image_path):
-    model, info = _hf_model(export)
+def _vlmx_generate(export, image_path, keep):
+    """vlm-run's greedy tokens at ``keep``, plus the prompt ids around the image and the pixel values it used."""
     with VLMPipeline(export) as pipe:
-        res = pipe.generate(image_path, PROMPT, keep=1.0, max_new_tokens=NEW_TOKENS)
+        res = pipe.generate(image_path, PROMPT, keep=keep, max_new_tokens=NEW_TOKENS)
         prefix, suffix = pipe.prompt_ids(PROMPT)
         pixel_values = torch.from_numpy(pipe.preprocess(image_path))
+    return res, prefix, suffix, pixel_values
+
+
+def test_greedy_tokens_equal_transformers_generate(export, image_path):
+    model, info = _hf_model(export)
+    res, prefix, suffix, pixel_values = _vlmx_generate(export, image_path, keep=1.0)
     ids = torch.from_numpy(np.concatenate([prefix, np.full(info["num_image_tokens"], info["image_token_id"]),
                                            suffix]))[None]
     ref = _hf_generate(model, info, input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones_like(ids))
@@ -68,10 +74,7 @@ def test_greedy_tokens_equal_transformers_generate(export, image_path):
 
 def test_pruned_tokens_equal_transformers_fed_the_kept_features(export, image_path):
     model, info = _hf_model(export)
-    with VLMPipeline(export) as pipe:
-        res = pipe.generate(image_path, PROMPT, keep=0.25, max_new_tokens=NEW_TOKENS)
-        prefix, suffix = pipe.prompt_ids(PROMPT)
-        pixel_values = torch.from_numpy(pipe.preprocess(image_path))
+    res, prefix, suffix, pixel_values = _vlmx_generate(export, image_path, keep=0.25)
     assert res.kept == info["num_image_tokens"] // 4
     with torch.no_grad():
         feats = model.get_image_features(pixel_values=pixel_values)
