@@ -94,6 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per context length")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens of the whole-generation run")
+    ap.add_argument("--contexts", default="64,128,256,512,600,1024,2000,2048,4096",
+                    help="decode context lengths (below S_max; S_max - steps is always added)")
+    ap.add_argument("--keeps", default="1.0,0.25", help="keep ratios whose prefill / first token are timed")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     from PIL import Image
@@ -117,11 +120,18 @@ def main(argv=None) -> int:
     with VLMPipeline(artifacts, backend=args.backend) as pipe:
         device = pipe.device.type
         s_max = pipe.max_seq_len
-        contexts = sorted({c for c in (64, 128, 256, 512, 1024, 2048, 4096) if c < s_max} | {s_max - args.steps})
+        contexts = sorted({c for c in map(int, args.contexts.split(",")) if c < s_max - args.steps}
+                          | {s_max - args.steps})
         pipe.generate(image, "Describe the image.", max_new_tokens=2)  # warm-up
         res = pipe.generate(image, "Describe the image.", max_new_tokens=min(args.new_tokens,
                                                                              s_max - 64 - pipe.artifacts.info[
                                                                                  "num_image_tokens"]))
+        keeps = []
+        for keep in map(float, args.keeps.split(",")):
+            runs = [pipe.generate(image, "Describe the image.", keep=keep, max_new_tokens=1).timings
+                    for _ in range(3)]
+            keeps.append({"keep": keep, "prefill_ms": min(t.prefill_ms for t in runs),
+                          "ttft_ms": min(t.ttft_ms for t in runs)})
         curve = decode_curve(pipe, contexts, args.steps)
         manifest = pipe.artifacts.manifest
     xs, ys = np.array([r["context"] for r in curve]), np.array([r["ms_per_token"] for r in curve])
@@ -141,7 +151,7 @@ def main(argv=None) -> int:
         "decode_curve": curve,
         "slope_ms_per_1k_tokens": round(1e3 * slope, 4), "intercept_ms": round(float(intercept), 4),
         "kv_read_floor_ms_per_1k_tokens": round(1e3 * kv_token * 1000 / (bw / 2), 4),
-        "ttft_ms": res.timings.ttft_ms, "prefill_ms": res.timings.prefill_ms, "prompt_tokens": res.prompt_tokens,
+        "keep_prefill": keeps, "ttft_ms": res.timings.ttft_ms, "prefill_ms": res.timings.prefill_ms, "prompt_tokens": res.prompt_tokens,
         "generation_tokens_per_s": res.timings.tokens_per_s, "generation_decode_tokens": res.timings.decode_tokens,
         "generation_median_step_ms": round(statistics.median(res.timings.step_ms), 4) if res.timings.step_ms else None,
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -163,6 +173,8 @@ def main(argv=None) -> int:
            f"{record['prefill_ms']:.1f} ms); generation {record['generation_tokens_per_s']:.1f} tokens/s (mean over "
            f"{record['generation_decode_tokens']} steps; median step {record['generation_median_step_ms']} ms; "
            f"1-min load average {record['load_average']})",
+           "- prefill / time to first token by keep (best of 3): " + "; ".join(
+               f"keep {k['keep']}: prefill {k['prefill_ms']:.1f} ms, TTFT {k['ttft_ms']:.1f} ms" for k in keeps),
            f"- weight-read floor: {lm_bytes / 1e6:.1f} MB LM weights / {record['copy_bandwidth_gbps']} GB/s copy "
            f"bandwidth = {floor_ms:.3f} ms/token ({record['floor_tokens_per_s']} tokens/s); measured "
            f"{100 * record['fraction_of_floor']:.1f} % of it",
