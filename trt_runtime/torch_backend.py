@@ -28,6 +28,7 @@ class TorchGraphRunner(Runner):
     """One export graph module; numpy or torch feeds in, torch tensors on ``device`` out."""
 
     name = "torch"
+    array_api = "torch"  # torch tensors on every device (CPU tests too)
 
     def __init__(self, graph: str, module: torch.nn.Module, input_names: list[str], output_names: list[str],
                  device: str, dtype: torch.dtype):
