@@ -69,6 +69,20 @@ def manifest_model():
         source: Literal["checkpoint", "preset"]
         files: list[str]
 
+    class WeightRef(Strict):
+        """Where one torch tensor lies in an exported graph (vlmx.export.weight_map): the initializer's columns
+        ``[start, end)`` (a fused projection), transposed, reshaped to the tensor's shape."""
+        graph: Literal[GRAPH_NAMES]
+        initializer: str = Field(min_length=1)
+        transpose: bool
+        columns: Optional[list[int]] = Field(min_length=2, max_length=2)
+
+    class Weights(Strict):
+        """The exported weights by torch name (what the torch backend loads) and the model config file."""
+        config: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.json$")
+        tensors: dict[str, WeightRef]
+        unmapped: list[str]
+
     class Manifest(Strict):
         format: Literal[FORMAT]
         format_version: Literal[FORMAT_VERSION]
@@ -90,6 +104,7 @@ def manifest_model():
         reference: Optional[str]
         report: Optional[Report]
         processor: Optional[ProcessorFiles] = None
+        weights: Optional[Weights] = None
         notes: list[str] = []
         files: dict[str, FileEntry]
         versions: dict[str, Optional[str]]

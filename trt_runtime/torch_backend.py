@@ -1,10 +1,11 @@
 """torch backend: the export's own graph modules run in PyTorch, on the GPU with the vlmx kernels.
 
-The model is rebuilt from the manifest (preset, checkpoint, seed) in the export's precision, only when that is the
-exported model (fp32, or fp16 on a GPU; the checkpoint's files unchanged since the export, or seeded random weights
-under the same torch and transformers; never w8a8), prepared with the exporter's family config for
-``--attention plugin`` (every attention is ``vlmx::flash_attention``), and each graph is the same
-:mod:`vlmx.export.graphs` module that was exported, so the outputs line up name for name with the ONNX files.
+The model is built on the meta device from the config the export records (``model_config.json``), prepared with the
+exporter's family config for ``--attention plugin`` (every attention is ``vlmx::flash_attention``), allocated in the
+export's precision (fp32, or fp16 on a GPU; not yet w8a8) and filled with the EXPORTED weights: the ONNX files'
+initializers, by the manifest's weight map (:mod:`vlmx.export.weight_map`). Only the export directory is read, never
+the checkpoint. Each graph is the same :mod:`vlmx.export.graphs` module that was exported, so the outputs line up
+name for name with the ONNX files.
 Tensors stay torch tensors on the device in the model dtype (fp16 on a GPU): no host copy, no upcast. The LM graph
 writes its bound KV-cache buffers in place, and on a GPU its decode step (S_new = 1) is captured once per generation
 in a CUDA graph (:class:`CudaGraphDecode`). On a CPU (tests) the ops run their reference kernels.
@@ -110,62 +111,103 @@ class CudaGraphDecode:
         return self.logits
 
 
-class NotReproducible(ValueError):
-    """The torch backend cannot rebuild the exported model exactly (precision or weights); says why and what to use."""
+class NotRunnable(ValueError):
+    """The torch backend cannot run this export (precision, device, or no weight map); says why and what to use."""
 
 
-def check_reproducible(artifacts, device: str) -> None:
-    """Refuse unless the model rebuilt from the manifest is the exported one: same precision, same weights."""
+OTHER = "use --backend onnxruntime (or tensorrt), which runs the exported graphs themselves"
+
+
+def check_runnable(artifacts, device: str) -> None:
+    """Refuse, before anything is built, an export the torch backend cannot run on ``device``."""
     m = artifacts.manifest
-    other = "use --backend onnxruntime (or tensorrt), which runs the exported graphs themselves"
     if m["precision"] == "w8a8":
-        raise NotReproducible("--backend torch cannot run a --precision w8a8 export: its int8 weights come from "
-                              f"ONNX graph passes the torch model does not have; {other}")
+        raise NotRunnable("--backend torch cannot run a --precision w8a8 export yet: its int8 weights live in "
+                          f"W8A8Linear nodes the torch modules do not load; {OTHER}")
     if m["precision"] == "fp16" and not device.startswith("cuda"):
-        raise NotReproducible("--backend torch runs float16 exports on a CUDA GPU only (none is visible here); "
-                              f"{other}")
-    if m["checkpoint"]:
-        from vlmx.torch_ref.contract import ArtifactError, verify_files
+        raise NotRunnable(f"--backend torch runs float16 exports on a CUDA GPU only (none is visible here); {OTHER}")
+    if not m.get("weights"):
+        raise NotRunnable(f"{artifacts.root} records no map of its weights (exported by an older vlmx), so --backend "
+                          f"torch cannot load them; re-export, or {OTHER}")
 
-        ckpt = Path(m["checkpoint"])
-        try:
-            verify_files(ckpt, m.get("checkpoint_files") or {}, what="the export's record of its checkpoint",
-                         fix=f"its weights changed since the export, so --backend torch would not run the exported "
-                             f"model; re-export, or {other}")
-        except ArtifactError as e:
-            raise NotReproducible(str(e)) from None
-        if not m.get("checkpoint_files"):
-            raise NotReproducible(f"the export records no fingerprint of checkpoint {ckpt}; re-export, or {other}")
-        return
-    from vlmx.torch_ref.contract import versions
 
-    here = versions()
-    changed = [f"{k} {m['versions'].get(k)} -> {here.get(k)}" for k in ("torch", "transformers")
-               if m["versions"].get(k) != here.get(k)]
-    if changed:
-        raise NotReproducible(f"the export's seeded random weights were drawn by other library versions "
-                              f"({', '.join(changed)}), so --backend torch cannot redraw them; {other}")
+def _initializers(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+    """The named initializers of one ONNX file (external data read one tensor at a time)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {i.name: numpy_helper.to_array(i, str(path.parent)) for i in proto.graph.initializer if i.name in names}
+
+
+def load_exported_weights(model: torch.nn.Module, artifacts) -> None:
+    """Fill ``model`` (allocated, uninitialised) with the export's own weights by the manifest's weight map; the
+    tensors no graph reads are zeroed, derived buffers (rotary tables, position ids) recomputed."""
+    from vlmx.export.weights import reset_derived_buffers
+
+    rec = artifacts.manifest["weights"]
+    state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    missing = sorted(set(state) - set(rec["tensors"]) - set(rec["unmapped"]))
+    if missing:
+        raise NotRunnable(f"{artifacts.root}: its weight map lacks {missing[:3]} (of {len(missing)}) of the model "
+                          f"rebuilt from {rec['config']}; re-export, or {OTHER}")
+    with torch.no_grad():
+        for name in rec["unmapped"]:
+            if name in state:
+                state[name].zero_()
+        reset_derived_buffers(model)
+        by_graph: dict[str, dict[str, dict]] = {}
+        for name, ref in rec["tensors"].items():
+            by_graph.setdefault(ref["graph"], {})[name] = ref
+        for graph, refs in by_graph.items():
+            arrays = _initializers(artifacts.graph_path(graph), {r["initializer"] for r in refs.values()})
+            for name, ref in refs.items():
+                a = arrays[ref["initializer"]]
+                if ref["columns"]:
+                    a = a[:, ref["columns"][0]:ref["columns"][1]]
+                a = a.T if ref["transpose"] else a
+                t = state[name]
+                t.copy_(torch.from_numpy(np.array(a)).reshape(t.shape))  # a writable copy; copy_ casts
+
+
+def exported_model(artifacts, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The export's model, built on the meta device from its recorded config, prepared for ``--attention plugin``,
+    allocated on ``device`` in ``dtype`` and filled with the exported weights (no checkpoint is read)."""
+    import json
+
+    from transformers import LlavaConfig
+
+    from vlmx.export.model_configs import family_for
+    from vlmx.torch_ref import models
+
+    m = artifacts.manifest
+    spec = models.get_preset(m["model"])
+    config = LlavaConfig.from_dict(json.loads((artifacts.root / m["weights"]["config"]).read_text()))
+    with torch.device("meta"):
+        model = models.model_class(spec)(config).to(dtype)
+        family_for(spec).prepare(model, "plugin")
+    model.to_empty(device=device)
+    load_exported_weights(model, artifacts)
+    return model.eval()
 
 
 def graph_runners(artifacts, device: str | None = None, **_) -> dict[str, Runner]:
-    """A :class:`TorchGraphRunner` per graph, built from the manifest's preset, checkpoint and seed in the export's
-    precision (refused by :func:`check_reproducible` when that cannot be the exported model)."""
+    """A :class:`TorchGraphRunner` per graph: the export's model rebuilt from its config and weights (refused by
+    :func:`check_runnable` when that cannot run here), each graph the module that was exported."""
     from vlmx.export.model_configs import ExportContext, family_for
     from vlmx.torch_ref import models
 
     m = artifacts.manifest
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_reproducible(artifacts, device)
+    check_runnable(artifacts, device)
     dtype = torch.float32 if m["precision"] == "fp32" else torch.float16
     if device.startswith("cuda") and dtype == torch.float16:
         from .torch_kernels import enable_vlmx_kernels
 
         enable_vlmx_kernels()
     spec = models.get_preset(m["model"])
-    model = models.build_model(spec.name, checkpoint=m.get("checkpoint"), seed=int(m.get("seed", 0)))
     family = family_for(spec)
-    family.prepare(model, "plugin")
-    model.to(device=device, dtype=dtype).eval()
+    model = exported_model(artifacts, device, dtype)
     ctx = ExportContext(model, spec, attention="plugin", dtype=dtype, seed=int(m.get("seed", 0)),
                         max_seq_len=m["model_info"].get("max_seq_len"))
     runners = {}
