@@ -5,7 +5,8 @@ The exporter and the graph passes rename and reshape weights: constant folding t
 initializer ``val_N``, ``fuse_qkv`` concatenates three projections into one ``[K, Nq+Nk+Nv]`` constant, position
 embeddings become ``[1, S, C]``, identical constants are shared. So the map is found by value, in the export dtype,
 right after each graph is written: a torch tensor is an initializer's bytes as they are (any reshape), its
-transpose, or a block of columns of a (fused) 2-D initializer, transposed. Tensors found in no graph are listed as
+transpose, or a block of columns (the last axis) of a fused initializer: a projection's weight, transposed, or its
+bias. Tensors found in no graph are listed as
 ``unmapped`` (weights the exported graphs never read, e.g. the vision layers past the feature layer; the runtime
 zero-fills them). Entry: ``{"graph", "initializer", "transpose", "columns": [start, end] | None}``.
 """
@@ -52,7 +53,7 @@ class WeightMap:
         for init in proto.graph.initializer:
             arr = numpy_helper.to_array(init, base)
             by_digest.setdefault(_digest(arr), init.name)
-            if arr.ndim == 2 and arr.nbytes <= MAX_FUSED_BYTES and init.data_location != onnx.TensorProto.EXTERNAL:
+            if arr.ndim in (1, 2) and arr.nbytes <= MAX_FUSED_BYTES and init.data_location != onnx.TensorProto.EXTERNAL:
                 fusable.append((init.name, arr))
         for t in [*module.parameters(), *module.buffers()]:
             names = self.names.get(id(t))
@@ -69,6 +70,14 @@ class WeightMap:
         name = by_digest.get(_digest(a))
         if name is not None:
             return {"initializer": name, "transpose": False, "columns": None}
+        if a.ndim == 1:  # a bias [N] inside a fused one [Nq + Nk + Nv]
+            for init_name, w in fusable:
+                if w.ndim == 1 and w.shape[0] > a.shape[0] and w.dtype == a.dtype:
+                    for start in np.flatnonzero(w[:w.shape[0] - a.shape[0] + 1] == a[0]):
+                        if np.array_equal(w[start:start + a.shape[0]], a):
+                            return {"initializer": init_name, "transpose": False,
+                                    "columns": [int(start), int(start + a.shape[0])]}
+            return None
         if a.ndim != 2:
             return None
         name = by_digest.get(_digest(a.T))
@@ -76,7 +85,7 @@ class WeightMap:
             return {"initializer": name, "transpose": True, "columns": None}
         n, k = a.shape  # a linear weight [N, K]; a fused initializer holds it as columns [K, start:start + N]
         for init_name, w in fusable:
-            if w.shape[0] != k or w.shape[1] <= n or w.dtype != a.dtype:
+            if w.ndim != 2 or w.shape[0] != k or w.shape[1] <= n or w.dtype != a.dtype:
                 continue
             for start in np.flatnonzero((w == a[0][:, None]).all(axis=0)):
                 if start + n <= w.shape[1] and np.array_equal(w[:, start:start + n], a.T):

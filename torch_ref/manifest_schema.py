@@ -71,7 +71,8 @@ def manifest_model():
 
     class WeightRef(Strict):
         """Where one torch tensor lies in an exported graph (vlmx.export.weight_map): the initializer's columns
-        ``[start, end)`` (a fused projection), transposed, reshaped to the tensor's shape."""
+        ``[start, end)`` along its last axis (a fused projection or bias), transposed, reshaped to the tensor's
+        shape."""
         graph: Literal[GRAPH_NAMES]
         initializer: str = Field(min_length=1)
         transpose: bool

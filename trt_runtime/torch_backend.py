@@ -164,7 +164,7 @@ def load_exported_weights(model: torch.nn.Module, artifacts) -> None:
             for name, ref in refs.items():
                 a = arrays[ref["initializer"]]
                 if ref["columns"]:
-                    a = a[:, ref["columns"][0]:ref["columns"][1]]
+                    a = a[..., ref["columns"][0]:ref["columns"][1]]
                 a = a.T if ref["transpose"] else a
                 t = state[name]
                 t.copy_(torch.from_numpy(np.array(a)).reshape(t.shape))  # a writable copy; copy_ casts
