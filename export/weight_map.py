@@ -8,7 +8,11 @@ right after each graph is written: a torch tensor is an initializer's bytes as t
 transpose, or a block of columns (the last axis) of a fused initializer: a projection's weight, transposed, or its
 bias. Tensors found in no graph are listed as
 ``unmapped`` (weights the exported graphs never read, e.g. the vision layers past the feature layer; the runtime
-zero-fills them). Entry: ``{"graph", "initializer", "transpose", "columns": [start, end] | None}``.
+zero-fills them). The map is per graph (a tensor two graphs read, like LM layer 0's projections in ``score`` and
+``lm``, has an entry in each, and may differ: float in one, int8 in the other). Entry: ``{"initializer",
+"transpose", "columns", "rows", "scale"}``: the tensor is ``initializer[rows][..., columns]``, transposed, reshaped;
+under w8a8 a linear's float weight maps to its W8A8Linear node's int8 ``[N, K]`` weight with its per-channel
+``scale`` (``{"initializer", "columns"}``), which the torch backend loads into a W8A8 module.
 """
 from __future__ import annotations
 
@@ -28,6 +32,23 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a).view(np.uint8).data).hexdigest() + str(a.dtype)
 
 
+def _block(b: np.ndarray, fusable: list, rows: bool = False) -> tuple[str, list[int]] | None:
+    """``(initializer, [start, end])``: ``b`` as a contiguous block along an initializer's last axis (``rows``:
+    its first axis), e.g. one projection of a fused q/k/v weight or bias."""
+    bb = b.T if rows else b
+    n = bb.shape[-1]
+    for name, w in fusable:
+        ww = w.T if rows else w
+        if ww.ndim != bb.ndim or ww.dtype != bb.dtype or ww.shape[:-1] != bb.shape[:-1] or ww.shape[-1] <= n:
+            continue
+        span = ww.shape[-1] - n + 1
+        first = (ww[..., :span] == bb[..., :1]).reshape(-1, span).all(axis=0)
+        for start in np.flatnonzero(first):
+            if np.array_equal(ww[..., start:start + n], bb):
+                return name, [int(start), int(start + n)]
+    return None
+
+
 def model_tensors(model: torch.nn.Module) -> dict[int, list[str]]:
     """``{id(tensor): [every name of it in model]}`` over parameters and buffers (tied weights have several)."""
     names: dict[int, list[str]] = {}
@@ -41,7 +62,7 @@ class WeightMap:
 
     def __init__(self, model: torch.nn.Module):
         self.names = model_tensors(model)
-        self.tensors: dict[str, dict] = {}
+        self.graphs: dict[str, dict[str, dict]] = {}
         self.seen: set[int] = set()
 
     def add(self, graph: str, module: torch.nn.Module, onnx_path: str | Path) -> None:
@@ -55,44 +76,57 @@ class WeightMap:
             by_digest.setdefault(_digest(arr), init.name)
             if arr.ndim in (1, 2) and arr.nbytes <= MAX_FUSED_BYTES and init.data_location != onnx.TensorProto.EXTERNAL:
                 fusable.append((init.name, arr))
+        found = self.graphs.setdefault(graph, {})
         for t in [*module.parameters(), *module.buffers()]:
             names = self.names.get(id(t))
-            if not names or id(t) in self.seen or t.device.type == "meta":
+            if not names or t.device.type == "meta":
                 continue
             entry = self._find(t.detach().cpu().numpy(), by_digest, fusable)
             if entry is not None:
                 self.seen.add(id(t))
                 for n in names:
-                    self.tensors[n] = {"graph": graph, **entry}
+                    found[n] = entry
 
     @staticmethod
     def _find(a: np.ndarray, by_digest: dict, fusable: list) -> dict | None:
+        ref = {"initializer": None, "transpose": False, "columns": None, "rows": None, "scale": None}
         name = by_digest.get(_digest(a))
         if name is not None:
-            return {"initializer": name, "transpose": False, "columns": None}
+            return {**ref, "initializer": name}
         if a.ndim == 1:  # a bias [N] inside a fused one [Nq + Nk + Nv]
-            for init_name, w in fusable:
-                if w.ndim == 1 and w.shape[0] > a.shape[0] and w.dtype == a.dtype:
-                    for start in np.flatnonzero(w[:w.shape[0] - a.shape[0] + 1] == a[0]):
-                        if np.array_equal(w[start:start + a.shape[0]], a):
-                            return {"initializer": init_name, "transpose": False,
-                                    "columns": [int(start), int(start + a.shape[0])]}
-            return None
+            block = _block(a, fusable)
+            return {**ref, "initializer": block[0], "columns": block[1]} if block else None
         if a.ndim != 2:
             return None
-        name = by_digest.get(_digest(a.T))
+        name = by_digest.get(_digest(a.T))  # a linear weight [N, K] as MatMul's [K, N]
         if name is not None:
-            return {"initializer": name, "transpose": True, "columns": None}
-        n, k = a.shape  # a linear weight [N, K]; a fused initializer holds it as columns [K, start:start + N]
-        for init_name, w in fusable:
-            if w.ndim != 2 or w.shape[0] != k or w.shape[1] <= n or w.dtype != a.dtype:
-                continue
-            for start in np.flatnonzero((w == a[0][:, None]).all(axis=0)):
-                if start + n <= w.shape[1] and np.array_equal(w[:, start:start + n], a.T):
-                    return {"initializer": init_name, "transpose": True, "columns": [int(start), int(start + n)]}
-        return None
+            return {**ref, "initializer": name, "transpose": True}
+        block = _block(a.T, fusable)  # ... or as columns of a fused [K, Nq + Nk + Nv]
+        if block:
+            return {**ref, "initializer": block[0], "transpose": True, "columns": block[1]}
+        if not np.issubdtype(a.dtype, np.floating):
+            return None
+        from .passes.insert_quant import quantize_weight  # W8A8Linear's int8 [N, K] and per-channel scale [N]
+
+        wq, ws = quantize_weight(a.T)
+        wq = np.ascontiguousarray(wq.T)
+        name, block = by_digest.get(_digest(wq)), None
+        if name is None:
+            block = _block(wq, fusable, rows=True)  # rows of a fused [Nq + Nk + Nv, K]
+            if block is None:
+                return None
+            name = block[0]
+        scale = by_digest.get(_digest(ws))
+        scale = {"initializer": scale, "columns": None} if scale else None
+        if scale is None:
+            sblock = _block(ws, fusable)
+            scale = {"initializer": sblock[0], "columns": sblock[1]} if sblock else None
+        if scale is None:
+            return None
+        return {**ref, "initializer": name, "rows": block[1] if block else None, "scale": scale}
 
     def to_dict(self, config_file: str) -> dict:
         """The manifest's ``weights`` record; ``unmapped``: names of the model's tensors no graph holds."""
         unmapped = sorted(n for i, ns in self.names.items() if i not in self.seen for n in ns)
-        return {"config": config_file, "tensors": dict(sorted(self.tensors.items())), "unmapped": unmapped}
+        return {"config": config_file, "graphs": {g: dict(sorted(t.items())) for g, t in self.graphs.items()},
+                "unmapped": unmapped}

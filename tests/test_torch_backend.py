@@ -96,8 +96,9 @@ def test_weight_map_covers_every_tensor_the_graphs_read(export):
     m = json.loads((export / "manifest.json").read_text())
     w = m["weights"]
     assert (export / w["config"]).is_file() and w["config"] in m["files"]
-    fused = [n for n, ref in w["tensors"].items() if ref["columns"]]
-    if any("self_attn.q_proj" in n for n in w["tensors"]):  # Llama: fuse_qkv merged q/k/v of the LM layers
+    tensors = {n: ref for refs in w["graphs"].values() for n, ref in refs.items()}
+    fused = [n for n, ref in tensors.items() if ref["columns"]]
+    if any("self_attn.q_proj" in n for n in tensors):  # Llama: fuse_qkv merged q/k/v of the LM layers
         assert any("layers.1.self_attn.k_proj" in n for n in fused), "fused projections must be mapped"
     # only the vision layers past the feature layer (and derived buffers) are absent from every graph
     assert all(n.startswith("model.vision_tower.") for n in w["unmapped"]), w["unmapped"]

@@ -71,17 +71,19 @@ def manifest_model():
 
     class WeightRef(Strict):
         """Where one torch tensor lies in an exported graph (vlmx.export.weight_map): the initializer's columns
-        ``[start, end)`` along its last axis (a fused projection or bias), transposed, reshaped to the tensor's
-        shape."""
-        graph: Literal[GRAPH_NAMES]
+        ``[start, end)`` along its last axis and ``rows`` along its first (a fused projection or bias), transposed,
+        reshaped to the tensor's shape."""
         initializer: str = Field(min_length=1)
         transpose: bool
         columns: Optional[list[int]] = Field(min_length=2, max_length=2)
+        rows: Optional[list[int]] = Field(default=None, min_length=2, max_length=2)
+        #: w8a8: the tensor is a W8A8Linear's int8 weight; its per-channel scale (initializer, columns)
+        scale: Optional[dict[str, Union[str, None, list[int]]]] = None
 
     class Weights(Strict):
-        """The exported weights by torch name (what the torch backend loads) and the model config file."""
+        """The exported weights per graph by torch name (what the torch backend loads), the model config file."""
         config: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.json$")
-        tensors: dict[str, WeightRef]
+        graphs: dict[Literal[GRAPH_NAMES], dict[str, WeightRef]]
         unmapped: list[str]
 
     class Manifest(Strict):

@@ -2,7 +2,8 @@
 
 The model is built on the meta device from the config the export records (``model_config.json``), prepared with the
 exporter's family config for ``--attention plugin`` (every attention is ``vlmx::flash_attention``), allocated in the
-export's precision (fp32, or fp16 on a GPU; not yet w8a8) and filled with the EXPORTED weights: the ONNX files'
+export's precision (fp32, fp16; w8a8: the W8A8Linear nodes' int8 weights and scales in torch_ref W8A8 modules that
+call ``vlmx::quantize_per_token`` / ``vlmx::w8a8_linear``, our CUDA kernels on a GPU) and filled with the EXPORTED weights: the ONNX files'
 initializers, by the manifest's weight map (:mod:`vlmx.export.weight_map`). Only the export directory is read, never
 the checkpoint. Each graph is the same :mod:`vlmx.export.graphs` module that was exported, so the outputs line up
 name for name with the ONNX files.
@@ -119,13 +120,8 @@ OTHER = "use --backend onnxruntime (or tensorrt), which runs the exported graphs
 
 
 def check_runnable(artifacts, device: str) -> None:
-    """Refuse, before anything is built, an export the torch backend cannot run on ``device``."""
+    """Refuse, before anything is built, an export the torch backend cannot run."""
     m = artifacts.manifest
-    if m["precision"] == "w8a8":
-        raise NotRunnable("--backend torch cannot run a --precision w8a8 export yet: its int8 weights live in "
-                          f"W8A8Linear nodes the torch modules do not load; {OTHER}")
-    if m["precision"] == "fp16" and not device.startswith("cuda"):
-        raise NotRunnable(f"--backend torch runs float16 exports on a CUDA GPU only (none is visible here); {OTHER}")
     if not m.get("weights"):
         raise NotRunnable(f"{artifacts.root} records no map of its weights (exported by an older vlmx), so --backend "
                           f"torch cannot load them; re-export, or {OTHER}")
@@ -140,39 +136,59 @@ def _initializers(path: Path, names: set[str]) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i, str(path.parent)) for i in proto.graph.initializer if i.name in names}
 
 
-def load_exported_weights(model: torch.nn.Module, artifacts) -> None:
-    """Fill ``model`` (allocated, uninitialised) with the export's own weights by the manifest's weight map; the
-    tensors no graph reads are zeroed, derived buffers (rotary tables, position ids) recomputed."""
+def _select(arrays: dict, ref: dict) -> np.ndarray:
+    """The tensor a weight-map entry points at: ``initializer[rows][..., columns]``, transposed when it says so."""
+    a = arrays[ref["initializer"]]
+    if ref.get("rows"):
+        a = a[ref["rows"][0]:ref["rows"][1]]
+    if ref.get("columns"):
+        a = a[..., ref["columns"][0]:ref["columns"][1]]
+    return np.array(a.T if ref["transpose"] else a)  # a writable copy
+
+
+def load_exported_weights(model: torch.nn.Module, artifacts) -> dict[str, dict[str, torch.nn.Module]]:
+    """Fill ``model`` (allocated, uninitialised) with the export's own weights by the manifest's weight map: float
+    tensors in place (the ones no graph reads zeroed, derived buffers recomputed). Returns, per graph, the W8A8
+    modules (``vlmx::w8a8_linear`` over the exported int8 weights and scales) that replace float linears there."""
     from vlmx.export.weights import reset_derived_buffers
+    from vlmx.torch_ref.lm_w8a8 import W8A8Linear
 
     rec = artifacts.manifest["weights"]
     state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
-    missing = sorted(set(state) - set(rec["tensors"]) - set(rec["unmapped"]))
+    mapped = {n for refs in rec["graphs"].values() for n in refs}
+    missing = sorted(set(state) - mapped - set(rec["unmapped"]))
     if missing:
         raise NotRunnable(f"{artifacts.root}: its weight map lacks {missing[:3]} (of {len(missing)}) of the model "
                           f"rebuilt from {rec['config']}; re-export, or {OTHER}")
+    quantized: dict[str, dict[str, torch.nn.Module]] = {}
+    out_dtype = "float16" if artifacts.manifest["precision"] != "fp32" else "float32"
     with torch.no_grad():
-        for name in rec["unmapped"]:
-            if name in state:
-                state[name].zero_()
+        for t in state.values():
+            t.zero_()
         reset_derived_buffers(model)
-        by_graph: dict[str, dict[str, dict]] = {}
-        for name, ref in rec["tensors"].items():
-            by_graph.setdefault(ref["graph"], {})[name] = ref
-        for graph, refs in by_graph.items():
-            arrays = _initializers(artifacts.graph_path(graph), {r["initializer"] for r in refs.values()})
+        for graph, refs in rec["graphs"].items():  # a float tensor in two graphs holds the same values in both
+            names = {r["initializer"] for r in refs.values()} | {r["scale"]["initializer"] for r in refs.values()
+                                                                 if r.get("scale")}
+            arrays = _initializers(artifacts.graph_path(graph), names)
             for name, ref in refs.items():
-                a = arrays[ref["initializer"]]
-                if ref["columns"]:
-                    a = a[..., ref["columns"][0]:ref["columns"][1]]
-                a = a.T if ref["transpose"] else a
-                t = state[name]
-                t.copy_(torch.from_numpy(np.array(a)).reshape(t.shape))  # a writable copy; copy_ casts
+                if not ref.get("scale"):
+                    t = state[name]
+                    t.copy_(torch.from_numpy(_select(arrays, ref)).reshape(t.shape))
+            for name, ref in refs.items():
+                if ref.get("scale"):  # after the floats: the W8A8 module takes the linear's (float) bias
+                    path = name.removesuffix(".weight")
+                    linear = model.get_submodule(path)
+                    dev = linear.weight.device
+                    w = torch.from_numpy(_select(arrays, ref)).to(dev)
+                    ws = torch.from_numpy(_select(arrays, {**ref["scale"], "transpose": False})).to(dev)
+                    quantized.setdefault(graph, {})[path] = W8A8Linear.from_quantized(w, ws, linear.bias, out_dtype)
+    return quantized
 
 
-def exported_model(artifacts, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The export's model, built on the meta device from its recorded config, prepared for ``--attention plugin``,
-    allocated on ``device`` in ``dtype`` and filled with the exported weights (no checkpoint is read)."""
+def exported_model(artifacts, device: str, dtype: torch.dtype):
+    """The export's model, built on the meta device from its recorded config, prepared for ``--attention plugin``
+    in the export's precision, allocated on ``device`` in ``dtype`` and filled with the exported weights (no
+    checkpoint is read). Returns ``(model, {graph: {module path: W8A8 module}})``."""
     import json
 
     from transformers import LlavaConfig
@@ -185,15 +201,22 @@ def exported_model(artifacts, device: str, dtype: torch.dtype) -> torch.nn.Modul
     config = LlavaConfig.from_dict(json.loads((artifacts.root / m["weights"]["config"]).read_text()))
     with torch.device("meta"):
         model = models.model_class(spec)(config).to(dtype)
-        family_for(spec).prepare(model, "plugin")
+        family_for(spec).prepare(model, "plugin", m["precision"])
     model.to_empty(device=device)
-    load_exported_weights(model, artifacts)
-    return model.eval()
+    quantized = load_exported_weights(model, artifacts)
+    return model.eval(), quantized
+
+
+def _use(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None:
+    for path, mod in modules.items():
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, mod)
 
 
 def graph_runners(artifacts, device: str | None = None, **_) -> dict[str, Runner]:
-    """A :class:`TorchGraphRunner` per graph: the export's model rebuilt from its config and weights (refused by
-    :func:`check_runnable` when that cannot run here), each graph the module that was exported."""
+    """A :class:`TorchGraphRunner` per graph: the export's model rebuilt from its config and weights, each graph the
+    module that was exported. A linear that one graph runs in int8 and another in float (LM layer 0's projections:
+    ``lm`` and ``score``) is swapped in before that graph's module is built; graph modules hold their parts."""
     from vlmx.export.model_configs import ExportContext, family_for
     from vlmx.torch_ref import models
 
@@ -201,18 +224,32 @@ def graph_runners(artifacts, device: str | None = None, **_) -> dict[str, Runner
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_runnable(artifacts, device)
     dtype = torch.float32 if m["precision"] == "fp32" else torch.float16
-    if device.startswith("cuda") and dtype == torch.float16:
+    if device.startswith("cuda") and dtype == torch.float16:  # fp16 and w8a8 exports
         from .torch_kernels import enable_vlmx_kernels
 
         enable_vlmx_kernels()
     spec = models.get_preset(m["model"])
     family = family_for(spec)
-    model = exported_model(artifacts, device, dtype)
+    model, quantized = exported_model(artifacts, device, dtype)
     ctx = ExportContext(model, spec, attention="plugin", dtype=dtype, seed=int(m.get("seed", 0)),
                         max_seq_len=m["model_info"].get("max_seq_len"))
-    runners = {}
-    for name in m["graphs"]:  # the LM graph's module directly: its export dummies hold S_max-long caches
+    int8 = {p: mod for q in quantized.values() for p, mod in q.items()}
+    # graphs that run in float a linear another graph runs in int8 (score: LM layer 0's q/k) are built first, over
+    # the float modules, which they hold; then every int8 module goes in for the others
+    refs = m["weights"]["graphs"]
+    keeps_float = {g: [p for p in int8 if f"{p}.weight" in refs.get(g, {}) and p not in quantized.get(g, {})]
+                   for g in m["graphs"]}
+    modules = {}
+    for name in sorted(m["graphs"], key=lambda g: not keeps_float[g]):
+        if not keeps_float[name] and int8:
+            _use(model, int8)
+            int8 = {}
         module = family.lm_module(ctx, inplace=True) if name == LM_GRAPH else getattr(family, f"{name}_graph")(ctx).module
-        runners[name] = TorchGraphRunner(name, module.to(device), artifacts.input_names(name),
-                                         artifacts.output_names(name), device, dtype)
-    return runners
+        modules[name] = module
+    for name, paths in keeps_float.items():
+        held = {id(sub) for sub in modules[name].modules()}
+        if any(id(model.get_submodule(p)) in held for p in paths):
+            raise NotRunnable(f"--backend torch: the {name} graph reaches {paths[0]} through the model, so it cannot "
+                              f"keep it in float while another graph runs it in int8; {OTHER}")
+    return {name: TorchGraphRunner(name, modules[name].to(device), artifacts.input_names(name),
+                                   artifacts.output_names(name), device, dtype) for name in m["graphs"]}
