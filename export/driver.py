@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmx.torch_ref.contract import (GRAPH_NAMES, PRECISIONS, PRUNE_METHODS, QUANT_GRAPHS, checkpoint_table,
-                                    graph_entry, is_export_dir, write_manifest)
+from vlmx.torch_ref.contract import (GRAPH_NAMES, MODEL_CONFIG, PRECISIONS, PRUNE_METHODS, QUANT_GRAPHS,
+                                    checkpoint_table, graph_entry, is_export_dir, write_manifest)
 from vlmx.torch_ref.outdir import atomic_output, check_out
 
 from . import hf_attention
@@ -28,6 +28,7 @@ from .passes.cleanup import cleanup
 from .passes.insert_quant import skip_nodes
 from .passes.insert_quant_streamed import insert_quant_streamed
 from .processor_files import write_processor_files
+from .weight_map import WeightMap
 from .weights import LARGE_MODEL_BYTES, random_model, weight_bytes_estimate
 
 #: Sidecar with the language model's SmoothQuant plan (alpha per group, calibrated errors, skip list) under w8a8.
@@ -156,7 +157,9 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
             model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
         # before prepare(): calibration runs the language model's layers with their own attention
         lm_plan = family.smooth_language_model(model, opts.precision, skip=opts.lm_skip)  # w8a8, else None
+        (tmp / MODEL_CONFIG).write_text(model.config.to_json_string())  # before prepare sets attention
         family.prepare(model, opts.attention, opts.precision)
+        weight_map = WeightMap(model)
         ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed, max_seq_len=opts.max_seq_len)
         ref_graphs = reference_graphs(family, ctx, same_dtype=large)
         ref_fp32 = opts.dtype == torch.float32 or not large
@@ -180,6 +183,7 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
             used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
             entries[g.name] = graph_entry(path, g.manifest_axes, g.profile, g.profiles)
             entries[g.name]["passes"] = applied.get(g.name, [])
+            weight_map.add(g.name, g.module, path)
             if g.name == "vision":
                 vision_module = ref.module
     notes = [f"{g}: weights streamed to external data, so its linear layers stay float (insert_quant needs "
@@ -192,7 +196,8 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
         (tmp / LM_W8A8_FILE).write_text(json.dumps(lm_plan.to_dict(), indent=1) + "\n")
         notes.append(f"language model: SmoothQuant on {lm_plan.tokens} calibration tokens; "
                      f"{len(lm_plan.skip)} linears kept float ({LM_W8A8_FILE})")
-    del model, ctx, ref_graphs, g, ref  # the report's ONNX Runtime sessions need the memory
+    weights = weight_map.to_dict(MODEL_CONFIG)
+    del model, ctx, ref_graphs, g, ref, weight_map  # the report's ONNX Runtime sessions need the memory
     gc.collect()
     with progress.stage("reference + report"):
         np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
@@ -213,6 +218,7 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
                   "attention": opts.attention, "opset": opset, "keep": opts.keep, "prune": opts.prune,
                   "seed": opts.seed, "plugins_only": opts.plugins_only, "ops_used": sorted(used),
                   "model_info": info, "processor": processor, "graphs": entries, "reference": "reference.npz",
+                  "weights": weights,
                   "report": {"passed": report["passed"], "file": "report.json"} if report else None,
                   "notes": notes}
         manifest = write_manifest(tmp, fields)

@@ -55,13 +55,21 @@ def materialize(parts: list[nn.Module], seed: int) -> None:
                     p.zero_()
                 else:
                     _fill(p, gen)
-            for mod in sub.modules():
-                if hasattr(mod, "inv_freq"):  # rotary tables (non-persistent buffers come back uninitialised)
-                    fresh = type(mod)(mod.config)
-                    mod.inv_freq = fresh.inv_freq
-                    mod.original_inv_freq = fresh.original_inv_freq
-                if isinstance(getattr(mod, "position_ids", None), torch.Tensor):
-                    mod.position_ids = torch.arange(mod.position_ids.shape[-1]).expand((1, -1))
+            reset_derived_buffers(sub)
+
+
+def reset_derived_buffers(module: nn.Module) -> None:
+    """Recompute the buffers a module derives from its config (rotary ``inv_freq`` tables, ``position_ids``):
+    after ``to_empty`` they hold garbage. Each stays on its own device."""
+    for mod in module.modules():
+        if hasattr(mod, "inv_freq"):
+            dev = mod.inv_freq.device
+            fresh = type(mod)(mod.config)
+            mod.inv_freq = fresh.inv_freq.to(dev)
+            mod.original_inv_freq = fresh.original_inv_freq.to(dev)
+        if isinstance(getattr(mod, "position_ids", None), torch.Tensor):
+            ids = mod.position_ids
+            mod.position_ids = torch.arange(ids.shape[-1], device=ids.device).expand((1, -1))
 
 
 def random_model(spec, seed: int = 0, dtype: torch.dtype = torch.float16, parts=None, text_layers=None):

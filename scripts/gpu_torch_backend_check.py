@@ -18,7 +18,7 @@ from PIL import Image
 
 from vlmx.export.cli import main as export_main
 from vlmx.trt_runtime.pipeline import VLMPipeline
-from vlmx.trt_runtime.torch_backend import NotReproducible
+from vlmx.trt_runtime.torch_backend import NotRunnable
 
 OUT = Path(os.environ.get("OUT", "build/gpu_torch_backend_check"))
 PROMPT = "What is shown in this picture?"
@@ -39,7 +39,7 @@ def main() -> int:
             try:
                 with VLMPipeline(export, backend=backend) as pipe:
                     row[backend] = pipe.generate(image, PROMPT, keep=0.5, max_new_tokens=8).tokens
-            except NotReproducible as e:
+            except NotRunnable as e:
                 row[backend] = f"refused: {e}"
         row["agree"] = row["onnxruntime"] == row["torch"]
         results[precision] = row

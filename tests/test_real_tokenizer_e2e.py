@@ -129,8 +129,6 @@ def test_processor_needs_neither_torch_nor_transformers(export_dir, image_path, 
     assert got["text"] == "Ünïcödé 🎉 日本"
 
 
-@pytest.mark.xfail(strict=True, reason="the pipeline (issue 11) hands torch tensors between stages and samples with "
-                                        "torch, so vlm-run on onnxruntime still imports torch; the processor does not")
 def test_vlm_run_needs_neither_torch_nor_transformers(export_dir, image_path, checkpoint):
     """The onnxruntime backend runs the export with torch, transformers and onnx unimportable."""
     run = blocked_python(RUN, "--artifacts", str(export_dir), "--image", str(image_path), "--prompt", PROMPTS[1],

@@ -30,6 +30,9 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 REFERENCE = "reference.npz"
 REPORT_JSON = "report.json"
+#: The model's transformers config (JSON), from which the torch backend rebuilds the modules the exported weights
+#: load into (manifest ``weights``).
+MODEL_CONFIG = "model_config.json"
 
 PRECISIONS = ("fp16", "w8a8", "fp32")
 PRUNE_METHODS = ("text", "cls")

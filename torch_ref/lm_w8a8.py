@@ -58,6 +58,21 @@ class W8A8Linear(nn.Module):
         self.inner = W8A8OF16LinearDynamicInputScale.from_linear(linear, out_dtype=out)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    @classmethod
+    def from_quantized(cls, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                       out_dtype: str) -> "W8A8Linear":
+        """From an int8 weight ``[N, K]`` and its per-channel scale ``[N]`` as an export holds them (the torch
+        backend loading a W8A8Linear node's initializers)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        n, k = weight.shape
+        self.inner = W8A8OF16LinearDynamicInputScale(k, n, bias is not None, out_dtype, device=weight.device)
+        self.inner.weight, self.inner.w_scale = weight.to(torch.int8), w_scale.float()
+        if bias is not None:
+            self.inner.bias = bias.to(getattr(torch, out_dtype))
+        self.in_features, self.out_features = k, n
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, s = torch.ops.vlmx.quantize_per_token(x)
         return self.inner(q, s).to(x.dtype)

@@ -69,6 +69,23 @@ def manifest_model():
         source: Literal["checkpoint", "preset"]
         files: list[str]
 
+    class WeightRef(Strict):
+        """Where one torch tensor lies in an exported graph (vlmx.export.weight_map): the initializer's columns
+        ``[start, end)`` along its last axis and ``rows`` along its first (a fused projection or bias), transposed,
+        reshaped to the tensor's shape."""
+        initializer: str = Field(min_length=1)
+        transpose: bool
+        columns: Optional[list[int]] = Field(min_length=2, max_length=2)
+        rows: Optional[list[int]] = Field(default=None, min_length=2, max_length=2)
+        #: w8a8: the tensor is a W8A8Linear's int8 weight; its per-channel scale (initializer, columns)
+        scale: Optional[dict[str, Union[str, None, list[int]]]] = None
+
+    class Weights(Strict):
+        """The exported weights per graph by torch name (what the torch backend loads), the model config file."""
+        config: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.json$")
+        graphs: dict[Literal[GRAPH_NAMES], dict[str, WeightRef]]
+        unmapped: list[str]
+
     class Manifest(Strict):
         format: Literal[FORMAT]
         format_version: Literal[FORMAT_VERSION]
@@ -90,6 +107,7 @@ def manifest_model():
         reference: Optional[str]
         report: Optional[Report]
         processor: Optional[ProcessorFiles] = None
+        weights: Optional[Weights] = None
         notes: list[str] = []
         files: dict[str, FileEntry]
         versions: dict[str, Optional[str]]

@@ -152,11 +152,13 @@ def check_build_memory(manifest: dict, card: str | None, sm: int, verbose: bool 
 
 def check_runtime_memory(artifacts_dir, backend: str, verbose: bool = True) -> MemoryPlan | None:
     """``vlm-run``: before loading anything, the plan against the free memory of the GPU (None without one)."""
+    if backend == "onnxruntime" and not _ort_cuda():
+        return None  # host memory only: nothing to plan (and no torch to import)
     try:
         import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
+    except ImportError:  # the runtime-only install ([runtime]) has no torch: no GPU plan
         return None
-    if not torch.cuda.is_available() or backend == "onnxruntime" and not _ort_cuda():
+    if not torch.cuda.is_available():
         return None
     import json
     from pathlib import Path

@@ -2,7 +2,8 @@
 then decode steps) over a fixed-size KV cache, streaming tokens.
 
 Every stage is a graph of the export run by one backend's runners (:mod:`vlmx.trt_runtime.runner`). Stages hand
-each other torch tensors (on GPU backends: on the device, never through numpy); the host sees token ids only. Per
+each other the backend's own arrays (:mod:`vlmx.trt_runtime.arrays`: numpy on the CPU, where torch is never
+imported; device tensors on GPU backends, never through numpy); the host sees token ids only. Per
 generation the LM's KV cache ([1, H_kv, S_max, D] per layer), its logits and the decode-step embedding buffers are
 allocated once and bound (cache as both ``past.*`` and ``present.*``); a decode step then feeds one token id and the
 length of a view of a preallocated attention mask. Text goes through one seam: the export's own processor
@@ -16,15 +17,15 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from vlmx.torch_ref.contract import KV_PAST, KV_PRESENT, LM_GRAPH, PRUNE_METHODS, kv_names
 from vlmx.torch_ref.keep_rule import keep_count
 
+from .arrays import array_ops
 from .artifacts import Artifacts, load_artifacts
 from .processor import Processor
 from .runner import DEFAULT_BACKEND, graph_runners
-from .sampling import Sampler, Sampling
+from .sampling import Sampling
 
 
 class PipelineError(ValueError):
@@ -105,11 +106,6 @@ class Generation:
         return self.result
 
 
-def _t(x) -> torch.Tensor:
-    """A torch view of a runner output (numpy arrays are wrapped without a copy)."""
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-
-
 class VLMPipeline:
     """Runs an export directory end to end on one backend (``onnxruntime``, ``tensorrt`` or ``torch``).
 
@@ -135,7 +131,7 @@ class VLMPipeline:
         for r in self.runners.values():
             r.activate()
         self.lm = self.runners[LM_GRAPH]
-        self.device = torch.device("cuda") if self.lm.device_io else torch.device("cpu")
+        self.arrays = array_ops(self.lm)
         self.cuda_graph = cuda_graph
         self.kv_dtype = next(i["dtype"] for i in self.artifacts.graph(LM_GRAPH)["inputs"]
                              if i["name"] == kv_names(KV_PAST, 1)[0])
@@ -161,9 +157,8 @@ class VLMPipeline:
             raise PipelineError("--prompt must be a non-empty string")
         return self.processor.prompt_ids(prompt)
 
-    def _embed(self, ids) -> torch.Tensor:
-        ids = _t(ids).reshape(1, -1)
-        return _t(self.runners["embed"].infer({"input_ids": ids})["inputs_embeds"])
+    def _embed(self, ids):
+        return self.runners["embed"].infer({"input_ids": self.arrays.tokens(ids)})["inputs_embeds"]
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse, before any work, a generation that cannot fit the KV cache (S_max)."""
@@ -230,14 +225,15 @@ class VLMPipeline:
         self._vision_done = time.perf_counter()
         feats = vis["image_features"]
         prefix_emb, suffix_emb = self._embed(prefix), self._embed(suffix)
+        a = self.arrays
         if self.prune == "cls":
-            scores = _t(vis["cls_attention"]).float()
+            scores = vis["cls_attention"]
         else:
-            text = torch.cat([prefix_emb, suffix_emb], dim=1)
-            scores = _t(self.runners["score"].infer({"text_embeds": text, "image_features": feats})["scores"])
-        pr = self.runners["prune"].infer({"image_features": feats, "scores": scores.float(),
-                                         "keep": torch.tensor([k], dtype=torch.int64)})
-        return _t(pr["kept_features"]), _t(pr["kept_index"]), prefix_emb, suffix_emb
+            text = a.concat([prefix_emb, suffix_emb], axis=1)
+            scores = self.runners["score"].infer({"text_embeds": text, "image_features": feats})["scores"]
+        pr = self.runners["prune"].infer({"image_features": feats, "scores": a.float32(scores),
+                                         "keep": a.index([k])})
+        return pr["kept_features"], pr["kept_index"], prefix_emb, suffix_emb
 
     def _generate(self, image, prefix, suffix, k, max_new_tokens, sampling, stop):
         t = Timings()
@@ -247,14 +243,14 @@ class VLMPipeline:
         kept, kept_index, prefix_emb, suffix_emb = self._visual(pixel_values, prefix, suffix, k)
         n_vis = int(self.artifacts.info["num_image_tokens"])
         t2 = time.perf_counter()
-        embeds = torch.cat([prefix_emb, kept.to(prefix_emb.dtype), suffix_emb], dim=1)
+        embeds = self.arrays.concat([prefix_emb, kept, suffix_emb], axis=1)
         self.runners["embed"].unbind()
         self.lm.unbind()
         bufs = self._bind_lm()
         mask, length = bufs["mask"], embeds.shape[1]
-        sampler = Sampler(sampling, self.device)
+        sampler = self.arrays.sampler(sampling)
         out = self.lm.infer({"inputs_embeds": embeds, "attention_mask": mask[:, :length]})
-        token = sampler(_t(out["logits"])[:, -1])
+        token = sampler(out["logits"][:, -1])
         t3 = time.perf_counter()
         decode = self._decode_fn(embeds.shape[-1])
         tokens, text, emitted, reason = [], "", 0, "length"
@@ -284,7 +280,7 @@ class VLMPipeline:
             step_start = time.perf_counter()
             length += 1
             logits = decode(token, length, mask)
-            token = sampler(_t(logits)[:, -1])
+            token = sampler(logits[:, -1])
         if reason != "length":  # the EOS / stop token itself, with any text held back for stop matching
             yield Token(tokens[-1], text[emitted:], len(tokens) - 1)
         t4 = time.perf_counter()
@@ -294,7 +290,7 @@ class VLMPipeline:
         t.prune_ms = 1e3 * (t2 - self._vision_done)  # text embeddings, scoring and top-k
         t.prefill_ms, t.ttft_ms = 1e3 * (t3 - t2), 1e3 * (t3 - t0)
         t.decode_ms, t.decode_tokens = 1e3 * (t4 - t3), len(tokens) - 1
-        return GenerationResult(tokens, text, kept_index.cpu().numpy(), n_vis, t, reason,
+        return GenerationResult(tokens, text, self.arrays.host(kept_index), n_vis, t, reason,
                                 prompt_tokens=int(embeds.shape[1]))
 
     def _decode_fn(self, hidden: int):
@@ -306,7 +302,7 @@ class VLMPipeline:
             graph = capture(batch=1, hidden=hidden, s_max=self.max_seq_len, num_layers=self.num_layers)
 
             def step_graph(token, length, mask):
-                return graph(_t(embed.infer({"input_ids": token.view(1, 1)})["inputs_embeds"]), length)
+                return graph(embed.infer({"input_ids": token.view(1, 1)})["inputs_embeds"], length)
 
             return step_graph
         step_emb = self.lm.alloc("inputs_embeds", (1, 1, hidden), self.kv_dtype)
@@ -314,7 +310,7 @@ class VLMPipeline:
         self.lm.bind({"inputs_embeds": step_emb})
 
         def step(token, length, mask):
-            embed.infer({"input_ids": token.view(1, 1)})
+            embed.infer({"input_ids": token.reshape(1, 1)})
             return self.lm.infer({"attention_mask": mask[:, :length]})["logits"]
 
         return step

@@ -22,10 +22,7 @@ The TensorRT runner implements the same three methods (issue 12): ``bind`` sets 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Mapping
-
-if TYPE_CHECKING:
-    import numpy as np
+from typing import Mapping
 
 BACKENDS = {
     "onnxruntime": "vlmx.trt_runtime.ort_backend",
@@ -41,6 +38,12 @@ class Runner:
     name = "runner"
     #: True when ``infer`` returns torch tensors on a GPU (stages then never see host memory)
     device_io = False
+
+    @property
+    def array_api(self) -> str:
+        """The array library of this runner's outputs and buffers (:mod:`vlmx.trt_runtime.arrays`): ``torch`` for
+        device tensors, ``numpy`` for host arrays."""
+        return "torch" if self.device_io else "numpy"
 
     def __init__(self):
         self.is_active = False
@@ -66,6 +69,8 @@ class Runner:
 
     def alloc(self, name: str, shape, dtype) -> object:
         """A zero-filled buffer this runner binds without a copy (CPU runners: numpy)."""
+        import numpy as np
+
         return np.zeros(tuple(shape), dtype=np.dtype(dtype))
 
     def check_feed(self, feed: Mapping, names: list[str], what: str) -> None:

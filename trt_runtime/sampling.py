@@ -1,10 +1,14 @@
 """Next-token choice: greedy, or temperature / top-k / top-p sampling from a seeded generator (same seed, same
-tokens). Runs on the logits' device; only the chosen id crosses to the host."""
+tokens). :class:`NumpySampler` works on host logits (CPU backends: no torch); the torch backend and GPU backends use
+:class:`vlmx.trt_runtime.torch_sampling.TorchSampler`, which runs on the logits' device so that only the chosen id
+crosses to the host. Both apply the same filters (:func:`allowed`); their random streams differ, so one seed gives
+reproducible tokens per sampler, not the same tokens on a numpy and a torch backend (greedy is identical).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -31,32 +35,43 @@ class Sampling:
         return self.temperature == 0
 
 
-class Sampler:
-    """Picks one token per row from float logits [B, V] (a torch tensor on any device)."""
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
-    def __init__(self, params: Sampling, device="cpu"):
+
+def allowed(logits: np.ndarray, p: Sampling) -> np.ndarray:
+    """Tempered logits [B, V] (float32) with the tokens top-k / top-p filter out set to -inf.
+
+    top-k keeps the k largest (ties with the k-th kept); top-p keeps the most likely tokens until their mass
+    reaches ``top_p``, the token that crosses it included."""
+    x = np.asarray(logits, dtype=np.float32) / np.float32(p.temperature)
+    if p.top_k:
+        at = x.shape[-1] - min(p.top_k, x.shape[-1])  # the k-th largest value sits here once partitioned
+        kth = np.partition(x, at, axis=-1)[..., at:at + 1]
+        x = np.where(x < kth, np.float32(-np.inf), x)
+    if p.top_p < 1.0:
+        order = np.argsort(-x, axis=-1, kind="stable")
+        probs = _softmax(np.take_along_axis(x, order, axis=-1))
+        drop_sorted = np.cumsum(probs, axis=-1) - probs > p.top_p
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        x = np.where(drop, np.float32(-np.inf), x)
+    return x
+
+
+class NumpySampler:
+    """Picks one token per row from float logits [B, V] on the host (numpy ``Generator``, PCG64)."""
+
+    def __init__(self, params: Sampling):
         self.params = params.check()
-        self.generator = None
-        if not params.greedy:
-            self.generator = torch.Generator(device=device)
-            if params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(int(params.seed))
+        self.rng = None if params.greedy else np.random.default_rng(params.seed)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        logits = logits.float()
-        if p.greedy:
-            return logits.argmax(dim=-1)
-        logits = logits / p.temperature
-        if p.top_k:
-            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-            drop = cum - torch.softmax(sorted_logits, dim=-1) > p.top_p  # keep the token that crosses top_p
-            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+    def __call__(self, logits) -> np.ndarray:
+        logits = np.asarray(logits, dtype=np.float32)
+        if self.params.greedy:
+            return logits.argmax(axis=-1)
+        probs = _softmax(allowed(logits, self.params).astype(np.float64))
+        cdf = np.cumsum(probs, axis=-1)
+        u = self.rng.random((logits.shape[0], 1)) * cdf[:, -1:]
+        return np.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1).astype(np.int64)

@@ -1,10 +1,12 @@
 """torch backend: the export's own graph modules run in PyTorch, on the GPU with the vlmx kernels.
 
-The model is rebuilt from the manifest (preset, checkpoint, seed) in the export's precision, only when that is the
-exported model (fp32, or fp16 on a GPU; the checkpoint's files unchanged since the export, or seeded random weights
-under the same torch and transformers; never w8a8), prepared with the exporter's family config for
-``--attention plugin`` (every attention is ``vlmx::flash_attention``), and each graph is the same
-:mod:`vlmx.export.graphs` module that was exported, so the outputs line up name for name with the ONNX files.
+The model is built on the meta device from the config the export records (``model_config.json``), prepared with the
+exporter's family config for ``--attention plugin`` (every attention is ``vlmx::flash_attention``), allocated in the
+export's precision (fp32, fp16; w8a8: the W8A8Linear nodes' int8 weights and scales in torch_ref W8A8 modules that
+call ``vlmx::quantize_per_token`` / ``vlmx::w8a8_linear``, our CUDA kernels on a GPU) and filled with the EXPORTED weights: the ONNX files'
+initializers, by the manifest's weight map (:mod:`vlmx.export.weight_map`). Only the export directory is read, never
+the checkpoint. Each graph is the same :mod:`vlmx.export.graphs` module that was exported, so the outputs line up
+name for name with the ONNX files.
 Tensors stay torch tensors on the device in the model dtype (fp16 on a GPU): no host copy, no upcast. The LM graph
 writes its bound KV-cache buffers in place, and on a GPU its decode step (S_new = 1) is captured once per generation
 in a CUDA graph (:class:`CudaGraphDecode`). On a CPU (tests) the ops run their reference kernels.
@@ -28,6 +30,7 @@ class TorchGraphRunner(Runner):
     """One export graph module; numpy or torch feeds in, torch tensors on ``device`` out."""
 
     name = "torch"
+    array_api = "torch"  # torch tensors on every device (CPU tests too)
 
     def __init__(self, graph: str, module: torch.nn.Module, input_names: list[str], output_names: list[str],
                  device: str, dtype: torch.dtype):
@@ -109,67 +112,144 @@ class CudaGraphDecode:
         return self.logits
 
 
-class NotReproducible(ValueError):
-    """The torch backend cannot rebuild the exported model exactly (precision or weights); says why and what to use."""
+class NotRunnable(ValueError):
+    """The torch backend cannot run this export (precision, device, or no weight map); says why and what to use."""
 
 
-def check_reproducible(artifacts, device: str) -> None:
-    """Refuse unless the model rebuilt from the manifest is the exported one: same precision, same weights."""
+OTHER = "use --backend onnxruntime (or tensorrt), which runs the exported graphs themselves"
+
+
+def check_runnable(artifacts, device: str) -> None:
+    """Refuse, before anything is built, an export the torch backend cannot run."""
     m = artifacts.manifest
-    other = "use --backend onnxruntime (or tensorrt), which runs the exported graphs themselves"
-    if m["precision"] == "w8a8":
-        raise NotReproducible("--backend torch cannot run a --precision w8a8 export: its int8 weights come from "
-                              f"ONNX graph passes the torch model does not have; {other}")
-    if m["precision"] == "fp16" and not device.startswith("cuda"):
-        raise NotReproducible("--backend torch runs float16 exports on a CUDA GPU only (none is visible here); "
-                              f"{other}")
-    if m["checkpoint"]:
-        from vlmx.torch_ref.contract import ArtifactError, verify_files
+    if not m.get("weights"):
+        raise NotRunnable(f"{artifacts.root} records no map of its weights (exported by an older vlmx), so --backend "
+                          f"torch cannot load them; re-export, or {OTHER}")
 
-        ckpt = Path(m["checkpoint"])
-        try:
-            verify_files(ckpt, m.get("checkpoint_files") or {}, what="the export's record of its checkpoint",
-                         fix=f"its weights changed since the export, so --backend torch would not run the exported "
-                             f"model; re-export, or {other}")
-        except ArtifactError as e:
-            raise NotReproducible(str(e)) from None
-        if not m.get("checkpoint_files"):
-            raise NotReproducible(f"the export records no fingerprint of checkpoint {ckpt}; re-export, or {other}")
-        return
-    from vlmx.torch_ref.contract import versions
 
-    here = versions()
-    changed = [f"{k} {m['versions'].get(k)} -> {here.get(k)}" for k in ("torch", "transformers")
-               if m["versions"].get(k) != here.get(k)]
-    if changed:
-        raise NotReproducible(f"the export's seeded random weights were drawn by other library versions "
-                              f"({', '.join(changed)}), so --backend torch cannot redraw them; {other}")
+def _initializers(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+    """The named initializers of one ONNX file (external data read one tensor at a time)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {i.name: numpy_helper.to_array(i, str(path.parent)) for i in proto.graph.initializer if i.name in names}
+
+
+def _select(arrays: dict, ref: dict) -> np.ndarray:
+    """The tensor a weight-map entry points at: ``initializer[rows][..., columns]``, transposed when it says so."""
+    a = arrays[ref["initializer"]]
+    if ref.get("rows"):
+        a = a[ref["rows"][0]:ref["rows"][1]]
+    if ref.get("columns"):
+        a = a[..., ref["columns"][0]:ref["columns"][1]]
+    return np.array(a.T if ref["transpose"] else a)  # a writable copy
+
+
+def load_exported_weights(model: torch.nn.Module, artifacts) -> dict[str, dict[str, torch.nn.Module]]:
+    """Fill ``model`` (allocated, uninitialised) with the export's own weights by the manifest's weight map: float
+    tensors in place (the ones no graph reads zeroed, derived buffers recomputed). Returns, per graph, the W8A8
+    modules (``vlmx::w8a8_linear`` over the exported int8 weights and scales) that replace float linears there."""
+    from vlmx.export.weights import reset_derived_buffers
+    from vlmx.torch_ref.lm_w8a8 import W8A8Linear
+
+    rec = artifacts.manifest["weights"]
+    state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    mapped = {n for refs in rec["graphs"].values() for n in refs}
+    missing = sorted(set(state) - mapped - set(rec["unmapped"]))
+    if missing:
+        raise NotRunnable(f"{artifacts.root}: its weight map lacks {missing[:3]} (of {len(missing)}) of the model "
+                          f"rebuilt from {rec['config']}; re-export, or {OTHER}")
+    quantized: dict[str, dict[str, torch.nn.Module]] = {}
+    out_dtype = "float16" if artifacts.manifest["precision"] != "fp32" else "float32"
+    with torch.no_grad():
+        for t in state.values():
+            t.zero_()
+        reset_derived_buffers(model)
+        for graph, refs in rec["graphs"].items():  # a float tensor in two graphs holds the same values in both
+            names = {r["initializer"] for r in refs.values()} | {r["scale"]["initializer"] for r in refs.values()
+                                                                 if r.get("scale")}
+            arrays = _initializers(artifacts.graph_path(graph), names)
+            for name, ref in refs.items():
+                if not ref.get("scale"):
+                    t = state[name]
+                    t.copy_(torch.from_numpy(_select(arrays, ref)).reshape(t.shape))
+            for name, ref in refs.items():
+                if ref.get("scale"):  # after the floats: the W8A8 module takes the linear's (float) bias
+                    path = name.removesuffix(".weight")
+                    linear = model.get_submodule(path)
+                    dev = linear.weight.device
+                    w = torch.from_numpy(_select(arrays, ref)).to(dev)
+                    ws = torch.from_numpy(_select(arrays, {**ref["scale"], "transpose": False})).to(dev)
+                    quantized.setdefault(graph, {})[path] = W8A8Linear.from_quantized(w, ws, linear.bias, out_dtype)
+    return quantized
+
+
+def exported_model(artifacts, device: str, dtype: torch.dtype):
+    """The export's model, built on the meta device from its recorded config, prepared for ``--attention plugin``
+    in the export's precision, allocated on ``device`` in ``dtype`` and filled with the exported weights (no
+    checkpoint is read). Returns ``(model, {graph: {module path: W8A8 module}})``."""
+    import json
+
+    from transformers import LlavaConfig
+
+    from vlmx.export.model_configs import family_for
+    from vlmx.torch_ref import models
+
+    m = artifacts.manifest
+    spec = models.get_preset(m["model"])
+    config = LlavaConfig.from_dict(json.loads((artifacts.root / m["weights"]["config"]).read_text()))
+    with torch.device("meta"):
+        model = models.model_class(spec)(config).to(dtype)
+        family_for(spec).prepare(model, "plugin", m["precision"])
+    model.to_empty(device=device)
+    quantized = load_exported_weights(model, artifacts)
+    return model.eval(), quantized
+
+
+def _use(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None:
+    for path, mod in modules.items():
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, mod)
 
 
 def graph_runners(artifacts, device: str | None = None, **_) -> dict[str, Runner]:
-    """A :class:`TorchGraphRunner` per graph, built from the manifest's preset, checkpoint and seed in the export's
-    precision (refused by :func:`check_reproducible` when that cannot be the exported model)."""
+    """A :class:`TorchGraphRunner` per graph: the export's model rebuilt from its config and weights, each graph the
+    module that was exported. A linear that one graph runs in int8 and another in float (LM layer 0's projections:
+    ``lm`` and ``score``) is swapped in before that graph's module is built; graph modules hold their parts."""
     from vlmx.export.model_configs import ExportContext, family_for
     from vlmx.torch_ref import models
 
     m = artifacts.manifest
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_reproducible(artifacts, device)
+    check_runnable(artifacts, device)
     dtype = torch.float32 if m["precision"] == "fp32" else torch.float16
-    if device.startswith("cuda") and dtype == torch.float16:
+    if device.startswith("cuda") and dtype == torch.float16:  # fp16 and w8a8 exports
         from .torch_kernels import enable_vlmx_kernels
 
         enable_vlmx_kernels()
     spec = models.get_preset(m["model"])
-    model = models.build_model(spec.name, checkpoint=m.get("checkpoint"), seed=int(m.get("seed", 0)))
     family = family_for(spec)
-    family.prepare(model, "plugin")
-    model.to(device=device, dtype=dtype).eval()
+    model, quantized = exported_model(artifacts, device, dtype)
     ctx = ExportContext(model, spec, attention="plugin", dtype=dtype, seed=int(m.get("seed", 0)),
                         max_seq_len=m["model_info"].get("max_seq_len"))
-    runners = {}
-    for name in m["graphs"]:  # the LM graph's module directly: its export dummies hold S_max-long caches
+    int8 = {p: mod for q in quantized.values() for p, mod in q.items()}
+    # graphs that run in float a linear another graph runs in int8 (score: LM layer 0's q/k) are built first, over
+    # the float modules, which they hold; then every int8 module goes in for the others
+    refs = m["weights"]["graphs"]
+    keeps_float = {g: [p for p in int8 if f"{p}.weight" in refs.get(g, {}) and p not in quantized.get(g, {})]
+                   for g in m["graphs"]}
+    modules = {}
+    for name in sorted(m["graphs"], key=lambda g: not keeps_float[g]):
+        if not keeps_float[name] and int8:
+            _use(model, int8)
+            int8 = {}
         module = family.lm_module(ctx, inplace=True) if name == LM_GRAPH else getattr(family, f"{name}_graph")(ctx).module
-        runners[name] = TorchGraphRunner(name, module.to(device), artifacts.input_names(name),
-                                         artifacts.output_names(name), device, dtype)
-    return runners
+        modules[name] = module
+    for name, paths in keeps_float.items():
+        held = {id(sub) for sub in modules[name].modules()}
+        if any(id(model.get_submodule(p)) in held for p in paths):
+            raise NotRunnable(f"--backend torch: the {name} graph reaches {paths[0]} through the model, so it cannot "
+                              f"keep it in float while another graph runs it in int8; {OTHER}")
+    return {name: TorchGraphRunner(name, modules[name].to(device), artifacts.input_names(name),
+                                   artifacts.output_names(name), device, dtype) for name in m["graphs"]}
