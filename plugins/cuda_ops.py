@@ -15,8 +15,10 @@ import torch
 from vlmx.torch_ref import reference
 
 OK, INVALID_ARGUMENT, UNSUPPORTED, MISALIGNED, CUDA_ERROR = range(5)
-#: vlmx_gemm_path: AUTO picks the decode GEMM for M <= VLMX_W8A8_DECODE_MAX_M (16), the tile GEMM above.
+#: vlmx_gemm_path: AUTO picks the decode GEMM for M <= VLMX_W8A8_DECODE_MAX_M, the tile GEMM above.
 GEMM_PATHS = {"auto": 0, "tiled": 1, "decode": 2}
+#: VLMX_W8A8_DECODE_MAX_M of vlmx_kernels.h (tests/test_cuda_build.py checks that the two agree).
+W8A8_DECODE_MAX_M = 16
 SUPPORTED_HEAD_DIMS = (64, 72, 80, 96, 128)
 _i64 = ctypes.c_int64
 

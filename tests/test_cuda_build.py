@@ -48,6 +48,13 @@ def test_params_struct_matches_the_header_layout():
     assert ctypes.sizeof(p) == 232
 
 
+def test_decode_gemm_row_limit_agrees_with_the_header():
+    header = (kbuild.CSRC / "vlmx_kernels.h").read_text()
+    assert f"#define VLMX_W8A8_DECODE_MAX_M {cuda_ops.W8A8_DECODE_MAX_M}\n" in header
+    assert cuda_ops.GEMM_PATHS == {"auto": 0, "tiled": 1, "decode": 2}
+    assert "VLMX_GEMM_AUTO = 0, VLMX_GEMM_TILED = 1, VLMX_GEMM_DECODE = 2" in header
+
+
 @pytest.fixture(scope="module")
 def sm75_lib():
     if not kbuild.has_nvcc():

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device call for the decode kernels (issues 11 + 14): build the kernel library twice (compute_75 PTX only ->
+# the driver JIT runs the Turing instruction set; native SASS for this GPU), check + time FlashAttention with kv_len
+# and the W8A8 decode GEMM (scripts/bench_decode_kernels.py), compute-sanitizer memcheck on the small checks, the GPU
+# test file, and (with .trt_headers carried) the TensorRT plugin enqueue harness incl. the kv_len case.
+# Results in $OUT (default ./out): decode_kernels.{json,md}, sanitizer / pytest / build logs, plugins_enqueue.*.
+#   usage (carry .whl and .trt_headers): bash scripts/device_decode_kernels.sh
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/decode_build.txt"
+SM=$($PY -c 'import torch; a,b=torch.cuda.get_device_capability(); print(a*10+b)')
+# Both builds at once (one nvcc each); the cache path is the last line of each log.
+$PY -m vlmx.plugins.build --target trt-sm75 --ptx-only >"$OUT/build_ptx75.txt" 2>&1 &
+P1=$!
+$PY -m vlmx.plugins.build --target "trt-sm$SM" >"$OUT/build_native.txt" 2>&1 &
+P2=$!
+wait $P1 && wait $P2 || { cat "$OUT/build_ptx75.txt" "$OUT/build_native.txt"; exit 1; }
+cat "$OUT/build_ptx75.txt" "$OUT/build_native.txt" >>"$OUT/decode_build.txt"
+PTX_LIB=$(tail -1 "$OUT/build_ptx75.txt"); NATIVE_LIB=$(tail -1 "$OUT/build_native.txt")
+[ -f "$PTX_LIB" ] && [ -f "$NATIVE_LIB" ] || { cat "$OUT/decode_build.txt"; exit 1; }
+echo "ptx lib: $PTX_LIB  native lib: $NATIVE_LIB"
+export VLMX_BENCH_COMMAND="bash scripts/device_decode_kernels.sh"
+timeout 300 $PY scripts/bench_decode_kernels.py --ptx-lib "$PTX_LIB" --native-lib "$NATIVE_LIB" --out "$OUT" 2>&1 \
+  | tee "$OUT/decode_bench_log.txt"
+BENCH_RC=${PIPESTATUS[0]}
+timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/bench_decode_kernels.py --small \
+  --ptx-lib "$PTX_LIB" --native-lib "$NATIVE_LIB" --out "$OUT/sanitize" >"$OUT/decode_sanitizer.txt" 2>&1
+echo "compute-sanitizer memcheck rc=$?" | tee -a "$OUT/decode_sanitizer.txt"; tail -3 "$OUT/decode_sanitizer.txt"
+VLMX_KERNELS_LIB="$PTX_LIB" timeout 200 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_kernels_gpu.py \
+  -rs >"$OUT/decode_pytest_gpu.txt" 2>&1
+echo "pytest -m gpu tests/test_cuda_kernels_gpu.py (compute_75 PTX) rc=$?"; tail -3 "$OUT/decode_pytest_gpu.txt"
+if [ -f .trt_headers/include/NvInferRuntime.h ]; then
+  TENSORRT_INCLUDE_DIR=$PWD/.trt_headers/include VLMX_ENQ_COMMAND="bash scripts/device_decode_kernels.sh" \
+    timeout 300 $PY scripts/plugin_enqueue_check.py --out "$OUT/plugins" --configs ptx75,native \
+    >"$OUT/plugins_enqueue_log.txt" 2>&1
+  echo "plugin enqueue harness rc=$?"; grep -E "fa_kv_cache|ok|FAIL" "$OUT/plugins_enqueue_log.txt" | tail -6
+else
+  echo "no .trt_headers carried: plugin enqueue harness skipped"
+fi
+exit $BENCH_RC
