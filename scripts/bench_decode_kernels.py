@@ -235,7 +235,7 @@ def rotating(make, nbytes: int) -> list:
     return [make() for _ in range(max(2, -(-4 * l2 // nbytes)))]
 
 
-def time_gemm(libs: dict, gen, log) -> list[dict]:
+def time_gemm(libs: dict, gen, log, variants: dict | None = None) -> list[dict]:
     rows = []
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
     for n, k in LM_SHAPES:
@@ -255,6 +255,14 @@ def time_gemm(libs: dict, gen, log) -> list[dict]:
                         lib.check(lib.w8a8_raw(x.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), None,
                                                y.data_ptr(), None, None, m, n, k, stream(), path))
                     times[f"vlmx_{path}_{label}"] = bench(call)
+            for label, lib in (variants or {}).items():  # tuning builds: the decode path only
+                it = iter(range(1 << 62))
+
+                def call_variant(lib=lib, it=it):
+                    w = w8s[next(it) % len(w8s)]
+                    lib.check(lib.w8a8_raw(x.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), None,
+                                           y.data_ptr(), None, None, m, n, k, stream(), "decode"))
+                times[f"vlmx_decode_{label}"] = bench(call_variant)
             times_hot = {}
             w0 = w8s[0]
             lib = libs.get("ptx75") or next(iter(libs.values()))
@@ -338,6 +346,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ptx-lib", required=True)
     ap.add_argument("--native-lib", default=None)
+    ap.add_argument("--variant-lib", action="append", default=[], metavar="NAME=LIB",
+                    help="tuning build (e.g. --define VLMX_W8A8_DECODE_UNROLL=8): checked, and its decode GEMM timed")
     ap.add_argument("--out", default="out")
     ap.add_argument("--checks-only", action="store_true", help="correctness only")
     ap.add_argument("--small", action="store_true", help="small correctness cases only (under compute-sanitizer)")
@@ -351,26 +361,35 @@ def main(argv=None) -> int:
     libs = {"ptx75": cuda_ops.KernelLibrary(args.ptx_lib)}
     if args.native_lib:
         libs["native"] = cuda_ops.KernelLibrary(args.native_lib)
+    variants = {}
+    for spec in args.variant_lib:
+        name, _, path = spec.partition("=")
+        variants[name] = cuda_ops.KernelLibrary(path)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     rep = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "python": platform.python_version(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": os.environ.get("VLMX_BENCH_COMMAND", " ".join(sys.argv)), "checks": []}
     gen = torch.Generator(device="cuda").manual_seed(int(time.time()))  # fresh inputs every run
-    for label, lib in libs.items():
+
+    def save():  # after every phase: a run cut short by its time limit still leaves what it measured
+        (out / "decode_kernels.json").write_text(json.dumps(rep, indent=1))
+        (out / "decode_kernels.md").write_text(markdown(rep))
+    for label, lib in {**libs, **variants}.items():
         for c in check_attention(lib, gen, args.small) + check_gemm(lib, gen, args.small):
             c["lib"] = label
             rep["checks"].append(c)
             log(f"[{label}] {c['check']}: rel {c['error']:.2e} {'ok' if c['ok'] else 'FAILED'}")
     ok = all(c["ok"] for c in rep["checks"])
+    save()
     if not (args.checks_only or args.small):
         rep["copy_gbs"] = time_copy_bandwidth(log)
         rep["attention"] = time_attention(libs, gen, log)
-        rep["gemm"] = time_gemm(libs, gen, log)
+        save()
+        rep["gemm"] = time_gemm(libs, gen, log, variants)
         rep["targets"] = targets(rep)
         for t in rep["targets"]:
             log(f"target {t['target']}: {t['value']:.2f} (goal {t['goal']}) {'met' if t['met'] else 'MISSED'}")
-    (out / "decode_kernels.json").write_text(json.dumps(rep, indent=1))
-    (out / "decode_kernels.md").write_text(markdown(rep))
+        save()
     log(f"checks {'all passed' if ok else 'FAILED'}; wrote {out / 'decode_kernels.md'}")
     return 0 if ok else 1
 

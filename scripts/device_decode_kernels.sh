@@ -16,24 +16,32 @@ $PY -m vlmx.plugins.build --target trt-sm75 --ptx-only >"$OUT/build_ptx75.txt" 2
 P1=$!
 $PY -m vlmx.plugins.build --target "trt-sm$SM" >"$OUT/build_native.txt" 2>&1 &
 P2=$!
+# Tuning variants of the decode GEMM (loads in flight per warp), compute_75 PTX like the main build.
+$PY -m vlmx.plugins.build --target trt-sm75 --ptx-only --define VLMX_W8A8_DECODE_UNROLL=2 >"$OUT/build_u2.txt" 2>&1 &
+P3=$!
+$PY -m vlmx.plugins.build --target trt-sm75 --ptx-only --define VLMX_W8A8_DECODE_UNROLL=8 >"$OUT/build_u8.txt" 2>&1 &
+P4=$!
 wait $P1 && wait $P2 || { cat "$OUT/build_ptx75.txt" "$OUT/build_native.txt"; exit 1; }
-cat "$OUT/build_ptx75.txt" "$OUT/build_native.txt" >>"$OUT/decode_build.txt"
+wait $P3; wait $P4
+cat "$OUT"/build_ptx75.txt "$OUT"/build_native.txt "$OUT"/build_u2.txt "$OUT"/build_u8.txt >>"$OUT/decode_build.txt"
 PTX_LIB=$(tail -1 "$OUT/build_ptx75.txt"); NATIVE_LIB=$(tail -1 "$OUT/build_native.txt")
 [ -f "$PTX_LIB" ] && [ -f "$NATIVE_LIB" ] || { cat "$OUT/decode_build.txt"; exit 1; }
+VARIANTS=()
+for u in 2 8; do L=$(tail -1 "$OUT/build_u$u.txt"); [ -f "$L" ] && VARIANTS+=(--variant-lib "ptx75_unroll$u=$L"); done
 echo "ptx lib: $PTX_LIB  native lib: $NATIVE_LIB"
 export VLMX_BENCH_COMMAND="bash scripts/device_decode_kernels.sh"
-timeout 300 $PY scripts/bench_decode_kernels.py --ptx-lib "$PTX_LIB" --native-lib "$NATIVE_LIB" --out "$OUT" 2>&1 \
-  | tee "$OUT/decode_bench_log.txt"
+timeout 200 $PY scripts/bench_decode_kernels.py --ptx-lib "$PTX_LIB" --native-lib "$NATIVE_LIB" \
+  ${VARIANTS[@]+"${VARIANTS[@]}"} --out "$OUT" 2>&1 | tee "$OUT/decode_bench_log.txt"
 BENCH_RC=${PIPESTATUS[0]}
-timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/bench_decode_kernels.py --small \
-  --ptx-lib "$PTX_LIB" --native-lib "$NATIVE_LIB" --out "$OUT/sanitize" >"$OUT/decode_sanitizer.txt" 2>&1
-echo "compute-sanitizer memcheck rc=$?" | tee -a "$OUT/decode_sanitizer.txt"; tail -3 "$OUT/decode_sanitizer.txt"
-VLMX_KERNELS_LIB="$PTX_LIB" timeout 200 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_kernels_gpu.py \
+VLMX_KERNELS_LIB="$PTX_LIB" timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_kernels_gpu.py \
   -rs >"$OUT/decode_pytest_gpu.txt" 2>&1
 echo "pytest -m gpu tests/test_cuda_kernels_gpu.py (compute_75 PTX) rc=$?"; tail -3 "$OUT/decode_pytest_gpu.txt"
+timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/bench_decode_kernels.py --small \
+  --ptx-lib "$PTX_LIB" --native-lib "$NATIVE_LIB" --out "$OUT/sanitize" >"$OUT/decode_sanitizer.txt" 2>&1
+echo "compute-sanitizer memcheck rc=$?" | tee -a "$OUT/decode_sanitizer.txt"; tail -3 "$OUT/decode_sanitizer.txt"
 if [ -f .trt_headers/include/NvInferRuntime.h ]; then
   TENSORRT_INCLUDE_DIR=$PWD/.trt_headers/include VLMX_ENQ_COMMAND="bash scripts/device_decode_kernels.sh" \
-    timeout 300 $PY scripts/plugin_enqueue_check.py --out "$OUT/plugins" --configs ptx75,native \
+    timeout 150 $PY scripts/plugin_enqueue_check.py --out "$OUT/plugins" --configs ptx75,native \
     >"$OUT/plugins_enqueue_log.txt" 2>&1
   echo "plugin enqueue harness rc=$?"; grep -E "fa_kv_cache|ok|FAIL" "$OUT/plugins_enqueue_log.txt" | tail -6
 else

@@ -24,7 +24,11 @@ constexpr int kWarps = 8, kThreads = kWarps * 32;
 constexpr int kStep = 64;              // K bytes per warp step: 4 lanes x 16 bytes per row
 // Steps in flight per warp: 4 x 2 groups x 16 B = 128 B per lane, 32 KB per CTA; with 2+ resident CTAs per SM
 // that covers the ~40 KB per SM that the H200's bandwidth-latency product asks for (a T4 needs far less).
-constexpr int kUnroll = 4;
+// VLMX_W8A8_DECODE_UNROLL overrides it for tuning builds (--define; scripts/device_decode_kernels.sh times 2 and 8).
+#ifndef VLMX_W8A8_DECODE_UNROLL
+#define VLMX_W8A8_DECODE_UNROLL 4
+#endif
+constexpr int kUnroll = VLMX_W8A8_DECODE_UNROLL;
 constexpr int kMaxTokens = VLMX_W8A8_DECODE_MAX_M;
 static_assert(kRows * kMaxTokens == kThreads, "the reduction gives every thread one (channel, token) output");
 static_assert(kMaxTokens % 8 == 0, "tokens come in m8n8k16 groups of 8");
