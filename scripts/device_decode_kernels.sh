@@ -17,17 +17,17 @@ P1=$!
 $PY -m vlmx.plugins.build --target "trt-sm$SM" >"$OUT/build_native.txt" 2>&1 &
 P2=$!
 # Tuning variants of the decode GEMM (loads in flight per warp), compute_75 PTX like the main build.
-$PY -m vlmx.plugins.build --target trt-sm75 --ptx-only --define VLMX_W8A8_DECODE_UNROLL=2 >"$OUT/build_u2.txt" 2>&1 &
+$PY -m vlmx.plugins.build --target trt-sm75 --ptx-only --define VLMX_W8A8_DECODE_UNROLL=1 >"$OUT/build_u1.txt" 2>&1 &
 P3=$!
-$PY -m vlmx.plugins.build --target trt-sm75 --ptx-only --define VLMX_W8A8_DECODE_UNROLL=8 >"$OUT/build_u8.txt" 2>&1 &
+$PY -m vlmx.plugins.build --target trt-sm75 --ptx-only --define VLMX_W8A8_DECODE_UNROLL=4 >"$OUT/build_u4.txt" 2>&1 &
 P4=$!
 wait $P1 && wait $P2 || { cat "$OUT/build_ptx75.txt" "$OUT/build_native.txt"; exit 1; }
 wait $P3; wait $P4
-cat "$OUT"/build_ptx75.txt "$OUT"/build_native.txt "$OUT"/build_u2.txt "$OUT"/build_u8.txt >>"$OUT/decode_build.txt"
+cat "$OUT"/build_ptx75.txt "$OUT"/build_native.txt "$OUT"/build_u1.txt "$OUT"/build_u4.txt >>"$OUT/decode_build.txt"
 PTX_LIB=$(tail -1 "$OUT/build_ptx75.txt"); NATIVE_LIB=$(tail -1 "$OUT/build_native.txt")
 [ -f "$PTX_LIB" ] && [ -f "$NATIVE_LIB" ] || { cat "$OUT/decode_build.txt"; exit 1; }
 VARIANTS=()
-for u in 2 8; do L=$(tail -1 "$OUT/build_u$u.txt"); [ -f "$L" ] && VARIANTS+=(--variant-lib "ptx75_unroll$u=$L"); done
+for u in 1 4; do L=$(tail -1 "$OUT/build_u$u.txt"); [ -f "$L" ] && VARIANTS+=(--variant-lib "ptx75_unroll$u=$L"); done
 echo "ptx lib: $PTX_LIB  native lib: $NATIVE_LIB"
 export VLMX_BENCH_COMMAND="bash scripts/device_decode_kernels.sh"
 timeout 200 $PY scripts/bench_decode_kernels.py --ptx-lib "$PTX_LIB" --native-lib "$NATIVE_LIB" \

@@ -11,7 +11,7 @@
 // unchanged, while every 4 lanes read 64 contiguous bytes of a row (whole 32-byte sectors, no shared memory).
 // One CTA = 16 output channels x all of K; its warps take interleaved 64-byte K steps (the CTA sweeps each row 512
 // contiguous bytes at a time) and add their int32 partials in shared memory (exact, order-free). No cp.async on
-// Turing: kUnroll steps of loads are issued into registers before any product consumes them.
+// Turing: the registers are the staging buffer (the next kUnroll steps load while the current ones multiply).
 #include "w8a8_common.cuh"
 
 namespace vlmx {
@@ -22,11 +22,13 @@ constexpr int kRows = 16;              // output channels per CTA: two m8 groups
 constexpr int kGroups = kRows / 8;
 constexpr int kWarps = 8, kThreads = kWarps * 32;
 constexpr int kStep = 64;              // K bytes per warp step: 4 lanes x 16 bytes per row
-// Steps in flight per warp: 4 x 2 groups x 16 B = 128 B per lane, 32 KB per CTA; with 2+ resident CTAs per SM
-// that covers the ~40 KB per SM that the H200's bandwidth-latency product asks for (a T4 needs far less).
-// VLMX_W8A8_DECODE_UNROLL overrides it for tuning builds (--define; scripts/device_decode_kernels.sh times 2 and 8).
+// Warp steps per batch; the next batch is in flight while one is multiplied (double buffering below). 2 steps =
+// 64 B of weights per lane per batch at 72-99 registers (sm_90 ptxas): 3 CTAs = 768 threads per SM, ~48 KB of
+// weights in flight per SM, about what the H200's bandwidth-latency product asks for (a T4 needs far less). 4 steps
+// need 139-159 registers (1 CTA per SM: fewer bytes in flight, and N = 4096 takes two waves).
+// VLMX_W8A8_DECODE_UNROLL overrides it for tuning builds (--define; scripts/device_decode_kernels.sh times 1 and 4).
 #ifndef VLMX_W8A8_DECODE_UNROLL
-#define VLMX_W8A8_DECODE_UNROLL 4
+#define VLMX_W8A8_DECODE_UNROLL 2
 #endif
 constexpr int kUnroll = VLMX_W8A8_DECODE_UNROLL;
 constexpr int kMaxTokens = VLMX_W8A8_DECODE_MAX_M;
@@ -35,6 +37,28 @@ static_assert(kMaxTokens % 8 == 0, "tokens come in m8n8k16 groups of 8");
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// kUnroll warp steps (s0, s0 + kWarps, ...) of weight and activation fragments; out-of-range chunks are zeros.
+template <int TG>
+__device__ __forceinline__ void load_batch(uint4 (&wv)[kUnroll][kGroups], uint4 (&xv)[kUnroll][TG],
+                                           const int8_t* (&wrow)[kGroups], const bool (&wok)[kGroups],
+                                           const int8_t* (&xrow)[TG], const bool (&xok)[TG], int s0, int64_t K,
+                                           int c) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t k = static_cast<int64_t>(s0 + u * kWarps) * kStep;
+    const bool kok = k + c * 16 < K;  // K % 16 == 0: a lane's 16 bytes are all in range or all out
+#pragma unroll
+    for (int gi = 0; gi < kGroups; ++gi) {
+      // Weights are read once per call: streaming loads keep them from evicting x (reused by every CTA) in L2.
+      wv[u][gi] = (kok && wok[gi]) ? __ldcs(reinterpret_cast<const uint4*>(wrow[gi] + k)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int t = 0; t < TG; ++t) {
+      xv[u][t] = (kok && xok[t]) ? __ldg(reinterpret_cast<const uint4*>(xrow[t] + k)) : make_uint4(0, 0, 0, 0);
+    }
+  }
 }
 
 // TG: token groups of 8 (1 for M <= 8, 2 for M <= 16).
@@ -69,23 +93,18 @@ __global__ void __launch_bounds__(kThreads) w8a8_decode_kernel(const GemmArgs g)
 #pragma unroll
     for (int t = 0; t < TG; ++t) acc[gi][t][0] = acc[gi][t][1] = 0;
 
+  // Register double buffering: the next batch of kUnroll steps is loaded while this one is multiplied. Issuing
+  // loads and products of one batch in program order is not enough: ptxas for sm_90 (also when the driver JITs the
+  // compute_75 PTX) sinks each load next to its first product, leaving one step in flight; a load whose value is
+  // only used in the next loop iteration cannot be sunk past the products of this one.
   const int steps = static_cast<int>((K + kStep - 1) / kStep);
-  for (int s0 = warp; s0 < steps; s0 += kWarps * kUnroll) {
-    uint4 wv[kUnroll][kGroups], xv[kUnroll][TG];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = static_cast<int64_t>(s0 + u * kWarps) * kStep;
-      const bool kok = k + c * 16 < K;  // K % 16 == 0: a lane's 16 bytes are all in range or all out
-#pragma unroll
-      for (int gi = 0; gi < kGroups; ++gi) {
-        // Weights are read once per call: streaming loads keep them from evicting x (reused by every CTA) in L2.
-        wv[u][gi] = (kok && wok[gi]) ? __ldcs(reinterpret_cast<const uint4*>(wrow[gi] + k)) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int t = 0; t < TG; ++t) {
-        xv[u][t] = (kok && xok[t]) ? __ldg(reinterpret_cast<const uint4*>(xrow[t] + k)) : make_uint4(0, 0, 0, 0);
-      }
-    }
+  constexpr int kStride = kWarps * kUnroll;
+  uint4 wv[kUnroll][kGroups], xv[kUnroll][TG];
+  load_batch<TG>(wv, xv, wrow, wok, xrow, xok, warp, K, c);
+  for (int s0 = warp; s0 < steps; s0 += kStride) {
+    uint4 wn[kUnroll][kGroups], xn[kUnroll][TG];
+    const bool more = s0 + kStride < steps;  // warp-uniform
+    if (more) load_batch<TG>(wn, xn, wrow, wok, xrow, xok, s0 + kStride, K, c);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
@@ -94,6 +113,15 @@ __global__ void __launch_bounds__(kThreads) w8a8_decode_kernel(const GemmArgs g)
         for (int gi = 0; gi < kGroups; ++gi)
 #pragma unroll
           for (int t = 0; t < TG; ++t) mma_m8n8k16(acc[gi][t], word(wv[u][gi], j), word(xv[u][t], j));
+    if (more) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int gi = 0; gi < kGroups; ++gi) wv[u][gi] = wn[u][gi];
+#pragma unroll
+        for (int t = 0; t < TG; ++t) xv[u][t] = xn[u][t];
+      }
+    }
   }
 
   // C fragment: channel gi * 8 + lane / 4, tokens t * 8 + 2 * (lane % 4) and +1.
