@@ -10,7 +10,7 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/decode_build.txt"
-SM=$($PY -c 'import torch; a,b=torch.cuda.get_device_capability(); print(a*10+b)')
+SM=${VLMX_SM:-$($PY -c 'import torch; a,b=torch.cuda.get_device_capability(); print(a*10+b)')}  # VLMX_SM: CPU dry runs
 # Both builds at once (one nvcc each); the cache path is the last line of each log.
 $PY -m vlmx.plugins.build --target trt-sm75 --ptx-only >"$OUT/build_ptx75.txt" 2>&1 &
 P1=$!

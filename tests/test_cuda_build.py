@@ -177,3 +177,7 @@ def test_every_target_compiles(tmp_path, capsys):
         entries = kbuild.fatbin_entries(path)
         assert {(k, a) for k, a, _ in entries} == {("sass", sm), ("ptx", 75)}, (name, entries)
     assert " 0 B spill stores" in log and "flash_fwd_kernel<D=72,W=8>" in log
+    # The decode GEMM (M <= 16) is in every target's SASS, without spills.
+    for line in (ln for ln in log.splitlines() if "w8a8_decode_kernel<" in ln):
+        assert " 0 B spill stores" in line, line
+    assert sum("w8a8_decode_kernel<fp16,TG=2>" in ln for ln in log.splitlines()) == len(TARGETS)
