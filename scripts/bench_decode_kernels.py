@@ -17,6 +17,8 @@ Writes decode_kernels.json and decode_kernels.md under --out.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import platform
@@ -190,6 +192,31 @@ def check_gemm(lib, gen, small=False) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ timing
+def time_calls(calls: list, log) -> tuple[float, float]:
+    """(graph, stream) ms per call of ``calls`` (cycled; one per weight copy). graph: one CUDA graph replays >= 24 of
+    them back to back, as a captured decode step runs them (no host launch cost); stream: launched from the host."""
+    it = itertools.cycle(calls)
+    stream_ms = bench(lambda: next(it)())
+    seq = calls * max(1, -(-24 // len(calls)))
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (JIT, cuBLAS workspaces, allocator)
+            for c in calls:
+                c()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for c in seq:
+                c()
+        graph_ms = bench(graph.replay) / len(seq)
+        del graph
+    except RuntimeError as err:
+        log(f"  CUDA-graph timing failed ({str(err).splitlines()[0][:100]}); host-launch time only")
+        graph_ms = stream_ms
+    return graph_ms, stream_ms
+
+
 def time_attention(libs: dict, gen, log) -> list[dict]:
     rows = []
     for b in (1, 4):
@@ -197,33 +224,32 @@ def time_attention(libs: dict, gen, log) -> list[dict]:
             q, kc, vc, _, kv_len = cache_inputs(b, 1, HEADS, HEADS, S_MAX, HEAD_DIM, [ctx] * b, gen, False)
             kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)  # SDPA on the masked full cache would read them
             o = torch.empty_like(q)
-            times = {}
-            for label, lib in libs.items():
-                keep = run_attention(lib, q, kc, vc, None, kv_len, o, num_heads=HEADS, num_kv_heads=HEADS, causal=1)
-                times[f"vlmx_{label}"] = bench(lambda: run_attention(lib, q, kc, vc, None, kv_len, o, num_heads=HEADS,
-                                                                     num_kv_heads=HEADS, causal=1))
-                del keep
+            calls = {f"vlmx_{label}": functools.partial(run_attention, lib, q, kc, vc, None, kv_len, o,
+                                                        num_heads=HEADS, num_kv_heads=HEADS, causal=1)
+                     for label, lib in libs.items()}
             kp, vp = kc[:, :, :ctx], vc[:, :, :ctx]  # the best SDPA can do: it is told the length (host-side)
             mask = (torch.arange(S_MAX, device="cuda") < ctx).view(1, 1, 1, -1)
-            for be_name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                                ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):
+            sdpa = [(f"sdpa_{n}_prefix", be, (q, kp, vp), {}) for n, be in (
+                ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                ("math", SDPBackend.MATH))]
+            sdpa += [(f"sdpa_{n}_masked_cache", be, (q, kc, vc), {"attn_mask": mask}) for n, be in (
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH))]
+            sdpa.append(("sdpa_cudnn_prefix", SDPBackend.CUDNN_ATTENTION, (q, kp, vp), {}))  # last: least proven
+            times, stream_times = {}, {}
+            for name, call in calls.items():
+                times[name], stream_times[name] = time_calls([call], log)
+            for name, be, args, kw in sdpa:
                 try:
                     with sdpa_kernel(be):
-                        F.scaled_dot_product_attention(q, kp, vp)
-                        times[f"sdpa_{be_name}_prefix"] = bench(lambda: F.scaled_dot_product_attention(q, kp, vp))
+                        F.scaled_dot_product_attention(*args, **kw)
+                        times[name], stream_times[name] = time_calls(
+                            [functools.partial(F.scaled_dot_product_attention, *args, **kw)], log)
                 except RuntimeError as err:
-                    log(f"  sdpa {be_name} (prefix) unavailable: {str(err).splitlines()[0][:100]}")
-            for be_name, be in (("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
-                try:
-                    with sdpa_kernel(be):
-                        F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
-                        times[f"sdpa_{be_name}_masked_cache"] = bench(
-                            lambda: F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask))
-                except RuntimeError as err:
-                    log(f"  sdpa {be_name} (masked cache) unavailable: {str(err).splitlines()[0][:100]}")
+                    log(f"  {name} unavailable: {str(err).splitlines()[0][:100]}")
             kv_bytes = 2 * b * HEADS * ctx * HEAD_DIM * 2
             row = {"bench": f"decode_attention/B{b}_ctx{ctx}", "shape": f"B{b} H32/32 Sq1 kv_len {ctx} of S_max "
-                   f"{S_MAX} D128", "ms": times, "kv_gbs": {k: kv_bytes / (t * 1e-3) / 1e9 for k, t in times.items()}}
+                   f"{S_MAX} D128", "ms": times, "ms_stream": stream_times,
+                   "kv_gbs": {k: kv_bytes / (t * 1e-3) / 1e9 for k, t in times.items()}}
             log(f"{row['bench']}: " + ", ".join(f"{k} {t * 1e3:.1f} us" for k, t in times.items()))
             rows.append(row)
     return rows
@@ -238,6 +264,12 @@ def rotating(make, nbytes: int) -> list:
 def time_gemm(libs: dict, gen, log, variants: dict | None = None) -> list[dict]:
     rows = []
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+
+    def w8a8(lib, path, x, xs, w, ws, y):
+        m, k = x.shape
+        lib.check(lib.w8a8_raw(x.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), None, y.data_ptr(), None,
+                               None, m, w.shape[0], k, stream(), path))
+
     for n, k in LM_SHAPES:
         w8s = rotating(lambda: torch.randint(-127, 128, (n, k), generator=gen, device="cuda", dtype=torch.int8), n * k)
         ws = torch.rand(n, generator=gen, device="cuda") * 0.01
@@ -245,38 +277,23 @@ def time_gemm(libs: dict, gen, log, variants: dict | None = None) -> list[dict]:
             x = torch.randint(-127, 128, (m, k), generator=gen, device="cuda", dtype=torch.int8)
             xs = torch.rand(m, generator=gen, device="cuda") * 0.01
             y = torch.empty(m, n, dtype=torch.float16, device="cuda")
-            times = {}
-            for label, lib in libs.items():
-                for path in ("decode", "tiled"):
-                    it = iter(range(1 << 62))
-
-                    def call(lib=lib, path=path, it=it):
-                        w = w8s[next(it) % len(w8s)]
-                        lib.check(lib.w8a8_raw(x.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), None,
-                                               y.data_ptr(), None, None, m, n, k, stream(), path))
-                    times[f"vlmx_{path}_{label}"] = bench(call)
-            for label, lib in (variants or {}).items():  # tuning builds: the decode path only
-                it = iter(range(1 << 62))
-
-                def call_variant(lib=lib, it=it):
-                    w = w8s[next(it) % len(w8s)]
-                    lib.check(lib.w8a8_raw(x.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), None,
-                                           y.data_ptr(), None, None, m, n, k, stream(), "decode"))
-                times[f"vlmx_decode_{label}"] = bench(call_variant)
-            times_hot = {}
-            w0 = w8s[0]
+            runs = [(f"vlmx_{path}_{label}", lib, path) for label, lib in libs.items() for path in ("decode", "tiled")]
+            runs += [(f"vlmx_decode_{label}", lib, "decode") for label, lib in (variants or {}).items()]
+            times, stream_times = {}, {}
+            for name, lib, path in runs:
+                times[name], stream_times[name] = time_calls(
+                    [functools.partial(w8a8, lib, path, x, xs, w, ws, y) for w in w8s], log)
             lib = libs.get("ptx75") or next(iter(libs.values()))
-            times_hot["vlmx_decode_ptx75_l2hot"] = bench(lambda: lib.check(lib.w8a8_raw(
-                x.data_ptr(), xs.data_ptr(), w0.data_ptr(), ws.data_ptr(), None, y.data_ptr(), None, None, m, n, k,
-                stream(), "decode")))
+            hot, _ = time_calls([functools.partial(w8a8, lib, "decode", x, xs, w8s[0], ws, y)], log)
             rows.append({"bench": f"w8a8_decode/{m}x{n}x{k}", "M": m, "N": n, "K": k, "ms": times,
-                         "ms_l2_hot": times_hot, "weight_bytes": n * k})
+                         "ms_stream": stream_times, "ms_l2_hot": {"vlmx_decode_ptx75_l2hot": hot},
+                         "weight_bytes": n * k})
         del w8s
         w16s = rotating(lambda: torch.randn(n, k, generator=gen, device="cuda").half(), 2 * n * k)
         for row in rows[-len(DECODE_M):]:
             xh = torch.randn(row["M"], k, generator=gen, device="cuda").half()
-            it = iter(range(1 << 62))
-            row["ms"]["cublas_fp16"] = bench(lambda: torch.matmul(xh, w16s[next(it) % len(w16s)].t()))
+            row["ms"]["cublas_fp16"], row["ms_stream"]["cublas_fp16"] = time_calls(
+                [functools.partial(torch.matmul, xh, w.t()) for w in w16s], log)
             row["weight_bytes_fp16"] = 2 * n * k
             row["weight_gbs"] = {key: (row["weight_bytes_fp16"] if key == "cublas_fp16" else row["weight_bytes"])
                                  / (t * 1e-3) / 1e9 for key, t in row["ms"].items()}
@@ -299,14 +316,16 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {c['lib']} | {c['check']} | {c['shape']} | rel {c['error']:.2e} (tol {c['tol']:.0e}){extra} "
                      f"| {'yes' if c['ok'] else 'NO'} |")
     if rep.get("attention"):
-        lines += ["", "## Decode attention over the KV cache (us; KV bytes read / time in GB/s)", ""]
+        lines += ["", "## Decode attention over the KV cache (us per call inside a CUDA graph; KV bytes read / time)",
+                  ""]
         for r in rep["attention"]:
             lines.append(f"- **{r['bench']}** {r['shape']}: " + ", ".join(
                 f"{k} {t * 1e3:.1f} us ({r['kv_gbs'][k]:.0f} GB/s)" for k, t in r["ms"].items()))
     if rep.get("gemm"):
-        lines += ["", "## W8A8 decode GEMM (us; weight bytes / time, share of copy bandwidth; weights rotated "
-                  "through copies 4x the L2 size)", "", "| M x N x K | " + " | ".join(rep["gemm"][0]["ms"]) +
-                  " | L2-hot decode (ptx75) |", "|---|" + "---|" * (len(rep["gemm"][0]["ms"]) + 1)]
+        cols = list(rep["gemm"][0]["ms"])
+        lines += ["", "## W8A8 decode GEMM (us per call inside a CUDA graph; weight bytes / time, share of copy "
+                  "bandwidth; weights rotated through copies 4x the L2 size; host-launched times in the JSON)", "",
+                  "| M x N x K | " + " | ".join(cols) + " | L2-hot decode (ptx75) |", "|---|" + "---|" * (len(cols) + 1)]
         for r in rep["gemm"]:
             cells = [f"{t * 1e3:.1f} us, {r['weight_gbs'][k]:.0f} GB/s" + (f" = {r['weight_gbs'][k] / copy:.0%}"
                                                                           if copy else "")
@@ -383,9 +402,10 @@ def main(argv=None) -> int:
     save()
     if not (args.checks_only or args.small):
         rep["copy_gbs"] = time_copy_bandwidth(log)
-        rep["attention"] = time_attention(libs, gen, log)
-        save()
         rep["gemm"] = time_gemm(libs, gen, log, variants)
+        rep["targets"] = targets(rep)
+        save()
+        rep["attention"] = time_attention(libs, gen, log)
         rep["targets"] = targets(rep)
         for t in rep["targets"]:
             log(f"target {t['target']}: {t['value']:.2f} (goal {t['goal']}) {'met' if t['met'] else 'MISSED'}")
