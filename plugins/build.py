@@ -153,10 +153,13 @@ def summarize_resource_usage(log: str) -> str:
 
 
 def _demangle_short(name: str) -> str:
-    for kernel in ("flash_fwd_kernel", "flash_combine_kernel", "int8_gemm_kernel", "quantize_rows_kernel",
-                   "mma_f16_ceiling_kernel", "mma_s8_ceiling_kernel"):
+    for kernel in ("flash_fwd_kernel", "flash_combine_kernel", "int8_gemm_kernel", "w8a8_decode_kernel",
+                   "quantize_rows_kernel", "mma_f16_ceiling_kernel", "mma_s8_ceiling_kernel"):
         if kernel in name:
             tail = name.split(kernel, 1)[1]
+            if kernel == "w8a8_decode_kernel":  # <Epilogue, token groups of 8>
+                groups = tail.split("Li")[1].split("E")[0] if "Li" in tail else "?"
+                return f"{kernel}<{'fp16' if 'E1E' in tail else 'int32'},TG={groups}>"
             if kernel == "flash_fwd_kernel":
                 args = [a for a in tail.split("Li")[1:3]]
                 return f"{kernel}<D={args[0].split('E')[0]},W={args[1].split('E')[0]}>"

@@ -15,6 +15,10 @@ import torch
 from vlmx.torch_ref import reference
 
 OK, INVALID_ARGUMENT, UNSUPPORTED, MISALIGNED, CUDA_ERROR = range(5)
+#: vlmx_gemm_path: AUTO picks the decode GEMM for M <= VLMX_W8A8_DECODE_MAX_M, the tile GEMM above.
+GEMM_PATHS = {"auto": 0, "tiled": 1, "decode": 2}
+#: VLMX_W8A8_DECODE_MAX_M of vlmx_kernels.h (tests/test_cuda_build.py checks that the two agree).
+W8A8_DECODE_MAX_M = 16
 SUPPORTED_HEAD_DIMS = (64, 72, 80, 96, 128)
 _i64 = ctypes.c_int64
 
@@ -28,7 +32,7 @@ class AttentionParams(ctypes.Structure):
         [(f"{t}_stride_{d}", _i64) for t in ("q", "k", "v", "o") for d in ("b", "s", "h")] + \
         [("bias_stride_b", _i64), ("bias_stride_h", _i64), ("bias_stride_q", _i64), ("scale", ctypes.c_float),
          ("causal", ctypes.c_int), ("window", ctypes.c_int), ("alibi", ctypes.c_int), ("alibi_bias_max", ctypes.c_int),
-         ("workspace", ctypes.c_void_p), ("workspace_bytes", _i64)]
+         ("workspace", ctypes.c_void_p), ("workspace_bytes", _i64), ("kv_len", ctypes.c_void_p)]
 
 
 class KernelLibrary:
@@ -43,10 +47,10 @@ class KernelLibrary:
         self.lib.vlmx_flash_attention_fwd.restype = st
         self.lib.vlmx_flash_attention_workspace_size.argtypes = [ctypes.POINTER(AttentionParams)]
         self.lib.vlmx_flash_attention_workspace_size.restype = _i64
-        self.lib.vlmx_int8_gemm_i32.argtypes = [vp, vp, vp, i32, i32, i32, vp]
-        self.lib.vlmx_int8_gemm_i32.restype = st
-        self.lib.vlmx_w8a8_linear.argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32, vp]
-        self.lib.vlmx_w8a8_linear.restype = st
+        self.lib.vlmx_int8_gemm_i32_path.argtypes = [vp, vp, vp, i32, i32, i32, i32, vp]
+        self.lib.vlmx_int8_gemm_i32_path.restype = st
+        self.lib.vlmx_w8a8_linear_path.argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32, i32, vp]
+        self.lib.vlmx_w8a8_linear_path.restype = st
         self.lib.vlmx_bench_mma_ceiling.argtypes = [i32, i32, i32, i32, vp, ctypes.POINTER(ctypes.c_double), vp]
         self.lib.vlmx_bench_mma_ceiling.restype = st
 
@@ -65,11 +69,12 @@ class KernelLibrary:
         """Bytes of split-KV workspace for these sizes (0: never splits)."""
         return int(self.lib.vlmx_flash_attention_workspace_size(ctypes.byref(params)))
 
-    def int8_gemm_raw(self, x: int, w: int, y: int, m: int, n: int, k: int, stream: int | None = 0) -> int:
-        return self.lib.vlmx_int8_gemm_i32(x, w, y, m, n, k, stream)
+    def int8_gemm_raw(self, x: int, w: int, y: int, m: int, n: int, k: int, stream: int | None = 0,
+                      path: str = "auto") -> int:
+        return self.lib.vlmx_int8_gemm_i32_path(x, w, y, m, n, k, GEMM_PATHS[path], stream)
 
-    def w8a8_raw(self, x, xs, w, ws, bias, y, yq, yqs, m, n, k, stream=0) -> int:
-        return self.lib.vlmx_w8a8_linear(x, xs, w, ws, bias, y, yq, yqs, m, n, k, stream)
+    def w8a8_raw(self, x, xs, w, ws, bias, y, yq, yqs, m, n, k, stream=0, path: str = "auto") -> int:
+        return self.lib.vlmx_w8a8_linear_path(x, xs, w, ws, bias, y, yq, yqs, m, n, k, GEMM_PATHS[path], stream)
 
     def mma_ceiling(self, kind: int, blocks: int, threads: int, iters: int, sink: torch.Tensor) -> float:
         """Launch the tensor-core ceiling kernel on the current stream; returns the ops it performs."""
@@ -111,10 +116,13 @@ def _heads_view(t: torch.Tensor, heads: int, head_dim: int, layout: str) -> tupl
 
 
 def attention_params(q, k, v, o, bias, num_heads, num_kv_heads, head_dim, scale, causal, window, alibi,
-                     alibi_bias_max, layout) -> tuple[AttentionParams, list[torch.Tensor]]:
-    """Fill the C struct from tensors; returns it with the tensors that must stay alive during the call."""
+                     alibi_bias_max, layout, kv_len=None) -> tuple[AttentionParams, list[torch.Tensor]]:
+    """Fill the C struct from tensors; returns it with the tensors that must stay alive during the call.
+    ``kv_len`` [B] (a fixed-size cache's valid lengths) stays on the device: the kernel reads it, no host sync."""
     hkv = num_kv_heads or num_heads
     keep = []
+    if kv_len is not None and layout == "packed":
+        raise ValueError("kv_len needs separate k/v (a KV cache); the packed layout has none")
     if layout == "packed":
         if q.stride(2) != 1:
             q = q.contiguous()
@@ -147,15 +155,21 @@ def attention_params(q, k, v, o, bias, num_heads, num_kv_heads, head_dim, scale,
         p.bias = b4.data_ptr()
         p.bias_stride_b, p.bias_stride_h, p.bias_stride_q = b4.stride(0), b4.stride(1), b4.stride(2)
         keep.append(b4)
+    if kv_len is not None:
+        lens = kv_len.reshape(-1).to(device=o.device, dtype=torch.int64).contiguous()
+        if lens.numel() != qt.shape[0]:
+            raise ValueError(f"kv_len has {lens.numel()} entries; expected one per batch row ({qt.shape[0]})")
+        p.kv_len = lens.data_ptr()
+        keep.append(lens)
     keep += [qt, kt, vt, o]
     return p, keep
 
 
 def flash_attention(lib: KernelLibrary, q, k=None, v=None, bias=None, kv_len=None, num_heads=1, num_kv_heads=0,
                     head_dim=64, scale=0.0, causal=0, window=-1, alibi=0, alibi_bias_max=8, layout="bsd"):
-    """vlmx::flash_attention on the GPU; falls back to the reference for dtypes/head dims the kernel lacks, and for
-    ``kv_len`` (the kernel has no valid-length parameter yet: the reference masks the cache on the device, no sync)."""
-    if q.dtype != torch.float16 or head_dim not in SUPPORTED_HEAD_DIMS or kv_len is not None:
+    """vlmx::flash_attention on the GPU (``kv_len``: the kernel reads only each row's valid cache prefix); falls back
+    to the reference for dtypes/head dims the kernel lacks and for kv_len with the packed layout (which raises)."""
+    if q.dtype != torch.float16 or head_dim not in SUPPORTED_HEAD_DIMS or (kv_len is not None and layout == "packed"):
         return reference.flash_attention(q, k, v, bias, kv_len, num_heads, num_kv_heads, head_dim, scale, causal,
                                          window, alibi, alibi_bias_max, layout)
     if layout == "bhsd":
@@ -165,7 +179,7 @@ def flash_attention(lib: KernelLibrary, q, k=None, v=None, bias=None, kv_len=Non
     if layout != "packed":  # 16-byte loads: misaligned views are copied rather than rejected
         q, k, v = (t if t.data_ptr() % 16 == 0 else t.contiguous() for t in (q, k, v))
     p, keep = attention_params(q, k, v, o, bias, num_heads, num_kv_heads, head_dim, scale, causal, window, alibi,
-                               alibi_bias_max, layout)
+                               alibi_bias_max, layout, kv_len)
     ws_bytes = lib.flash_attention_workspace_size(p)
     if ws_bytes:  # split-KV partials: the caching allocator's block, never an allocation inside the launch
         ws = torch.empty(ws_bytes, dtype=torch.uint8, device=o.device)
@@ -177,17 +191,18 @@ def flash_attention(lib: KernelLibrary, q, k=None, v=None, bias=None, kv_len=Non
 
 
 # ------------------------------------------------------------------------------------------------ int8 GEMM
-def int8_gemm(lib: KernelLibrary, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Exact int32 ``x[M,K] @ w[N,K]^T``."""
+def int8_gemm(lib: KernelLibrary, x: torch.Tensor, w: torch.Tensor, path: str = "auto") -> torch.Tensor:
+    """Exact int32 ``x[M,K] @ w[N,K]^T``; ``path`` pins the algorithm (auto | tiled | decode)."""
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.int32, device=x.device)
     lib.check(lib.int8_gemm_raw(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], w.shape[0], x.shape[1],
-                                _stream()))
+                                _stream(), path))
     return y
 
 
-def w8a8_linear_fused(lib: KernelLibrary, x, x_scale, w, w_scale, bias=None, quantize_output=False):
-    """W8A8 linear on [..., K] -> fp16 [..., N]; with ``quantize_output`` also (y_q int8, y_q_scale [..., 1])."""
+def w8a8_linear_fused(lib: KernelLibrary, x, x_scale, w, w_scale, bias=None, quantize_output=False, path="auto"):
+    """W8A8 linear on [..., K] -> fp16 [..., N]; with ``quantize_output`` also (y_q int8, y_q_scale [..., 1]).
+    ``path`` pins the GEMM algorithm (auto: the decode GEMM for <= 16 tokens, the tile GEMM above)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     m, kdim = x2.shape
@@ -201,7 +216,7 @@ def w8a8_linear_fused(lib: KernelLibrary, x, x_scale, w, w_scale, bias=None, qua
     yqs = torch.empty(m, dtype=torch.float32, device=x.device) if quantize_output else None
     lib.check(lib.w8a8_raw(x2.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), b.data_ptr() if b is not None
                            else None, y.data_ptr(), yq.data_ptr() if yq is not None else None,
-                           yqs.data_ptr() if yqs is not None else None, m, n, kdim, _stream()))
+                           yqs.data_ptr() if yqs is not None else None, m, n, kdim, _stream(), path))
     y = y.reshape(*lead, n)
     if quantize_output:
         return y, yq.reshape(*lead, n), yqs.reshape(*lead, 1)

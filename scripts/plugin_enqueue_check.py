@@ -173,6 +173,16 @@ def make_cases(dev: torch.device, gen: torch.Generator) -> list[dict]:
     attn("fa_mqa_decode", {"num_heads": 32, "num_kv_heads": 1, "head_dim": 128, "causal": 1},
          [randn(B, 1, 32 * 128), randn(B, 1000, 128), randn(B, 1000, 128)], (B, 1, 32 * 128),
          "MQA decode Sq1 Sk1000 H32/1 D128 (bsd, causal bottom-right)")
+    # Fixed-size KV cache (LLaVA-7B decode shape): kv_len per row, the slots past it poisoned with NaN (never read).
+    s_max, lens = 2304, [600, 2000]
+    kc, vc = randn(B, 32, s_max, 128), randn(B, 32, s_max, 128)
+    for row, n in enumerate(lens):
+        kc[row, :, n:], vc[row, :, n:] = float("nan"), float("nan")
+    pad = torch.zeros(B, 1, 1, s_max, device=dev, dtype=torch.float16)
+    pad[1, ..., :5] = float("-inf")  # row 1: a left-padded prompt
+    attn("fa_kv_cache_decode", {"num_heads": 32, "head_dim": 128, "layout": "bhsd", "causal": 1},
+         [randn(B, 32, 1, 128), kc, vc, pad, torch.tensor(lens, device=dev, dtype=torch.int64)], (B, 32, 1, 128),
+         "KV-cache decode bhsd S_max 2304, kv_len [600, 2000] (NaN past it), padding bias, H32 D128 (split-KV)")
     attn("fa_alibi_causal", {"num_heads": 32, "head_dim": 128, "alibi": 1, "alibi_bias_max": 8, "causal": 1,
                              "scale": 0.0883883476},
          [randn(1, 257, 32 * 128), randn(1, 257, 32 * 128), randn(1, 257, 32 * 128)], (1, 257, 32 * 128),
@@ -219,18 +229,25 @@ def make_cases(dev: torch.device, gen: torch.Generator) -> list[dict]:
     return cases
 
 
+def attention_reference(case: dict, ins: list[torch.Tensor]) -> torch.Tensor:
+    """fp32 reference of a FlashAttention case (inputs in op-table order: q, k, v [, bias [, kv_len]])."""
+    a = case["attrs"]
+    f32 = [t.float() for t in ins]
+    if a.get("layout", "bsd") == "packed":
+        return ref.flash_attention(f32[0], None, None, f32[1] if len(f32) > 1 else None, **a)
+    q, k, v, bias = f32[0], f32[1], f32[2], (f32[3] if len(f32) > 3 else None)
+    kv_len = ins[4] if len(ins) > 4 else None
+    if kv_len is not None:  # the reference multiplies the whole cache: zero the (poisoned) slots past kv_len
+        keep = torch.arange(k.shape[2]).view(1, 1, -1, 1) < kv_len.cpu().view(-1, 1, 1, 1)
+        k, v = k.where(keep, 0.0), v.where(keep, 0.0)
+    return ref.flash_attention(q, k, v, bias, kv_len, **a)
+
+
 def reference_check(case: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> dict:
     """Compare the plugin outputs with vlmx.torch_ref.reference on the CPU."""
     op, a = case["op"], case["attrs"]
     if op == "FlashAttention":
-        f32 = [t.float() for t in ins]
-        layout = a.get("layout", "bsd")
-        if layout == "packed":
-            q, k, v, bias = f32[0], None, None, (f32[1] if len(f32) > 1 else None)
-        else:
-            q, k, v, bias = f32[0], f32[1], f32[2], (f32[3] if len(f32) > 3 else None)
-        want = ref.flash_attention(q, k, v, bias, **a)
-        return {"o": float_check(outs[0], want, ATTN_TOL)}
+        return {"o": float_check(outs[0], attention_reference(case, ins), ATTN_TOL)}
     if op == "W8A8Linear":
         want = ref.w8a8_linear(*ins[:4], ins[4].float() if len(ins) > 4 else None, out_dtype="float32")
         res = float_check(outs[0], want, FLOAT_OUT_TOL)

@@ -39,12 +39,20 @@ def test_importing_plugins_does_nothing():
 
 
 def test_params_struct_matches_the_header_layout():
-    # 5 pointers, 6 ints, 15 int64 strides, float scale, 4 ints, workspace pointer + int64 bytes: offsets as a C
-    # compiler lays them out.
+    # 5 pointers, 6 ints, 15 int64 strides, float scale, 4 ints, workspace pointer + int64 bytes, kv_len pointer:
+    # offsets as a C compiler lays them out.
     p = cuda_ops.AttentionParams
     assert p.batch.offset == 40 and p.head_dim.offset == 60 and p.q_stride_b.offset == 64
     assert p.bias_stride_q.offset == 64 + 14 * 8 and p.scale.offset == 184 and p.alibi_bias_max.offset == 200
-    assert p.workspace.offset == 208 and p.workspace_bytes.offset == 216 and ctypes.sizeof(p) == 224
+    assert p.workspace.offset == 208 and p.workspace_bytes.offset == 216 and p.kv_len.offset == 224
+    assert ctypes.sizeof(p) == 232
+
+
+def test_decode_gemm_row_limit_agrees_with_the_header():
+    header = (kbuild.CSRC / "vlmx_kernels.h").read_text()
+    assert f"#define VLMX_W8A8_DECODE_MAX_M {cuda_ops.W8A8_DECODE_MAX_M}\n" in header
+    assert cuda_ops.GEMM_PATHS == {"auto": 0, "tiled": 1, "decode": 2}
+    assert "VLMX_GEMM_AUTO = 0, VLMX_GEMM_TILED = 1, VLMX_GEMM_DECODE = 2" in header
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +70,14 @@ def test_header_struct_size_agrees_with_ctypes(tmp_path):
     src = tmp_path / "size.cu"
     src.write_text('#include "vlmx_kernels.h"\n#include <stddef.h>\n#include <stdio.h>\nint main(){printf("%zu %zu %zu %zu",'
                    ' sizeof(vlmx_attention_params), offsetof(vlmx_attention_params, scale), '
-                   'offsetof(vlmx_attention_params, bias_stride_q), offsetof(vlmx_attention_params, workspace_bytes));}\n')
+                   'offsetof(vlmx_attention_params, bias_stride_q), offsetof(vlmx_attention_params, kv_len));}\n')
     exe = tmp_path / "size"
     subprocess.run([nvcc, f"-I{kbuild.CSRC}", "-o", str(exe), str(src)], check=True, capture_output=True)
-    size, scale_off, bias_q_off, ws_off = map(int, subprocess.run([str(exe)], capture_output=True,
-                                                                  text=True).stdout.split())
+    size, scale_off, bias_q_off, len_off = map(int, subprocess.run([str(exe)], capture_output=True,
+                                                                   text=True).stdout.split())
     p = cuda_ops.AttentionParams
-    assert (size, scale_off, bias_q_off, ws_off) == (ctypes.sizeof(p), p.scale.offset, p.bias_stride_q.offset,
-                                                     p.workspace_bytes.offset)
+    assert (size, scale_off, bias_q_off, len_off) == (ctypes.sizeof(p), p.scale.offset, p.bias_stride_q.offset,
+                                                      p.kv_len.offset)
 
 
 @pytest.mark.nvcc
@@ -107,6 +115,7 @@ def test_launcher_rejects_unsupported_head_dim_before_any_cuda_call(sm75_lib, he
     (dict(k_stride_s=100), cuda_ops.MISALIGNED, "multiples of 8"),
     (dict(alibi=1, alibi_bias_max=0), cuda_ops.INVALID_ARGUMENT, "alibi_bias_max"),
     (dict(workspace=0x5004, workspace_bytes=4096), cuda_ops.INVALID_ARGUMENT, "workspace"),
+    (dict(kv_len=0x6004), cuda_ops.MISALIGNED, "kv_len"),
 ])
 def test_launcher_argument_checks(sm75_lib, change, status, match):
     fields = dict(q=0x1000, k=0x2000, v=0x3000, o=0x4000, batch=2, seqlen_q=8, seqlen_k=8, num_heads=4,
@@ -128,6 +137,12 @@ def test_gemm_argument_checks(sm75_lib):
     assert "y_q_scale" in sm75_lib.last_error()
     assert sm75_lib.w8a8_raw(0x1000, None, 0x3000, 0x4000, None, 0x5000, None, None, 4, 4, 32, None) == \
         cuda_ops.INVALID_ARGUMENT
+    # The decode GEMM takes at most VLMX_W8A8_DECODE_MAX_M (16) rows; unknown paths are refused by number.
+    assert sm75_lib.int8_gemm_raw(0x1000, 0x2000, 0x3000, 17, 4, 32, None, path="decode") == cuda_ops.UNSUPPORTED
+    assert "M <= 16" in sm75_lib.last_error()
+    assert sm75_lib.lib.vlmx_w8a8_linear_path(0x1000, 0x2000, 0x3000, 0x4000, None, 0x5000, None, None, 4, 4, 32, 7,
+                                               None) == cuda_ops.INVALID_ARGUMENT
+    assert "path=7" in sm75_lib.last_error()
 
 
 @pytest.mark.nvcc
@@ -162,3 +177,7 @@ def test_every_target_compiles(tmp_path, capsys):
         entries = kbuild.fatbin_entries(path)
         assert {(k, a) for k, a, _ in entries} == {("sass", sm), ("ptx", 75)}, (name, entries)
     assert " 0 B spill stores" in log and "flash_fwd_kernel<D=72,W=8>" in log
+    # The decode GEMM (M <= 16) is in every target's SASS, without spills.
+    for line in (ln for ln in log.splitlines() if "w8a8_decode_kernel<" in ln):
+        assert " 0 B spill stores" in line, line
+    assert sum("w8a8_decode_kernel<fp16,TG=2>" in ln for ln in log.splitlines()) == len(TARGETS)

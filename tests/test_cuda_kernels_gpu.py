@@ -114,3 +114,98 @@ def test_errors_raise_with_the_kernel_message(lib):
     x = torch.zeros(4, 24, device="cuda", dtype=torch.int8)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         cuda_ops.int8_gemm(lib, x, x)
+
+
+# ------------------------------------------------------------------------------------------------ KV cache (kv_len)
+# name: (B, Sq, H, Hkv, S_max, D, kv_len per row, causal, alibi, window, padding bias)
+KV_CASES = {
+    "llava7b_decode": (2, 1, 32, 32, 2304, 128, [600, 2000], 1, 0, -1, True),
+    "gqa8_decode_edges": (4, 1, 32, 8, 2304, 128, [1, 64, 2303, 2304], 1, 0, -1, False),
+    "mqa_d80": (2, 1, 16, 1, 1000, 80, [17, 999], 1, 0, -1, False),
+    "alibi_mpt": (2, 1, 32, 32, 1024, 128, [300, 1024], 1, 1, -1, False),
+    "window_d64": (2, 1, 8, 8, 2048, 64, [100, 1500], 1, 0, 256, False),
+    "empty_row_d96": (2, 1, 8, 4, 512, 96, [0, 333], 1, 0, -1, False),
+    "prefill_chunk_gqa": (2, 100, 32, 8, 768, 128, [150, 700], 1, 0, -1, False),
+    "prefill_chunk_d72_full": (1, 65, 16, 16, 300, 72, [300], 1, 0, -1, True),
+}
+
+
+def _kv_inputs(b, sq, h, hkv, s_max, d, lens, pad, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda").half()  # noqa: E731
+    q, kc, vc = rnd(b, h, sq, d), rnd(b, hkv, s_max, d), rnd(b, hkv, s_max, d)
+    for row, n in enumerate(lens):  # unused cache slots: NaN, so any read of them shows in the output
+        kc[row, :, n:], vc[row, :, n:] = float("nan"), float("nan")
+    bias = None
+    if pad:
+        bias = torch.zeros(b, 1, 1, s_max, device="cuda", dtype=torch.float16)
+        bias[-1, ..., :5] = float("-inf")
+    return q, kc, vc, bias, torch.tensor(lens, device="cuda", dtype=torch.int64)
+
+
+def _kv_reference(q, kc, vc, bias, kv_len, attrs):
+    """fp32 reference on the cache with the unused slots zeroed (the reference multiplies the whole cache)."""
+    keep = torch.arange(kc.shape[2], device="cuda").view(1, 1, -1, 1) < kv_len.view(-1, 1, 1, 1)
+    k, v = kc.float().where(keep, 0.0), vc.float().where(keep, 0.0)
+    return reference.flash_attention(q.float(), k, v, None if bias is None else bias.float(), kv_len, **attrs)
+
+
+@pytest.mark.parametrize("name", list(KV_CASES))
+def test_flash_attention_kv_len_reads_only_the_valid_prefix(lib, name):
+    """The torch op with kv_len runs the CUDA kernel (no reference fallback: the NaN past kv_len would poison it)."""
+    b, sq, h, hkv, s_max, d, lens, causal, alibi, window, pad = KV_CASES[name]
+    q, kc, vc, bias, kv_len = _kv_inputs(b, sq, h, hkv, s_max, d, lens, pad, hash(name) % 2**31)
+    attrs = dict(num_heads=h, num_kv_heads=hkv, head_dim=d, causal=causal, window=window, alibi=alibi, layout="bhsd")
+    out = torch.ops.vlmx.flash_attention(q, kc, vc, bias, kv_len, **attrs)
+    assert_close(out, _kv_reference(q, kc, vc, bias, kv_len, attrs), ATTENTION_TOL, f"flash_attention_kv_len/{name}")
+    for row, n in enumerate(lens):
+        if n == 0:
+            assert out[row].abs().max().item() == 0.0, "a row with kv_len 0 attends to nothing: zeros"
+
+
+def test_flash_attention_kv_len_is_read_on_the_device_in_a_cuda_graph(lib):
+    """One capture serves every decode step: kv_len changes in place between replays, no host sync, no re-capture."""
+    q, kc, vc, _, kv_len = _kv_inputs(1, 1, 32, 32, 2304, 128, [2304], False, 7)
+    attrs = dict(num_heads=32, num_kv_heads=32, head_dim=128, causal=1, layout="bhsd")
+    kv_len.fill_(16)
+    torch.ops.vlmx.flash_attention(q, kc, vc, None, kv_len, **attrs)  # JIT + allocator warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.vlmx.flash_attention(q, kc, vc, None, kv_len, **attrs)
+    for n in (1, 600, 2000):
+        kv_len.fill_(n)
+        graph.replay()
+        assert_close(out, _kv_reference(q, kc, vc, None, kv_len, attrs), ATTENTION_TOL, f"graph replay kv_len {n}")
+
+
+# ------------------------------------------------------------------------------------------------ W8A8 decode GEMM
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 15, 16])
+@pytest.mark.parametrize("n,k", [(130, 272), (1000, 16), (4096, 11008), (32064, 4096)])
+def test_w8a8_decode_gemm_is_exact_and_matches_the_tiled_path(lib, m, n, k):
+    """M <= 16 takes the decode GEMM: int32 equal to the exact (int64) product, fp16 output bit-identical to the
+    tiled GEMM and within rounding of the float64 dequantization; outputs pre-filled so a skipped element fails."""
+    from vlmx.plugins import cuda_ops
+
+    g = torch.Generator(device="cuda").manual_seed(m * 100003 + n * 7 + k)
+    x = torch.randint(-127, 128, (m, k), generator=g, device="cuda", dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g, device="cuda", dtype=torch.int8)
+    xs = torch.rand(m, generator=g, device="cuda") * 0.01 + 1e-4
+    ws = torch.rand(n, generator=g, device="cuda") * 0.01 + 1e-4
+    bias = torch.randn(n, generator=g, device="cuda").half()
+    exact = (x.double() @ w.double().t()).long()  # |sum| < 2^53: exact integers
+    stream = torch.cuda.current_stream().cuda_stream
+    ys = {}
+    for path in ("decode", "tiled", "auto"):
+        acc = torch.full((m, n), -2**31, dtype=torch.int32, device="cuda")
+        lib.check(lib.int8_gemm_raw(x.data_ptr(), w.data_ptr(), acc.data_ptr(), m, n, k, stream, path))
+        assert int((acc.long() != exact).sum()) == 0, f"{path}: int32 accumulation is not exact"
+        y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        lib.check(lib.w8a8_raw(x.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                               None, None, m, n, k, stream, path))
+        ys[path] = y
+    assert torch.equal(ys["decode"], ys["tiled"]) and torch.equal(ys["auto"], ys["decode"])
+    want = exact.double() * xs.double().view(-1, 1) * ws.double() + bias.double()
+    assert_close(ys["auto"], want, W8A8_TOL, f"w8a8_decode/{m}x{n}x{k}")
+    _, yq, yqs = cuda_ops.w8a8_linear_fused(lib, x, xs.view(-1, 1), w, ws, bias, quantize_output=True)
+    rq, rs = reference.quantize_rows(ys["decode"].cpu())
+    assert torch.equal(yq.cpu(), rq) and torch.equal(yqs.cpu(), rs), "decode path: fused per-token quantization"

@@ -137,6 +137,9 @@ SHAPE_CASES = [
      [[1, 16, 577, 64]]),
     ("FlashAttention", {"num_heads": 4, "head_dim": 64, "layout": "packed", "alibi": 1},
      ["half"], [(1, 5, 768)], ["half"], [[1, 5, 256]]),
+    ("FlashAttention", {"num_heads": 4, "head_dim": 64, "layout": "bhsd", "causal": 1},  # KV cache + kv_len
+     ["half"] * 4 + ["int64"], [(2, 4, 1, 64), (2, 4, 300, 64), (2, 4, 300, 64), (2, 1, 1, 300), (2,)], ["half"],
+     [[2, 4, 1, 64]]),
     ("W8A8Linear", {}, ["int8", "float", "int8", "float", "half"], [(2, 5, 64), (2, 5, 1), (96, 64), (96,), (96,)],
      ["half"], [[2, 5, 96]]),
     ("W8A8Linear", {"out_dtype": "float16"}, ["int8", "float", "int8", "float"], [(730, 1152), (730, 1), (4304, 1152),
@@ -179,6 +182,8 @@ def test_output_types_shapes_and_serialization_round_trip(host_check, case):
       [(2, 7, 512), (2, 9, 192), (2, 9, 192)]), "positive multiple of num_kv_heads=3"),
     (("FlashAttention", {"num_heads": 2, "head_dim": 64}, ["half"] * 4,
       [(1, 7, 128), (1, 9, 128), (1, 9, 128), (1, 1, 7, 1)]), "must have rank 1..4 and end in the key length 9"),
+    (("FlashAttention", {"num_heads": 2, "head_dim": 64, "layout": "bhsd"}, ["half"] * 4 + ["int64"],
+      [(2, 2, 1, 64), (2, 2, 9, 64), (2, 2, 9, 64), (2, 1, 1, 9), (3,)]), "kv_len \\[3\\] must be \\[B\\] with B = 2"),
     (("FlashAttention", {"num_heads": 2, "head_dim": 64, "layout": "packed"}, ["half"], [(1, 7, 300)]),
      "must end in \\(num_heads \\+ 2\\*num_kv_heads\\)\\*head_dim = 384"),
     (("W8A8Linear", {}, ["int8", "float", "int8", "float"], [(4, 40), (4, 1), (32, 40), (32,)]),

@@ -10,6 +10,9 @@
 // stored to shared memory afterwards (register-staged double buffering; one shared buffer keeps 2-3 CTAs per T4 SM).
 // Split-KV: when B * Hkv * row-blocks cannot fill the GPU (decode), blockIdx.z splits the key range; each split
 // writes unnormalised fp32 partials (O, running max, running sum) and a combine kernel merges them.
+// KV cache (kv_len): k/v are [B, Hkv, S_max, D] buffers of which each batch row reads its first kv_len[b] slots. The
+// length is read on the device (the host never knows it: CUDA graphs replay one launch for every decode step), so
+// the split count is planned for S_max and each CTA divides the valid tiles of its row among the splits itself.
 #include <math.h>
 #include <stdlib.h>
 
@@ -59,6 +62,7 @@ struct FaArgs {
   const half* v;
   half* o;
   const half* bias;
+  const int64_t* kv_len;  // [B] valid cache slots (nullptr: all seqlen_k); read on the device, clamped to [0, Sk]
   float* part_o;   // [splits, B, H, Sq, D] unnormalised partial outputs (split-KV only)
   float* part_ml;  // [splits, B, H, Sq, 2] running max (log2 domain) and sum
   int batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, group, rows;
@@ -88,25 +92,28 @@ __global__ void __launch_bounds__(W * 32, FaTraits<D, W>::kMinBlocks) flash_fwd_
   const int row0 = blockIdx.x * T::kBlockM;
   const int b = blockIdx.y / a.num_kv_heads, kv_head = blockIdx.y % a.num_kv_heads;
   const int split = blockIdx.z;
-  const int off = a.seqlen_k - a.seqlen_q;
+  const int len = valid_keys(a, b);  // seqlen_k, or this row's kv_len
+  const int off = len - a.seqlen_q;
 
   // Keys any row of this CTA can see (bottom-right aligned causal/window); whole tiles outside are skipped.
   const int qpos_lo = row0 / a.group;
   const int qpos_hi = min(a.seqlen_q - 1, (row0 + T::kBlockM - 1) / a.group);
-  int key_end = a.seqlen_k, key_begin = 0;
+  int key_end = len, key_begin = 0;
   if (a.causal) key_end = min(key_end, qpos_hi + off + 1);
   if (a.window >= 0) key_begin = max(key_begin, qpos_lo + off - a.window + 1);
   const int tile_lo = key_end > key_begin ? key_begin / T::kBlockN : 0;
   const int tile_hi = key_end > key_begin ? (key_end + T::kBlockN - 1) / T::kBlockN : 0;
-  const int t_begin = min(tile_hi, tile_lo + split * a.tiles_per_split);
-  const int t_end = min(tile_hi, t_begin + a.tiles_per_split);
+  // With kv_len the splits share this row's valid tiles (planned on the host for S_max, most would be idle).
+  const int per_split = a.kv_len ? (tile_hi - tile_lo + a.splits - 1) / a.splits : a.tiles_per_split;
+  const int t_begin = min(tile_hi, tile_lo + split * per_split);
+  const int t_end = min(tile_hi, t_begin + per_split);
 
   const half* kbase = a.k + b * a.k_sb + kv_head * a.k_sh;
   const half* vbase = a.v + b * a.v_sb + kv_head * a.v_sh;
   uint4 kregs[T::kKvLoads], vregs[T::kKvLoads];
   if (t_begin < t_end) {
-    load_kv_regs<D, W>(kregs, kbase, a.k_ss, t_begin * T::kBlockN, a.seqlen_k);
-    load_kv_regs<D, W>(vregs, vbase, a.v_ss, t_begin * T::kBlockN, a.seqlen_k);
+    load_kv_regs<D, W>(kregs, kbase, a.k_ss, t_begin * T::kBlockN, len);
+    load_kv_regs<D, W>(vregs, vbase, a.v_ss, t_begin * T::kBlockN, len);
   }
   // Q goes through the K/V buffer: fragments stay in registers for the whole key loop.
   load_q_tile<D, W>(smem, a, b, kv_head, row0);
@@ -133,19 +140,19 @@ __global__ void __launch_bounds__(W * 32, FaTraits<D, W>::kMinBlocks) flash_fwd_
     const int key0 = t * T::kBlockN;
     const bool has_next = t + 1 < t_end;
     if (has_next) {  // in flight while the tensor cores work on tile t
-      load_kv_regs<D, W>(kregs, kbase, a.k_ss, key0 + T::kBlockN, a.seqlen_k);
-      load_kv_regs<D, W>(vregs, vbase, a.v_ss, key0 + T::kBlockN, a.seqlen_k);
+      load_kv_regs<D, W>(kregs, kbase, a.k_ss, key0 + T::kBlockN, len);
+      load_kv_regs<D, W>(vregs, vbase, a.v_ss, key0 + T::kBlockN, len);
     }
     if (warp_active) {
       float s[T::kBlockN / 8][4];
       uint32_t pf[T::kBlockN / 8][2];
       qk_product<D, W>(s, qf, sk, lane);
       // Interior tiles of a plain (no bias/ALiBi) attention need only the scale: skip the per-element masks.
-      const bool interior = plain && key0 + T::kBlockN <= a.seqlen_k && qpos_hi < a.seqlen_q &&
+      const bool interior = plain && key0 + T::kBlockN <= len && qpos_hi < a.seqlen_q &&
                             row0 + T::kBlockM <= a.rows &&
                             (!a.causal || key0 + T::kBlockN - 1 <= qpos_lo + off) &&
                             (a.window < 0 || key0 > qpos_hi + off - a.window);
-      if (!interior) mask_scores<D, W>(s, a, b, kv_head, row0 + warp * 16 + lane / 4, key0, lane);
+      if (!interior) mask_scores<D, W>(s, a, b, kv_head, row0 + warp * 16 + lane / 4, key0, len, lane);
       online_softmax_update<D, W>(s, pf, o, row_max, row_sum, interior ? a.scale_log2 : 1.f);
       pv_product<D, W>(o, pf, sv, lane);
     }
@@ -358,6 +365,11 @@ extern "C" vlmx_status vlmx_flash_attention_fwd(const vlmx_attention_params* p, 
   a.causal = p->causal != 0, a.window = p->window, a.alibi = p->alibi != 0, a.alibi_bias_max = p->alibi_bias_max;
   a.alibi_pow2 = 1;
   while (a.alibi_pow2 < p->num_heads) a.alibi_pow2 *= 2;
+  if (reinterpret_cast<uintptr_t>(p->kv_len) & 7u) {
+    return fail(VLMX_ERR_MISALIGNED, "flash_attention: kv_len=%p must be an 8-byte aligned int64 [batch] device "
+                "array (or NULL)", static_cast<const void*>(p->kv_len));
+  }
+  a.kv_len = p->kv_len;
   if (p->workspace_bytes < 0 || (p->workspace_bytes > 0 && !aligned16(p->workspace))) {
     return fail(VLMX_ERR_INVALID_ARGUMENT, "flash_attention: workspace %p of %lld bytes must be 16-byte aligned "
                 "(or NULL with 0 bytes: no split-KV)", p->workspace, static_cast<long long>(p->workspace_bytes));

@@ -7,6 +7,13 @@
 namespace vlmx {
 namespace {
 
+// Valid keys of batch row b: seqlen_k, or kv_len[b] clamped to [0, seqlen_k] (a fixed-size KV cache).
+__device__ __forceinline__ int valid_keys(const FaArgs& a, int b) {
+  if (!a.kv_len) return a.seqlen_k;
+  const int64_t n = a.kv_len[b];
+  return n <= 0 ? 0 : (n >= a.seqlen_k ? a.seqlen_k : static_cast<int>(n));
+}
+
 // MPT gen_slopes: 2^-(abm*i/n) for the next power of two n; interleaved (odd then even) when H is not one.
 __device__ __forceinline__ float alibi_slope(int head, int num_heads, int pow2, int bias_max) {
   int idx = head;
@@ -14,8 +21,8 @@ __device__ __forceinline__ float alibi_slope(int head, int num_heads, int pow2, 
   return exp2f(-static_cast<float>(idx + 1) * (static_cast<float>(bias_max) / static_cast<float>(pow2)));
 }
 
-// Global -> registers: kBlockN rows of K (or V) as 16-byte chunks; rows past seqlen_k read as zeros so masked
-// keys contribute exactly 0 * 0 (never 0 * garbage) to P V.
+// Global -> registers: kBlockN rows of K (or V) as 16-byte chunks; rows past seqlen_k (the valid length) read as
+// zeros so masked keys contribute exactly 0 * 0 (never 0 * garbage, e.g. NaN in unused cache slots) to P V.
 template <int D, int W>
 __device__ __forceinline__ void load_kv_regs(uint4 (&regs)[FaTraits<D, W>::kKvLoads], const half* base,
                                              int64_t stride_s, int key0, int seqlen_k) {
@@ -112,12 +119,13 @@ __device__ __forceinline__ RowInfo row_info(const FaArgs& a, int b, int kv_head,
 }
 
 // Scales S into the log2 domain and applies ALiBi, bias, causal/window and key-length masks (masked -> -inf).
+// len: the valid keys of this batch row (valid_keys).
 template <int D, int W>
 __device__ __forceinline__ void mask_scores(float (&s)[FaTraits<D, W>::kBlockN / 8][4], const FaArgs& a,
-                                            int b, int kv_head, int row, int key0, int lane) {
+                                            int b, int kv_head, int row, int key0, int len, int lane) {
   using T = FaTraits<D, W>;
   const RowInfo ri[2] = {row_info(a, b, kv_head, row), row_info(a, b, kv_head, row + 8)};
-  const int off = a.seqlen_k - a.seqlen_q;
+  const int off = len - a.seqlen_q;
 #pragma unroll
   for (int n = 0; n < T::kBlockN / 8; ++n) {
 #pragma unroll
@@ -125,11 +133,11 @@ __device__ __forceinline__ void mask_scores(float (&s)[FaTraits<D, W>::kBlockN /
       const RowInfo& r = ri[e >> 1];
       const int key = key0 + n * 8 + (lane & 3) * 2 + (e & 1);
       float v = s[n][e] * a.scale_log2;
-      bool masked = key >= a.seqlen_k || r.qpos < 0;
+      bool masked = key >= len || r.qpos < 0;
       if (a.causal) masked |= key > r.qpos + off;
       if (a.window >= 0) masked |= key <= r.qpos + off - a.window;
       if (!masked) {
-        if (a.alibi) v += r.slope_log2 * static_cast<float>(key - (a.seqlen_k - 1));
+        if (a.alibi) v += r.slope_log2 * static_cast<float>(key - (len - 1));
         if (r.bias) v += __half2float(r.bias[key]) * kLog2e;
       }
       s[n][e] = masked ? -INFINITY : v;

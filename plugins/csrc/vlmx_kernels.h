@@ -33,6 +33,9 @@ const char* vlmx_last_error(void);
 //   strides of 0 broadcast (a key padding mask is [B,1,1,Sk]: stride_h = stride_q = 0).
 // Layouts are expressed through strides: [B,S,H,D] has stride_s = H*D, stride_h = D; packed qkv
 //   [B,S,3,H,D] (or [B,S,H+2Hkv,D]) is q/k/v pointers offset into one buffer with a shared stride_s.
+// kv_len (optional, int64 [B], device memory, read by the kernel: no host sync, CUDA-graph safe): k/v are a
+//   fixed-size cache of seqlen_k = S_max slots of which only the first L = kv_len[b] (clamped to [0, S_max]) are
+//   read; L replaces seqlen_k in every rule above (causal/window offset L - seqlen_q, ALiBi j - (L - 1)).
 typedef struct {
   const void* q;
   const void* k;
@@ -54,6 +57,7 @@ typedef struct {
   // vlmx_flash_attention_workspace_size; a smaller one only lowers the split count. Never allocated by the launch.
   void* workspace;
   int64_t workspace_bytes;
+  const int64_t* kv_len;  // may be NULL: all seqlen_k keys are valid
 } vlmx_attention_params;
 
 vlmx_status vlmx_flash_attention_fwd(const vlmx_attention_params* params, cudaStream_t stream);
@@ -80,6 +84,12 @@ static inline int64_t vlmx_fa_workspace_bytes(const vlmx_attention_params* p) {
 // The same, exported for callers without the header (ctypes).
 int64_t vlmx_flash_attention_workspace_size(const vlmx_attention_params* params);
 
+// The W8A8 GEMMs pick their algorithm by M: M <= VLMX_W8A8_DECODE_MAX_M (decode steps) takes a weight-streaming
+// split-K kernel (w8a8_decode.cu), larger M the 128x128 mma.sync.m8n8k16 tile GEMM (w8a8_gemm.cu). Results are
+// bit-identical either way (exact int32 accumulation, same epilogue rounding).
+#define VLMX_W8A8_DECODE_MAX_M 16
+typedef enum { VLMX_GEMM_AUTO = 0, VLMX_GEMM_TILED = 1, VLMX_GEMM_DECODE = 2 } vlmx_gemm_path;
+
 // Exact int8 GEMM: y_i32[M,N] = x[M,K] @ w[N,K]^T (row-major, K contiguous). K % 16 == 0.
 vlmx_status vlmx_int8_gemm_i32(const int8_t* x, const int8_t* w, int32_t* y, int M, int N, int K,
                                cudaStream_t stream);
@@ -90,6 +100,14 @@ vlmx_status vlmx_int8_gemm_i32(const int8_t* x, const int8_t* w, int32_t* y, int
 vlmx_status vlmx_w8a8_linear(const int8_t* x, const float* x_scale, const int8_t* w, const float* w_scale,
                              const void* bias_fp16, void* y_fp16, int8_t* y_q, float* y_q_scale, int M, int N,
                              int K, cudaStream_t stream);
+
+// The same two with the algorithm pinned (vlmx_gemm_path; tests and benchmarks compare both paths). DECODE needs
+// M <= VLMX_W8A8_DECODE_MAX_M.
+vlmx_status vlmx_int8_gemm_i32_path(const int8_t* x, const int8_t* w, int32_t* y, int M, int N, int K, int path,
+                                    cudaStream_t stream);
+vlmx_status vlmx_w8a8_linear_path(const int8_t* x, const float* x_scale, const int8_t* w, const float* w_scale,
+                                  const void* bias_fp16, void* y_fp16, int8_t* y_q, float* y_q_scale, int M, int N,
+                                  int K, int path, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

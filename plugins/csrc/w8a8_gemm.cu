@@ -9,11 +9,12 @@
 // Both operands are K-contiguous, so an 8x16 int8 block is an 8x8 b16 matrix to ldmatrix and comes out in
 // exactly the m8n8k16 A (row) and B (col) fragment layouts. No cp.async on Turing: the next K step is staged in
 // registers while the current one is multiplied (one shared buffer: 40 KB would cap a T4 SM at one CTA).
+// M <= VLMX_W8A8_DECODE_MAX_M (decode) goes to the weight-streaming kernel of w8a8_decode.cu instead.
 #include <math.h>
 
 #include <algorithm>
 
-#include "common.cuh"
+#include "w8a8_common.cuh"
 
 namespace vlmx {
 namespace {
@@ -28,20 +29,6 @@ constexpr int kPitch = kBlockK + 16;
 constexpr int kChunksPerRow = kBlockK / 16;
 constexpr int kLoads = kBlockM * kChunksPerRow / kThreads;  // uint4 per thread per operand per K step
 constexpr float kQmax = 127.f, kQuantEps = 1e-6f;
-
-enum class Epilogue { kInt32, kScaleFp16 };
-
-struct GemmArgs {
-  const int8_t* x;
-  const int8_t* w;
-  int32_t* y_i32;
-  half* y_fp16;
-  const float* x_scale;
-  const float* w_scale;
-  const half* bias;
-  float* row_absmax;  // y_q_scale doubles as the |y| max accumulator when quantizing (nullptr otherwise)
-  int M, N, K;
-};
 
 // Rows past M/N and chunks past K read as zeros: they add nothing to the exact int32 sums.
 __device__ __forceinline__ void load_tile_regs(uint4 (&regs)[kLoads], const int8_t* src, int rows, int row0, int K,
@@ -89,11 +76,6 @@ __device__ __forceinline__ void warp_tile_mma(int32_t (&acc)[kFragsM][kFragsN][2
 #pragma unroll
       for (int ni = 0; ni < kFragsN; ++ni) mma_m8n8k16(acc[mi][ni], a[mi], b[ni]);
   }
-}
-
-// acc -> fp32 exactly as the reference: (float(acc) * x_scale) * w_scale + bias, no fused multiply-add.
-__device__ __forceinline__ float dequantize(int32_t acc, float xs, float ws, float bias) {
-  return __fadd_rn(__fmul_rn(__fmul_rn(static_cast<float>(acc), xs), ws), bias);
 }
 
 template <Epilogue E>
@@ -217,11 +199,24 @@ vlmx_status check_gemm_args(const char* op, const int8_t* x, const int8_t* w, co
   return VLMX_OK;
 }
 
+// The path a launch with M rows takes: AUTO picks the decode GEMM for M <= VLMX_W8A8_DECODE_MAX_M.
+vlmx_status resolve_path(const char* op, int path, int M, bool* decode) {
+  if (path != VLMX_GEMM_AUTO && path != VLMX_GEMM_TILED && path != VLMX_GEMM_DECODE) {
+    return fail(VLMX_ERR_INVALID_ARGUMENT, "%s: path=%d; expected 0 (auto), 1 (tiled) or 2 (decode)", op, path);
+  }
+  if (path == VLMX_GEMM_DECODE && M > VLMX_W8A8_DECODE_MAX_M) {
+    return fail(VLMX_ERR_UNSUPPORTED, "%s: the decode GEMM takes M <= %d rows, got M=%d; use path 0 or 1", op,
+                VLMX_W8A8_DECODE_MAX_M, M);
+  }
+  *decode = path == VLMX_GEMM_DECODE || (path == VLMX_GEMM_AUTO && M <= VLMX_W8A8_DECODE_MAX_M);
+  return VLMX_OK;
+}
+
 }  // namespace
 }  // namespace vlmx
 
-extern "C" vlmx_status vlmx_int8_gemm_i32(const int8_t* x, const int8_t* w, int32_t* y, int M, int N, int K,
-                                          cudaStream_t stream) {
+extern "C" vlmx_status vlmx_int8_gemm_i32_path(const int8_t* x, const int8_t* w, int32_t* y, int M, int N, int K,
+                                               int path, cudaStream_t stream) {
   using namespace vlmx;
   clear_error();
   vlmx_status st = check_gemm_args("int8_gemm_i32", x, w, y, M, N, K);
@@ -229,15 +224,23 @@ extern "C" vlmx_status vlmx_int8_gemm_i32(const int8_t* x, const int8_t* w, int3
   if (reinterpret_cast<uintptr_t>(y) & 3u) {
     return fail(VLMX_ERR_MISALIGNED, "int8_gemm_i32: y=%p must be 4-byte aligned", static_cast<void*>(y));
   }
+  bool decode = false;
+  if ((st = resolve_path("int8_gemm_i32", path, M, &decode)) != VLMX_OK) return st;
   GemmArgs g{x, w, y, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K};
+  if (decode) return launch_w8a8_decode(g, Epilogue::kInt32, stream);
   dim3 grid((N + kBlockN - 1) / kBlockN, (M + kBlockM - 1) / kBlockM);
   int8_gemm_kernel<Epilogue::kInt32><<<grid, kThreads, 0, stream>>>(g);
   return check_launch("int8_gemm_kernel<int32>");
 }
 
-extern "C" vlmx_status vlmx_w8a8_linear(const int8_t* x, const float* x_scale, const int8_t* w, const float* w_scale,
-                                        const void* bias_fp16, void* y_fp16, int8_t* y_q, float* y_q_scale, int M,
-                                        int N, int K, cudaStream_t stream) {
+extern "C" vlmx_status vlmx_int8_gemm_i32(const int8_t* x, const int8_t* w, int32_t* y, int M, int N, int K,
+                                          cudaStream_t stream) {
+  return vlmx_int8_gemm_i32_path(x, w, y, M, N, K, VLMX_GEMM_AUTO, stream);
+}
+
+extern "C" vlmx_status vlmx_w8a8_linear_path(const int8_t* x, const float* x_scale, const int8_t* w,
+                                             const float* w_scale, const void* bias_fp16, void* y_fp16, int8_t* y_q,
+                                             float* y_q_scale, int M, int N, int K, int path, cudaStream_t stream) {
   using namespace vlmx;
   clear_error();
   vlmx_status st = check_gemm_args("w8a8_linear", x, w, y_fp16, M, N, K);
@@ -255,6 +258,8 @@ extern "C" vlmx_status vlmx_w8a8_linear(const int8_t* x, const float* x_scale, c
       (reinterpret_cast<uintptr_t>(y_q_scale) & 3u)) {
     return fail(VLMX_ERR_MISALIGNED, "w8a8_linear: y/bias must be 2-byte and the scales 4-byte aligned");
   }
+  bool decode = false;
+  if ((st = resolve_path("w8a8_linear", path, M, &decode)) != VLMX_OK) return st;
   if (y_q_scale) {
     cudaError_t err = cudaMemsetAsync(y_q_scale, 0, static_cast<size_t>(M) * sizeof(float), stream);
     if (err != cudaSuccess) {
@@ -264,11 +269,22 @@ extern "C" vlmx_status vlmx_w8a8_linear(const int8_t* x, const float* x_scale, c
   }
   GemmArgs g{x, w, nullptr, static_cast<half*>(y_fp16), x_scale, w_scale, static_cast<const half*>(bias_fp16),
              y_q_scale, M, N, K};
-  dim3 grid((N + kBlockN - 1) / kBlockN, (M + kBlockM - 1) / kBlockM);
-  int8_gemm_kernel<Epilogue::kScaleFp16><<<grid, kThreads, 0, stream>>>(g);
-  st = check_launch("int8_gemm_kernel<fp16>");
+  if (decode) {
+    st = launch_w8a8_decode(g, Epilogue::kScaleFp16, stream);
+  } else {
+    dim3 grid((N + kBlockN - 1) / kBlockN, (M + kBlockM - 1) / kBlockM);
+    int8_gemm_kernel<Epilogue::kScaleFp16><<<grid, kThreads, 0, stream>>>(g);
+    st = check_launch("int8_gemm_kernel<fp16>");
+  }
   if (st != VLMX_OK || !y_q) return st;
   quantize_rows_kernel<<<M, std::min(256, ((N + 31) / 32) * 32), 0, stream>>>(static_cast<const half*>(y_fp16),
                                                                               y_q_scale, y_q, N);
   return check_launch("quantize_rows_kernel");
+}
+
+extern "C" vlmx_status vlmx_w8a8_linear(const int8_t* x, const float* x_scale, const int8_t* w, const float* w_scale,
+                                        const void* bias_fp16, void* y_fp16, int8_t* y_q, float* y_q_scale, int M,
+                                        int N, int K, cudaStream_t stream) {
+  return vlmx_w8a8_linear_path(x, x_scale, w, w_scale, bias_fp16, y_fp16, y_q, y_q_scale, M, N, K, VLMX_GEMM_AUTO,
+                               stream);
 }

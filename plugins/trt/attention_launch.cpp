@@ -1,5 +1,7 @@
-// FlashAttention launch: maps the plugin's layouts (bsd, bhsd, packed qkv) and the optional additive bias onto the
-// strided vlmx_attention_params of the CUDA C ABI (plugins/csrc/vlmx_kernels.h).
+// FlashAttention launch: maps the plugin's layouts (bsd, bhsd, packed qkv), the optional additive bias and the
+// optional kv_len (valid slots of a fixed-size KV cache, int64 [B], read by the kernel on the device) onto the
+// strided vlmx_attention_params of the CUDA C ABI (plugins/csrc/vlmx_kernels.h). Tensor inputs in op-table order:
+// q, k, v [, bias [, kv_len]] (packed: qkv [, bias]).
 #include "vlmx_kernels.h"
 #include "vlmx_plugin.h"
 
@@ -79,7 +81,8 @@ vlmx_attention_params attentionParams(OpAttrs const& a, Dims const* dims, int32_
             p.k_stride_s = p.v_stride_s = static_cast<int64_t>(Hkv) * D;
             p.k_stride_h = p.v_stride_h = D;
         }
-        biasPos = nbIn == 4 ? 3 : -1;
+        biasPos = nbIn >= 4 ? 3 : -1;
+        if (nbIn >= 5) p.kv_len = static_cast<int64_t const*>(input(4));
     }
     p.o = outputs != nullptr ? outputs[0] : nullptr;
     if (biasPos >= 0) {

@@ -240,7 +240,7 @@ std::string opCheckShapes(OpAttrs const& a, PluginTensorDesc const* in, int32_t 
             return "bsd q " + dimsToString(in[0].dims) + ", k " + dimsToString(in[1].dims) + " must end in num_heads*head_dim="
                 + std::to_string(H * D) + " and num_kv_heads*head_dim=" + std::to_string(Hkv * D);
         }
-        int32_t const biasPos = layout == kLayoutPacked ? (nbIn == 2 ? 1 : -1) : (nbIn == 4 ? 3 : -1);
+        int32_t const biasPos = layout == kLayoutPacked ? (nbIn == 2 ? 1 : -1) : (nbIn >= 4 ? 3 : -1);
         if (biasPos >= 0) {
             // The kernel reads bias rows contiguously over keys: only B, H and Sq may broadcast.
             Dims const& b = in[biasPos].dims;
@@ -249,6 +249,13 @@ std::string opCheckShapes(OpAttrs const& a, PluginTensorDesc const* in, int32_t 
             if (b.nbDims < 1 || b.nbDims > 4 || lastDim(b) != sk) {
                 return "bias " + dimsToString(b) + " must have rank 1..4 and end in the key length " + std::to_string(sk)
                     + " (broadcasting over batch, heads and queries only)";
+            }
+        }
+        if (layout != kLayoutPacked && nbIn >= 5) {  // kv_len: one valid length per batch row of the cache
+            Dims const& l = in[4].dims;
+            if (l.nbDims != 1 || l.d[0] != in[0].dims.d[0]) {
+                return "kv_len " + dimsToString(l) + " must be [B] with B = " + std::to_string(in[0].dims.d[0])
+                    + " (one valid cache length per batch row)";
             }
         }
         break;
