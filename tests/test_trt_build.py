@@ -281,5 +281,5 @@ def test_rtx_refuses_w8a8_bodies_with_a_hint(tmp_path):
     onnx.save(model, str(path))
     from vlmx.trt_runtime.engine_build import build_engine
 
-    with pytest.raises(EngineBuildError, match="MatMulInteger.*plugin library \(--plugin-lib\)"):
+    with pytest.raises(EngineBuildError, match=r"MatMulInteger.*plugin library \(--plugin-lib\)"):
         build_engine(RTX, path, tmp_path / "w8a8.plan", progress=False)

@@ -1,6 +1,7 @@
 """The TensorRT runner: refusal of mismatched engines (CPU), and inference with dynamic shapes where TensorRT and a
 GPU are present (skipped with a printed reason elsewhere)."""
 import json
+import types
 
 import numpy as np
 import pytest
@@ -110,31 +111,138 @@ def test_tensorrt_runner_dynamic_shapes_vs_numpy(tmp_path, batch, seq):
     assert err < FP16_TOL and np.array_equal(out, out_t)
 
 
-def test_vlm_compare_registers_the_engines_plugin_library_before_deserializing(tmp_path, monkeypatch):
-    """vlm-compare's TensorRT runner: the library recorded in engines.json goes into TensorRT's plugin registry
-    (load_library, which calls getCreators) before polygraphy deserializes the plan."""
+class _FakeEngine:
+    """The engine API the runner reads: an LM-like engine with a prefill and a decode profile, a shape input, an
+    output aliased to an input (the KV cache) and a plain output."""
+
+    io = {"x": ("INPUT", np.float32), "past": ("INPUT", np.float32), "keep": ("INPUT", np.int64),
+          "y": ("OUTPUT", np.float32), "present": ("OUTPUT", np.float32)}
+    profiles = [{"x": ((1, 1), (1, 16), (1, 32)), "past": ((1, 4), (1, 4), (1, 4))},
+                {"x": ((1, 1), (1, 1), (1, 1)), "past": ((1, 4), (1, 4), (1, 4))}]
+    num_optimization_profiles = 2
+
+    @property
+    def num_io_tensors(self):
+        return len(self.io)
+
+    def get_tensor_name(self, i):
+        return list(self.io)[i]
+
+    def get_tensor_mode(self, n):
+        return self.io[n][0]
+
+    def get_tensor_dtype(self, n):
+        return self.io[n][1]
+
+    def is_shape_inference_io(self, n):
+        return n == "keep"
+
+    def get_tensor_profile_shape(self, n, p):
+        return self.profiles[p][n]
+
+
+class _FakePolygraphyRunner:
+    """polygraphy's TrtRunner as the adapter uses it: reuses its output buffer across calls, aliases present to
+    past, records profile switches."""
+
+    def __init__(self, loader, name):
+        self.engine, self.name, self.is_active = _FakeEngine(), name, False
+        self.context = types.SimpleNamespace(set_input_shape=lambda n, s: True, set_tensor_address=lambda n, p: True)
+        self.switches, self.y = [], torch.zeros(1, 32)
+
+    def activate(self):
+        self.is_active = True
+
+    def deactivate(self):
+        self.is_active = False
+
+    def set_profile(self, index):
+        self.switches.append(index)
+
+    def infer(self, feed, copy_outputs_to_host=True):
+        assert all(isinstance(v, torch.Tensor) for v in feed.values()) and feed["keep"].device.type == "cpu"
+        n = feed["x"].shape[1]
+        self.y[0, :n] = feed["x"][0] * 2  # the same buffer every call, like polygraphy's output allocator
+        return {"y": self.y[:, :n], "present": feed["past"]}
+
+
+@pytest.fixture
+def fake_engine(tmp_path, monkeypatch):
+
+
+    from vlmx.trt_runtime import trt_backend
+
+    plan = tmp_path / "lm.plan"
+    plan.write_bytes(b"plan")
+    mod = types.SimpleNamespace(TensorIOMode=types.SimpleNamespace(INPUT="INPUT"), nptype=lambda dt: dt)
+    pg = types.SimpleNamespace(TrtRunner=_FakePolygraphyRunner)
+    monkeypatch.setattr(trt_backend, "open_engine", lambda path, lib=None: (
+        types.SimpleNamespace(module=mod), pg, "loader"))
+    return plan
+
+
+def test_runner_picks_the_nearest_profile_binds_once_and_returns_its_own_outputs(fake_engine):
+    """Prefill (S=5) runs profile 0, the one-token steps switch to the decode profile once; outputs are copies
+    (polygraphy reuses its buffers); a bound past/present buffer is returned as the same object."""
+    runner = TensorRTRunner(fake_engine).activate()
+    past = torch.randn(1, 4)
+    runner.bind({"past": past, "present": past})
+    keep = np.array([1], np.int64)
+    x5 = np.random.default_rng(0).standard_normal((1, 5)).astype(np.float32)
+    out = runner.infer({"x": x5, "keep": keep})
+    assert runner.runner.switches == [] and np.allclose(out["y"], 2 * x5) and out["present"] is past
+    steps = [runner.infer({"x": np.full((1, 1), v, np.float32), "keep": keep})["y"] for v in (3.0, 4.0)]
+    assert runner.runner.switches == [1], "the decode profile is selected once, not per step"
+    assert np.allclose(out["y"], 2 * x5) and [float(s[0, 0]) for s in steps] == [6.0, 8.0]
+    with pytest.raises(ValueError, match="fit none of the engine's profiles"):
+        runner.infer({"x": np.zeros((1, 40), np.float32), "keep": keep})
+    runner.deactivate()
+    assert not runner.bound
+
+
+def test_select_profile_prefers_the_nearest_opt():
+    from vlmx.trt_runtime.trt_backend import select_profile
+
+    profiles = _FakeEngine.profiles
+    assert select_profile(profiles, {"x": (1, 1), "past": (1, 4)}) == 1
+    assert select_profile(profiles, {"x": (1, 2), "past": (1, 4)}) == 0
+    assert select_profile(profiles[:1], {"x": (1, 1), "past": (1, 4)}) == 0
+
+
+def test_every_command_opens_engines_through_one_runner_that_registers_the_plugin_library(tmp_path, monkeypatch):
+    """vlm-compare's TensorRT runner is trt_backend.trt_runner (as vlm-run's and --print-layers'): the library
+    recorded in engines.json goes into TensorRT's plugin registry (load_library, which calls getCreators) before
+    polygraphy's EngineFromPath loader exists, let alone deserializes the plan."""
     import types
 
-    pytest.importorskip("polygraphy.backend.trt")
+    from vlmx.torch_ref.contract import sha256_file
     from vlmx.trt_runtime import compare, trt_backend, trt_import
 
     lib = tmp_path / "libvlmx_trt_plugins.so"
     lib.write_bytes(b"\0")
     (tmp_path / "engines").mkdir()
-    (tmp_path / "engines" / "vision.plan").write_bytes(b"plan")
-    (tmp_path / "engines" / "engines.json").write_text(json.dumps({**META, "plugin_lib": {"path": str(lib)}}))
-    loaded = []
-    registry = types.SimpleNamespace(load_library=lambda p: loaded.append(p) or object())
+    plan = tmp_path / "engines" / "vision.plan"
+    plan.write_bytes(b"plan")
+    (tmp_path / "engines" / "engines.json").write_text(json.dumps(
+        {**META, "plugin_lib": {"path": str(lib), "sha256": sha256_file(lib)}}))
+    events = []
+    registry = types.SimpleNamespace(load_library=lambda p: events.append(("load_library", p)) or object())
     fake = trt_import.TensorRT(types.SimpleNamespace(get_plugin_registry=lambda: registry, __version__="10.16.0.1"),
                                "tensorrt")
-    monkeypatch.setattr(trt_import, "import_tensorrt", lambda backend="auto": fake)
+    pg = types.SimpleNamespace(EngineFromPath=lambda p: events.append(("EngineFromPath", p)) or p,
+                               TrtRunner=lambda loader, name: types.SimpleNamespace(loader=loader, name=name))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda backend="auto": fake)
+    monkeypatch.setattr(trt_backend, "_device", lambda: (75, "Tesla T4"))
+    monkeypatch.setattr(trt_backend, "polygraphy_trt", lambda trt: pg)
     art = types.SimpleNamespace(root=tmp_path, graph_path=lambda g: tmp_path / f"{g}.onnx")
     monkeypatch.setattr("polygraphy.backend.onnxrt.SessionFromOnnx", lambda *a, **k: None)
+    assert compare.tensorrt_usable(art)
+    events.clear()
     runners = compare.polygraphy_runners(art, "vision", with_tensorrt=True)
-    assert loaded == [str(lib)] and [r.name for r in runners] == ["onnxruntime:vision", "tensorrt:vision"]
+    assert events == [("load_library", str(lib.resolve())), ("EngineFromPath", str(plan))]
+    assert [r.name for r in runners] == ["onnxruntime:vision", "tensorrt:vision"]
     lib.unlink()
-    with pytest.raises(FileNotFoundError, match="pass --plugin-lib or rebuild"):
+    with pytest.raises(trt_import.PluginLibraryError, match="does not exist; pass --plugin-lib"):
         compare.polygraphy_runners(art, "vision", with_tensorrt=True)
-    rtx = trt_import.TensorRT(fake.module, "tensorrt-rtx")
-    with pytest.raises(EngineMismatch, match="TensorRT-RTX cannot load plugin libraries"):
-        trt_backend.load_plugin_library(rtx, registry, lib)
+    monkeypatch.setattr(trt_backend, "_device", lambda: (None, ""))
+    assert not compare.tensorrt_usable(art, quiet=True)
