@@ -21,8 +21,8 @@ def parser():
     p.add_argument("--engine-backend", default="auto",
                    help=f"with --build-engines: {', '.join(BACKEND_CHOICES)} (tensorrt: GPU, plugins; tensorrt-rtx: "
                         "CPU builder)")
-    p.add_argument("--plugin-lib", default=None, help="with --build-engines: libvlmx_trt_plugins.so (TensorRT, or "
-                                                                     "TensorRT-RTX >= 1.7)")
+    p.add_argument("--plugin-lib", default=None,
+                   help="with --build-engines: libvlmx_trt_plugins.so (TensorRT, or TensorRT-RTX >= 1.7)")
     return p
 
 

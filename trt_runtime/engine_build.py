@@ -342,8 +342,9 @@ def check_build_combination(trt: TensorRT, manifest: dict, sm: int, plugin_lib=N
                                "cannot import MatMulInteger (the body of vlmx W8A8Linear); pass --plugin-lib "
                                "(TensorRT-RTX >= 1.7 or TensorRT), or export with --precision fp16")
     if manifest.get("plugins_only"):
-        raise EngineBuildError("--plugins-only exports (bare vlmx nodes) need --plugin-lib libvlmx_trt_plugins.so "
-                               "(TensorRT-RTX >= 1.7 or TensorRT); or re-export without --plugins-only")
+        raise EngineBuildError("TensorRT-RTX cannot build --plugins-only exports (bare vlmx nodes) without "
+                               "--plugin-lib libvlmx_trt_plugins.so (TensorRT-RTX >= 1.7); or re-export without "
+                               "--plugins-only")
 
 def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=None, timing_cache=None,
                   target=None, graphs=None, progress: bool = True, verify: bool = False, overwrite: bool = False,
