@@ -141,16 +141,25 @@ class PluginLibraryError(RuntimeError):
     """The plugin library is missing or TensorRT could not load it; the message says what to do."""
 
 
+_LOADED_LIBRARIES: dict[tuple[str, str], object] = {}
+
+
 def load_plugin_library(trt: TensorRT, plugin_lib) -> None:
-    """Register the creators of ``plugin_lib`` in TensorRT's global plugin registry before any network is parsed or
-    engine deserialized with them (``load_library`` calls the library's ``getCreators``; polygraphy's
-    ``LoadPlugins`` only ``dlopen``s, which registers no IPluginV3 creator). Loading a library twice is harmless."""
+    """Register the creators of ``plugin_lib`` in TensorRT's global plugin registry, once per process, before any
+    network is parsed or engine deserialized with them (``load_library`` calls the library's ``getCreators``; a
+    second ``load_library`` of the same file fails; polygraphy's ``LoadPlugins`` only ``dlopen``s, which registers
+    no IPluginV3 creator)."""
     from pathlib import Path
 
     lib = Path(plugin_lib)
     if not lib.is_file():
         raise PluginLibraryError(f"plugin library {lib} does not exist; pass --plugin-lib, or build it with "
                                  "`python -m vlmx.plugins.trt_build` (see docs/tensorrt.md)")
-    if trt.module.get_plugin_registry().load_library(str(lib.resolve())) is None:
+    key = (trt.flavour, str(lib.resolve()))
+    if key in _LOADED_LIBRARIES:
+        return
+    handle = trt.module.get_plugin_registry().load_library(key[1])
+    if handle is None:
         raise PluginLibraryError(f"{trt.flavour} {trt.version} could not load the plugin library {lib} (see the "
                                  "TensorRT error above); rebuild it against this TensorRT's headers")
+    _LOADED_LIBRARIES[key] = handle
