@@ -246,3 +246,70 @@ def test_every_command_opens_engines_through_one_runner_that_registers_the_plugi
         compare.polygraphy_runners(art, "vision", with_tensorrt=True)
     monkeypatch.setattr(trt_backend, "_device", lambda: (None, ""))
     assert not compare.tensorrt_usable(art, quiet=True)
+
+
+def _kv_engine(tmp_path, sm: int = 75):
+    """A two-profile engine with an in-place KV-cache update (ONNX TensorScatter -> KV_CACHE_UPDATE, present aliased
+    to past) built for SM75 by TensorRT-RTX on the CPU, as the LM graph's prefill / decode profiles are."""
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper as oh
+
+    from vlmx.trt_runtime.engine_build import build_engine
+
+    f16 = TP.FLOAT16
+    nodes = [oh.make_node("TensorScatter", ["past", "upd", "wi"], ["present"], axis=2),
+             oh.make_node("Add", ["upd", "upd"], ["y"])]
+    g = oh.make_graph(nodes, "kv", [oh.make_tensor_value_info("past", f16, [1, 2, 32, 4]),
+                                    oh.make_tensor_value_info("upd", f16, [1, 2, "s", 4]),
+                                    oh.make_tensor_value_info("wi", TP.INT64, [1])],
+                      [oh.make_tensor_value_info("present", f16, [1, 2, 32, 4]),
+                       oh.make_tensor_value_info("y", f16, [1, 2, "s", 4])])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 24)])
+    m.ir_version = 10
+    path = tmp_path / "kv.onnx"
+    onnx.save(m, str(path))
+    profiles = {"prefill": {"upd": {"min": [1, 2, 1, 4], "opt": [1, 2, 8, 4], "max": [1, 2, 32, 4]}},
+                "decode": {"upd": {"min": [1, 2, 1, 4], "opt": [1, 2, 1, 4], "max": [1, 2, 1, 4]}}}
+    plan = tmp_path / "kv.plan"
+    return build_engine(RTX, path, plan, target_sm=sm, progress=False, profiles=profiles), plan
+
+
+@needs_rtx
+def test_rtx_builds_a_two_profile_kv_cache_engine_on_the_cpu(tmp_path):
+    entry, plan = _kv_engine(tmp_path)
+    print("kv engine:", entry["bytes"], "bytes; network", entry["network_layers"])
+    assert entry["profiles"] == ["prefill", "decode"] and plan.stat().st_size == entry["bytes"] > 0
+    assert any("[KV_CACHE_UPDATE]" in ln for ln in entry["network_layers"])
+
+
+def _rtx_gpu_reason():
+    if RTX is None:
+        return "TensorRT-RTX is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if not hasattr(RTX.module.ComputeCapability, f"SM{major}{minor}"):
+        return f"TensorRT-RTX {RTX.version} has no runtime for sm_{major}{minor}"
+    return ""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_rtx_gpu_reason()), reason=f"needs TensorRT-RTX on a GPU it supports: {_rtx_gpu_reason()}")
+def test_runner_binds_the_kv_cache_once_and_switches_to_the_decode_profile_on_a_gpu(tmp_path):
+    """Prefill (6 rows) on profile 0, then one-token steps on the decode profile; the cache bound as past and
+    present is written in place and returned as the same tensor."""
+    major, minor = torch.cuda.get_device_capability()
+    _, plan = _kv_engine(tmp_path, 10 * major + minor)
+    with TensorRTRunner(plan, return_torch=True) as runner:
+        cache = runner.alloc("past", (1, 2, 32, 4), "float16")
+        runner.bind({"past": cache, "present": cache})
+        rows = torch.randn(1, 2, 6, 4, dtype=torch.float16, device="cuda")
+        out = runner.infer({"upd": rows, "wi": np.array([0], np.int64)})
+        assert out["present"] is cache and runner.profile == 0
+        for step in range(6, 9):
+            one = torch.randn(1, 2, 1, 4, dtype=torch.float16, device="cuda")
+            out = runner.infer({"upd": one, "wi": np.array([step], np.int64)})
+            assert runner.profile == 1 and out["present"] is cache and torch.equal(cache[:, :, step:step + 1], one)
+            assert torch.equal(out["y"], one + one)
+        assert torch.equal(cache[:, :, :6], rows) and not cache[:, :, 9:].any()
