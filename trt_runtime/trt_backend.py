@@ -179,6 +179,8 @@ class TensorRTRunner(Runner):
         leave them alone (polygraphy sets an address only when it changed; an output aliased to a bound input, the
         KV cache's present, takes that input's address)."""
         super().bind(buffers)
+        if self.runner is None:  # not active yet: the first call sets them
+            return
         ctx = self.runner.context
         for n, buf in buffers.items():
             if n in self.input_names and n not in self.host_inputs and getattr(buf, "is_cuda", False):
