@@ -21,14 +21,15 @@ def parser():
     p.add_argument("--engine-backend", default="auto",
                    help=f"with --build-engines: {', '.join(BACKEND_CHOICES)} (tensorrt: GPU, plugins; tensorrt-rtx: "
                         "CPU builder)")
-    p.add_argument("--plugin-lib", default=None, help="with --build-engines: libvlmx_trt_plugins.so (TensorRT only)")
+    p.add_argument("--plugin-lib", default=None,
+                   help="with --build-engines: libvlmx_trt_plugins.so (TensorRT, or TensorRT-RTX >= 1.7)")
     return p
 
 
 def check_engine_arguments(args) -> None:
     """With --build-engines, refuse before exporting what the engine builder cannot do."""
     from vlmx.torch_ref.targets import get_target
-    from vlmx.trt_runtime.engine_build import EngineBuildError, check_build_combination
+    from vlmx.trt_runtime.engine_build import EngineBuildError, SonameLinkNeeded, check_build_combination
     from vlmx.trt_runtime.trt_import import BACKEND_CHOICES, TensorRTUnavailable, import_tensorrt
 
     UsageError = export_cli.UsageError
@@ -46,6 +47,8 @@ def check_engine_arguments(args) -> None:
     try:
         check_build_combination(trt, {"precision": args.precision, "plugins_only": args.plugins_only},
                                 get_target(args.target).sm, args.plugin_lib)
+    except SonameLinkNeeded:
+        pass  # vlm-build makes the link and re-runs itself with it
     except EngineBuildError as e:
         raise UsageError(f"--build-engines --engine-backend {args.engine_backend}: {e}") from None
 

@@ -67,11 +67,24 @@ def positional_inputs(node: onnx.NodeProto, function: onnx.FunctionProto | None 
     A node named after its op is positional (its compact and positional forms agree by the naming rule); a
     variant node ``<Op>_v<k>`` is read through its function's formal input names.
     """
-    op = op_for_type(node.op_type)
-    if function is None or node.op_type == op.name:
-        return [node.input[i] if i < len(node.input) else "" for i in range(len(op.inputs))]
-    given = dict(zip(function.input, node.input))
-    return [given.get(t.name, "") for t in op.inputs]
+    return _positional(node.op_type, list(node.input), list(function.input) if function is not None else None, "")
+
+
+def _positional(op_type: str, inputs: list, formal: list[str] | None, absent):
+    op = op_for_type(op_type)
+    if formal is None or op_type == op.name:
+        return [inputs[i] if i < len(inputs) else absent for i in range(len(op.inputs))]
+    given = dict(zip(formal, inputs))
+    return [given.get(t.name, absent) for t in op.inputs]
+
+
+def bare_node(op_type: str, inputs: list, formal: list[str] | None, present=bool) -> tuple[str, list]:
+    """How a vlmx node reads once its function is dropped: (its op's name, its inputs in op-table order without the
+    absent ones). ``inputs``: the node's inputs (names, or graphsurgeon tensors with ``present`` telling an empty
+    one); ``formal``: the formal input names of the node's function, None when it has none. The one rule for
+    :func:`strip_vlmx_functions` and the graphsurgeon pass ``strip_functions``."""
+    kept = [i for i in _positional(op_type, inputs, formal, None) if i is not None and present(i)]
+    return op_for_type(op_type).name, kept
 
 
 def variant_key(node: onnx.NodeProto) -> tuple:
@@ -126,8 +139,10 @@ def strip_vlmx_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     functions = _vlmx_functions(model)
     for n in vlmx_nodes(model.graph):
-        _set_inputs(n, [i for i in positional_inputs(n, functions.get(n.op_type)) if i])
-        n.op_type, n.overload = op_for_type(n.op_type).name, ""
+        fn = functions.get(n.op_type)
+        n.op_type, inputs = bare_node(n.op_type, list(n.input), list(fn.input) if fn is not None else None)
+        _set_inputs(n, inputs)
+        n.overload = ""
     _drop_vlmx_functions(model)
     return model
 

@@ -221,3 +221,38 @@ def test_dynamo_export_emits_vlmx_nodes_with_plugin_attributes(tmp_path):
     _check_quant(outs[0], outs[1], ref[0], ref[1], "exported QuantizePerToken")
     assert_close(outs[2], ref[2].numpy(), "fp32_exact_math", "exported GatherTopK features")
     np.testing.assert_array_equal(outs[3], ref[3].numpy())
+
+
+def test_strip_functions_pass_names_variant_nodes_after_their_op_like_strip_vlmx_functions():
+    """The graphsurgeon pass (--plugins-only) and strip_vlmx_functions (vlm-build --plugin-lib) follow one rule:
+    ``<Op>_v<k>`` nodes are named after their op (the creator TensorRT looks up), inputs in op-table order, read
+    through the variant's function (a packed FlashAttention with a bias is ``(q, bias)``)."""
+    from onnx import TensorProto, helper
+
+    from vlmx.export.passes import run_passes, strip_functions
+
+    op = OPS["FlashAttention"]
+    nodes = [helper.make_node("FlashAttention", ["x", "x", "x"], ["y"], domain="vlmx",
+                              **domain.node_attrs(op, dict(num_heads=2, head_dim=8))),
+             helper.make_node("FlashAttention", ["y", "y", "y", "bias"], ["z"], domain="vlmx",
+                              **domain.node_attrs(op, dict(num_heads=2, head_dim=8, causal=1))),
+             helper.make_node("FlashAttention", ["qkv", "", "", "bias"], ["p"], domain="vlmx",
+                              **domain.node_attrs(op, dict(num_heads=2, head_dim=8, layout="packed")))]
+    f32 = TensorProto.FLOAT
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, [1, 5, 16]),
+                                       helper.make_tensor_value_info("bias", f32, [1, 2, 5, 5]),
+                                       helper.make_tensor_value_info("qkv", f32, [1, 5, 48])],
+                          [helper.make_tensor_value_info("z", f32, [1, 5, 16]),
+                           helper.make_tensor_value_info("p", f32, [1, 5, 16])])
+    model = attach_functions(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18),
+                                                                 helper.make_opsetid("vlmx", 1)]))
+    assert [n.op_type for n in model.graph.node] == ["FlashAttention", "FlashAttention_v1", "FlashAttention_v2"]
+    stripped = run_passes(model, [strip_functions], functions=False)
+    reference = strip_vlmx_functions(onnx.load_from_string(model.SerializeToString()))
+    form = [(n.op_type, list(n.input)) for n in stripped.graph.node if n.domain == "vlmx"]
+    assert form == [(n.op_type, list(n.input)) for n in reference.graph.node]
+    assert form == [("FlashAttention", ["x", "x", "x"]), ("FlashAttention", ["y", "y", "y", "bias"]),
+                    ("FlashAttention", ["qkv", "bias"])]
+    assert not [f for f in stripped.functions if f.domain == "vlmx"]
+    again = run_passes(stripped, [strip_functions], functions=False)  # idempotent
+    assert [(n.op_type, list(n.input)) for n in again.graph.node if n.domain == "vlmx"] == form

@@ -119,3 +119,21 @@ def test_header_pin_is_refused_when_the_wheel_does_not_match(tmp_path, monkeypat
         trt_build.fetch_tensorrt_headers(tmp_path)
     assert not (wheels / pkg["wheel"]).exists()
     assert not (tmp_path / f"tensorrt-headers-{pkg['tensorrt']}").exists()
+
+
+def test_load_plugin_library_registers_once_per_process(plugin_lib):
+    """Every runner of an export registers the engines' library: only the first call reaches TensorRT (a second
+    load_library of the same file returns None in TensorRT-RTX). In a child process: the registry is global."""
+    code = (
+        "import sys\n"
+        "from vlmx.trt_runtime.trt_import import PluginLibraryError, import_tensorrt, load_plugin_library\n"
+        "trt = import_tensorrt('tensorrt-rtx')\n"
+        "load_plugin_library(trt, sys.argv[1]); load_plugin_library(trt, sys.argv[1])\n"
+        "print('CREATORS', sum(c.plugin_namespace == 'vlmx' for c in trt.module.get_plugin_registry().all_creators))\n"
+        "try:\n"
+        "    load_plugin_library(trt, sys.argv[1] + '.missing')\n"
+        "except PluginLibraryError as e:\n"
+        "    print('REFUSED', e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(plugin_lib)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "CREATORS 7" in r.stdout and "does not exist; pass --plugin-lib" in r.stdout, r.stdout

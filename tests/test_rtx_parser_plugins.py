@@ -227,3 +227,49 @@ def test_rtx171_builds_sm75_engines_with_every_vlmx_plugin(vlmx_lib, rtx171, op)
     assert layers == ["LayerType.PLUGIN_V3"], layers
     called = {ln.split()[3] for ln in r.stderr.splitlines() if ln.startswith(f"[vlmx trace] {op} ")}
     assert BUILD_METHODS <= called, f"{op}: not called {sorted(BUILD_METHODS - called)}"
+
+
+def test_vlm_build_makes_the_soname_link_itself_and_builds_plugin_layers_with_rtx171(vlmx_lib, rtx171, tmp_path):
+    """vlm-build --backend tensorrt-rtx --plugin-lib on TensorRT-RTX 1.7.1 without libtensorrt_rtx.so on the loader
+    path: it makes the link in a private cache directory, re-runs itself with it, and writes an SM75 engine whose
+    network is our plugin layer (the export carries the function body; vlm-build parses the bare node)."""
+    from test_trt_build import HIDDEN, _model, make_export
+    from onnx import TensorProto as TP
+    from onnx import helper as oh
+
+    from vlmx.export.domain import node_attrs
+    from vlmx.export.functions import attach_functions
+    from vlmx.torch_ref.op_table import OPS
+
+    node = oh.make_node("FlashAttention", ["x", "x", "x"], ["y"], domain="vlmx", name="attn",
+                        **node_attrs(OPS["FlashAttention"], {"num_heads": 1, "head_dim": HIDDEN}))
+    io = [oh.make_tensor_value_info(n, TP.FLOAT16, ["b", "s", HIDDEN]) for n in ("x", "y")]
+    export = make_export(tmp_path / "e", {"embed": attach_functions(_model([node], io[:1], io[1:], opset=17))})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(rtx171["site"]), os.environ.get("PYTHONPATH", "")]),
+               VLMX_CACHE_DIR=str(tmp_path / "cache"),
+               VLMX_TRITON_MANIFEST=str(vlmx_lib.parent / "triton" / "manifest.json"))
+    env.pop("LD_LIBRARY_PATH", None)
+    r = subprocess.run([sys.executable, "-m", "vlmx.trt_runtime.build_cli", "--artifacts", str(export), "--backend",
+                        "tensorrt-rtx", "--plugin-lib", str(vlmx_lib), "--graph", "embed", "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    print(f"--- rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "cache" / f"tensorrt-rtx-{RTX_171}-solink" / "libtensorrt_rtx.so").is_symlink()
+    meta = json.loads((export / "engines" / "engines.json").read_text())
+    entry = meta["engines"]["embed"]
+    assert meta["tensorrt_version"] == RTX_171 and meta["plugin_lib"]["path"] == str(vlmx_lib.resolve())
+    assert any(ln.endswith("[PLUGIN_V3]") for ln in entry["network_layers"]), entry["network_layers"]
+    assert entry["bytes"] > 0 and entry["vlmx_nodes"]["plugin_or_body"] == ["FlashAttention:attn"]
+
+
+def test_vlm_build_refuses_plugin_layers_on_the_pinned_rtx_with_the_fix(tmp_path, capsys):
+    from test_trt_build import make_export
+
+    from vlmx.trt_runtime import build_cli
+
+    export = make_export(tmp_path / "e")
+    assert build_cli.main(["--artifacts", str(export), "--backend", "tensorrt-rtx", "--plugin-lib",
+                           str(tmp_path / "lib.so"), "--graph", "embed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no plugin layers" in err[0] and "tensorrt-rtx-cu12-libs==1.7.1.116" in err[0]
+    assert not (export / "engines").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 from vlmx.torch_ref.outdir import run_cli
@@ -20,10 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlm-build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", required=True, help="directory written by vlm-export --out")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                   help="tensorrt (GPU, plugins), tensorrt-rtx (CPU builder, targets a compute capability, no "
-                        "plugins) or auto (tensorrt if importable, else tensorrt-rtx)")
+                   help="tensorrt (GPU), tensorrt-rtx (CPU builder, targets a compute capability; plugin layers "
+                        "from 1.7) or auto (tensorrt if importable, else tensorrt-rtx)")
     p.add_argument("--plugin-lib", default=None,
-                   help="libvlmx_trt_plugins.so, TensorRT only (default: $VLMX_PLUGIN_LIB, set in the Dockerfile)")
+                   help="libvlmx_trt_plugins.so: every vlmx node becomes our plugin (default: $VLMX_PLUGIN_LIB with "
+                        "--backend tensorrt/auto, set in the Dockerfile)")
     p.add_argument("--target", default=None, help="compute capability, e.g. trt-sm75 or 75 (default: the export's)")
     p.add_argument("--out", default=None, help="engine directory (default: <artifacts>/engines)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine directory")
@@ -39,10 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build(args) -> int:
+def _rerun_with_link(link_dir, argv) -> int:
+    """Run this vlm-build again with ``link_dir`` first on LD_LIBRARY_PATH (the loader reads it at process start):
+    TensorRT-RTX 1.7's parser needs the ``libtensorrt_rtx.so`` link there (:class:`SonameLinkNeeded`)."""
+    env = dict(os.environ, VLMX_RTX_SOLINK=str(link_dir))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(link_dir), os.environ.get("LD_LIBRARY_PATH")) if p)
+    return subprocess.run([sys.executable, "-m", "vlmx.trt_runtime.build_cli", *argv], env=env).returncode
+
+
+def _build(args, argv) -> int:
     from .artifacts import ArtifactError
-    from .engine_build import EngineBuildError, build_engines
-    from .trt_import import TensorRTUnavailable
+    from .engine_build import EngineBuildError, SonameLinkNeeded, build_engines
+    from .trt_import import PluginLibraryError, TensorRTUnavailable
 
     plugin_lib = args.plugin_lib
     if plugin_lib is None and args.backend != "tensorrt-rtx":
@@ -52,7 +62,12 @@ def _build(args) -> int:
                               timing_cache=args.timing_cache, target=args.target, graphs=args.graph,
                               progress=not args.quiet, verify=args.verify, overwrite=args.overwrite,
                               force=args.force, card=args.card)
-    except (ArtifactError, EngineBuildError, TensorRTUnavailable, ValueError) as e:
+    except SonameLinkNeeded as e:
+        if os.environ.get("VLMX_RTX_SOLINK") == str(e.link_dir):  # already re-run with it: say what is wrong
+            print(f"vlm-build: error: {e}", file=sys.stderr)
+            return 2
+        return _rerun_with_link(e.link_dir, argv)
+    except (ArtifactError, EngineBuildError, TensorRTUnavailable, PluginLibraryError, ValueError) as e:
         print(f"vlm-build: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # read-only or full disk, --out under a file, ...
@@ -72,8 +87,9 @@ def _build(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    return run_cli("vlm-build", lambda: _build(args), verbose=args.verbose)
+    return run_cli("vlm-build", lambda: _build(args, argv), verbose=args.verbose)
 
 
 if __name__ == "__main__":

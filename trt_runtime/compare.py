@@ -1,4 +1,5 @@
-"""``vlm-compare``: polygraphy runs ONNX Runtime (and TensorRT where importable) against the saved torch reference.
+"""``vlm-compare``: polygraphy runs ONNX Runtime (and the TensorRT engines, where they can run) against the saved torch
+reference.
 
 The export directory's ``reference.npz`` holds, per graph, the inputs fed to the torch reference and the outputs it
 produced (``<graph>.<tensor name>``). Each backend is run by polygraphy's Comparator on exactly those inputs; the
@@ -7,7 +8,6 @@ verdict per output is the relative error ‖out − ref‖ / ‖ref‖ against t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -19,6 +19,7 @@ from vlmx.torch_ref.contract import THRESHOLDS, relative_error
 from vlmx.torch_ref.outdir import run_cli
 
 from .artifacts import ArtifactError, load_artifacts
+from .trt_import import quiet_polygraphy
 
 REFERENCE_RUNNER = "torch-reference"
 
@@ -56,18 +57,6 @@ def _relative_compare(threshold: float, errors: dict):
     return compare
 
 
-def tensorrt_importable(quiet: bool = False) -> bool:
-    """Whether TensorRT (with polygraphy's TensorRT backend) can run here; says so once when it cannot."""
-    try:
-        import polygraphy.backend.trt  # noqa: F401
-        import tensorrt  # noqa: F401
-    except ImportError:
-        if not quiet:
-            print("vlm-compare: TensorRT is not importable here; comparing ONNX Runtime only", file=sys.stderr)
-        return False
-    return True
-
-
 def check_threshold(value: float) -> float:
     """A relative-error threshold must be a finite number > 0."""
     if not (math.isfinite(value) and value > 0):
@@ -75,41 +64,37 @@ def check_threshold(value: float) -> float:
     return value
 
 
-@contextlib.contextmanager
-def _quiet_polygraphy(verbose: bool):
-    """polygraphy logs every runner and comparison (~125 lines); keep only errors unless ``verbose``, and never on
-    stdout (``--json`` owns it)."""
-    from polygraphy.logger import G_LOGGER
-
-    old = G_LOGGER.module_severity
-    if not verbose:
-        G_LOGGER.module_severity = G_LOGGER.ERROR
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        G_LOGGER.module_severity = old
-
-
 def polygraphy_runners(art, graph: str, with_tensorrt: bool):
-    """Polygraphy runners for one graph: ONNX Runtime always, TensorRT when asked and an engine exists."""
+    """Polygraphy runners for one graph: ONNX Runtime always; TensorRT (the runner every command uses:
+    :func:`.trt_backend.trt_runner`, plugin library registered) when asked and the graph's engine exists."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     runners = [OnnxrtRunner(SessionFromOnnx(str(art.graph_path(graph)), providers=["CPUExecutionProvider"]),
                             name=f"onnxruntime:{graph}")]
     engine = art.root / "engines" / f"{graph}.plan"
     if with_tensorrt and engine.is_file():
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        from .trt_backend import trt_runner
 
-        from .trt_backend import engine_plugin_library, load_plugin_library, read_engines_json
-        from .trt_import import import_tensorrt
-
-        lib = engine_plugin_library(engine)
-        if lib:  # the vlmx creators must be registered before the plan deserializes
-            trt = import_tensorrt((read_engines_json(engine) or {}).get("backend", "auto"))
-            load_plugin_library(trt, trt.module.get_plugin_registry(), lib)
-        runners.append(TrtRunner(EngineFromBytes(engine.read_bytes()), name=f"tensorrt:{graph}"))
+        runners.append(trt_runner(engine, name=f"tensorrt:{graph}"))
     return runners
+
+
+def tensorrt_usable(art, quiet: bool = False) -> bool:
+    """Whether the export's engines can run here (their TensorRT flavour and version, a GPU of their target, their
+    plugin library); says once why not, unless ``quiet``."""
+    from .trt_backend import open_engine
+
+    plans = sorted((art.root / "engines").glob("*.plan"))
+    if not plans:
+        return False
+    try:
+        open_engine(plans[0])
+    except (ImportError, RuntimeError, OSError) as e:  # TensorRTUnavailable, EngineMismatch, PluginLibraryError
+        if not quiet:
+            print(f"vlm-compare: not running the TensorRT engines ({e}); comparing ONNX Runtime only",
+                  file=sys.stderr)
+        return False
+    return True
 
 
 def compare(directory, backends=("onnxruntime", "tensorrt"), threshold: float | None = None, verify: bool = False,
@@ -122,9 +107,9 @@ def compare(directory, backends=("onnxruntime", "tensorrt"), threshold: float | 
         raise ArtifactError(f"{art.root} {PLUGINS_ONLY_REFUSAL}")
     precision = art.manifest["precision"]
     thr = THRESHOLDS[precision] if threshold is None else check_threshold(threshold)
-    with _quiet_polygraphy(verbose):
-        results, passed = _compare(art, load_reference(art), thr, "tensorrt" in backends and
-                                   tensorrt_importable(quiet=not verbose))
+    with_tensorrt = "tensorrt" in backends and tensorrt_usable(art, quiet=not verbose)
+    with quiet_polygraphy(verbose):
+        results, passed = _compare(art, load_reference(art), thr, with_tensorrt)
     return {"precision": precision, "threshold": thr, "graphs": results, "passed": passed}
 
 

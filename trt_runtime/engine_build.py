@@ -1,15 +1,17 @@
-"""Build TensorRT (or TensorRT-RTX) engines from an export directory.
+"""Build TensorRT (or TensorRT-RTX) engines from an export directory, with polygraphy's loaders.
 
-One engine per graph of ``manifest.json``: a strongly typed network parsed from the ONNX file, one optimization
-profile from ``graphs[<graph>].profile``, the vlmx plugin library loaded (TensorRT only) with
-``ENABLE_PLUGIN_OVERRIDE`` so vlmx nodes become our plugins rather than their function bodies, the target compute
-capability where the API offers it (TensorRT-RTX: ``ComputeCapability.SM75``; TensorRT builds for the GPU it runs
-on), a timing cache, and build progress. Writes ``<out>/<graph>.plan`` and ``<out>/engines.json`` (default
-``<export>/engines``).
+One engine per graph of ``manifest.json``: ``NetworkFromOnnxPath`` (strongly typed), ``CreateConfig`` /
+``CreateConfigRTX`` (optimization profiles from ``graphs[<graph>].profile(s)``, detailed profiling, progress, the
+target compute capability on TensorRT-RTX, a timing cache on TensorRT), ``EngineBytesFromNetwork``. With a plugin
+library every vlmx node is parsed as our plugin (bodies stripped, ``ENABLE_PLUGIN_OVERRIDE``); the library is
+registered with :func:`~vlmx.trt_runtime.trt_import.load_plugin_library` first. Writes ``<out>/<graph>.plan`` and
+``<out>/engines.json`` (default ``<export>/engines``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -25,7 +27,7 @@ from vlmx.torch_ref.contract import sha256_file
 from vlmx.torch_ref.outdir import atomic_output, check_out
 
 from .artifacts import load_artifacts
-from .trt_import import TensorRT, import_tensorrt
+from .trt_import import TensorRT, import_tensorrt, load_plugin_library, polygraphy_trt, quiet_polygraphy
 
 ENGINES_FORMAT = "vlmx-engines"
 ENGINES_FORMAT_VERSION = 1
@@ -78,32 +80,6 @@ def _plugin_copy(onnx_path: Path) -> Path:
     return out
 
 
-def _logger(trt, verbose: bool):
-    """A TensorRT logger that keeps every message (the engine layer list arrives as a verbose message)."""
-
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages: list[tuple[object, str]] = []
-
-        def log(self, severity, msg):
-            self.messages.append((severity, msg))
-            if severity <= trt.ILogger.Severity.ERROR or (verbose and severity <= trt.ILogger.Severity.WARNING):
-                print(f"[TensorRT] {msg}", file=sys.stderr)
-
-        def errors(self) -> list[str]:
-            return [m for s, m in self.messages if s <= trt.ILogger.Severity.ERROR]
-
-        def engine_layers(self) -> list[str]:
-            """Layer lines of the built engine (the builder logs them at VERBOSE with DETAILED profiling)."""
-            for _, msg in reversed(self.messages):
-                if msg.startswith("Layers:"):
-                    return [ln for ln in msg.splitlines()[1:] if ln.startswith("Name:")]
-            return []
-
-    return Logger()
-
-
 def _progress_monitor(trt, label: str):
     if not hasattr(trt, "IProgressMonitor"):
         return None
@@ -129,14 +105,6 @@ def _progress_monitor(trt, label: str):
     return Progress()
 
 
-def _network_flags(trt) -> int:
-    flags = 0
-    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if strongly is not None:
-        flags |= 1 << int(strongly)
-    return flags
-
-
 def _current_device():
     """(name, sm) of CUDA device 0, or None when no GPU is visible."""
     try:
@@ -150,29 +118,58 @@ def _current_device():
     return None
 
 
-def _apply_profiles(trt, builder, config, network, entry: dict, graph: str, default_value: int) -> list[str]:
-    """One optimization profile per named profile of the graph entry (the LM graph: prefill, then decode), else
-    its single ``profile``. Returns the profile names in index order (the runner selects by index)."""
-    named = entry.get("profiles") or {"default": entry.get("profile") or {}}
-    for prof in named.values():
-        _apply_profile(trt, builder, config, network, prof, graph, default_value)
-    return list(named)
+class _BuildLog:
+    """A TensorRT logger for one build that keeps the errors and the engine's layer list (the builder logs it at
+    VERBOSE with DETAILED profiling); installed as polygraphy's TensorRT logger while the build runs."""
+
+    def __new__(cls, mod, verbose: bool):
+        class Log(mod.ILogger):
+            def __init__(self):
+                mod.ILogger.__init__(self)
+                self.errors: list[str] = []
+                self.layers: list[str] = []
+
+            def log(self, severity, msg):
+                if msg.startswith("Layers:"):
+                    self.layers = [ln for ln in msg.splitlines()[1:] if ln.startswith("Name:")]
+                if severity <= mod.ILogger.Severity.ERROR:
+                    self.errors.append(" ".join(msg.split()))  # one line per error
+                if severity <= mod.ILogger.Severity.ERROR or (verbose and severity <= mod.ILogger.Severity.WARNING):
+                    print(f"[TensorRT] {msg}", file=sys.stderr)
+
+        return Log()
 
 
-def _apply_profile(trt, builder, config, network, profile: dict, graph: str, default_value: int):
-    prof = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        spec = profile.get(t.name)
-        if t.is_shape_tensor:
-            vals = (spec or {}).get("values") or {"min": [1], "opt": [default_value], "max": [default_value]}
-            prof.set_shape_input(t.name, vals["min"], vals["opt"], vals["max"])
-        if any(d < 0 for d in t.shape):
-            if spec is None:
-                raise EngineBuildError(f"graph {graph}: input {t.name} has dynamic shape {tuple(t.shape)} but "
-                                       "manifest.json gives it no profile (min/opt/max); re-run vlm-export")
-            prof.set_shape(t.name, spec["min"], spec["opt"], spec["max"])
-    config.add_optimization_profile(prof)
+@contextlib.contextmanager
+def _polygraphy_logging_to(log):
+    import polygraphy.backend.trt.util as trt_util
+
+    old, trt_util.TRT_LOGGER = trt_util.TRT_LOGGER, log
+    try:
+        with quiet_polygraphy():
+            yield
+    finally:
+        trt_util.TRT_LOGGER = old
+
+
+def _profiles(pg, network, named: dict, graph: str, default_value: int) -> list:
+    """polygraphy Profiles, one per named profile of the graph entry (the LM graph: prefill, then decode; the runner
+    picks one per call), else its single ``profile``. Shape-tensor inputs take ``values`` or [1, d, d]."""
+    out = []
+    for spec in named.values():
+        prof = pg.Profile()
+        for t in (network.get_input(i) for i in range(network.num_inputs)):
+            entry = (spec or {}).get(t.name)
+            if t.is_shape_tensor:
+                v = (entry or {}).get("values") or {"min": [1], "opt": [default_value], "max": [default_value]}
+                prof.add(t.name, v["min"], v["opt"], v["max"])
+            elif any(d < 0 for d in t.shape):
+                if entry is None:
+                    raise EngineBuildError(f"graph {graph}: input {t.name} has dynamic shape {tuple(t.shape)} but "
+                                           "manifest.json gives it no profile (min/opt/max); re-run vlm-export")
+                prof.add(t.name, entry["min"], entry["opt"], entry["max"])
+        out.append(prof)
+    return out
 
 
 def build_engine(trt: TensorRT, onnx_path, plan_path, profile: dict | None = None, plugin_lib=None,
@@ -184,87 +181,72 @@ def build_engine(trt: TensorRT, onnx_path, plan_path, profile: dict | None = Non
     The entry carries ``layers`` (the engine's layer lines from the builder log), ``network_layers`` and
     ``profiles`` (profile names in index order).
     """
+    from polygraphy.exception import PolygraphyException
+
     mod = trt.module
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     label = graph or onnx_path.stem
     bare, backed = vlmx_nodes(onnx_path)
-    if trt.is_rtx and bare:
-        raise EngineBuildError(f"{onnx_path.name} has vlmx custom nodes without function bodies ({', '.join(bare[:4])}"
-                               f"{', ...' if len(bare) > 4 else ''}); TensorRT-RTX has no plugin layers. Re-export "
-                               "without --plugins-only (the bodies then build natively), use --attention native or "
-                               "decomposed, or build with --backend tensorrt and the plugin library")
-    if trt.is_rtx and plugin_lib:
-        raise EngineBuildError("TensorRT-RTX cannot load plugin libraries; drop --plugin-lib or use --backend tensorrt")
-    logger = _logger(mod, verbose=False)
-    builder = mod.Builder(logger)
+    if bare and not plugin_lib:
+        raise EngineBuildError(f"{onnx_path.name} has vlmx nodes without function bodies ({', '.join(bare[:4])}"
+                               f"{', ...' if len(bare) > 4 else ''}); pass --plugin-lib libvlmx_trt_plugins.so, or "
+                               "re-export without --plugins-only (the bodies then build natively)")
     if plugin_lib:
-        lib = Path(plugin_lib)
-        if not lib.is_file():
-            raise EngineBuildError(f"--plugin-lib {lib} does not exist; build it with `python -m "
-                                   "vlmx.plugins.trt_build` (see docs/tensorrt.md)")
-        if builder.get_plugin_registry().load_library(str(lib.resolve())) is None:
-            raise EngineBuildError(f"TensorRT could not load the plugin library {lib}: {logger.errors()}")
-    elif bare:
-        raise EngineBuildError(f"{onnx_path.name} has vlmx nodes without function bodies ({', '.join(bare[:4])}); "
-                               "pass --plugin-lib libvlmx_trt_plugins.so")
-    network = builder.create_network(_network_flags(mod))
-    parser = mod.OnnxParser(network, logger)
+        check_plugin_parser(trt)
+        load_plugin_library(trt, plugin_lib)
+    pg = polygraphy_trt(trt)
     override = getattr(getattr(mod, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
-    if plugin_lib and override is not None:
-        parser.set_flag(override)  # our creators win over the vlmx function bodies (DESIGN: precedence rule)
+    flags = [override] if plugin_lib and override is not None else None  # our creators, not the bodies
     parse_path = _plugin_copy(onnx_path) if plugin_lib and backed else onnx_path
+    log = _BuildLog(mod, verbose=False)
     try:
-        parsed = parser.parse_from_file(str(parse_path))
-    finally:
-        if parse_path != onnx_path:
-            parse_path.unlink(missing_ok=True)
-    if not parsed:
-        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        with _polygraphy_logging_to(log):
+            builder, network, parser = pg.NetworkFromOnnxPath(str(parse_path), flags=flags, strongly_typed=True)()
+    except PolygraphyException:
+        errs = log.errors or ["no error was logged"]
         hint = ""
         if trt.is_rtx and any("MatMulInteger" in e for e in errs):
             hint = (" (TensorRT-RTX cannot import MatMulInteger, the body of vlmx W8A8Linear: build W8A8 exports "
-                    "with --backend tensorrt and the vlmx plugin library, or export with --precision fp16)")
-        raise EngineBuildError(f"{trt.flavour} {trt.version} could not parse {onnx_path}: " + " | ".join(errs) + hint)
+                    "with the vlmx plugin library (--plugin-lib), or export with --precision fp16)")
+        raise EngineBuildError(f"{trt.flavour} {trt.version} could not parse {onnx_path}: " + " | ".join(errs)
+                               + hint) from None
+    finally:
+        if parse_path != onnx_path:
+            parse_path.unlink(missing_ok=True)
     network_layers = [f"{network.get_layer(i).name} [{str(network.get_layer(i).type).split('.')[-1]}]"
                       for i in range(network.num_layers)]
-    config = builder.create_builder_config()
-    config.profiling_verbosity = mod.ProfilingVerbosity.DETAILED
-    if trt.is_rtx:
-        member = getattr(mod.ComputeCapability, f"SM{target_sm}", None)
-        if member is None:
-            names = [n for n in mod.ComputeCapability.__members__ if n.startswith("SM")]
-            raise EngineBuildError(f"TensorRT-RTX {trt.version} cannot target sm_{target_sm}; it offers {names}")
-        config.num_compute_capabilities = 1
-        config.set_compute_capability(member, 0)
-    if any(any(d < 0 for d in network.get_input(i).shape) or network.get_input(i).is_shape_tensor
-           for i in range(network.num_inputs)):
-        profile_names = _apply_profiles(mod, builder, config, network, {"profile": profile, "profiles": profiles},
-                                        label, default_shape_value)
-    else:
-        profile_names = []
+    named = profiles or {"default": profile or {}}
+    dynamic = any(any(d < 0 for d in network.get_input(i).shape) or network.get_input(i).is_shape_tensor
+                  for i in range(network.num_inputs))
+    options = {"profiles": _profiles(pg, network, named, label, default_shape_value) if dynamic else None,
+               "profiling_verbosity": mod.ProfilingVerbosity.DETAILED,
+               "progress_monitor": _progress_monitor(mod, label) if progress else None}
     cache = None
-    if timing_cache is not None and not trt.is_rtx:  # TensorRT-RTX: timing caches are deprecated no-ops
-        tc = Path(timing_cache)
-        cache = config.create_timing_cache(tc.read_bytes() if tc.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    monitor = _progress_monitor(mod, label) if progress else None
-    if monitor is not None:
-        config.progress_monitor = monitor
+    if trt.is_rtx:  # TensorRT-RTX: a compute capability to target; timing caches are deprecated no-ops
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX as Config
+
+        check_rtx_target(trt, target_sm)
+        options["compute_capabilities"] = [(target_sm // 10, target_sm % 10)]
+    else:
+        Config = pg.CreateConfig
+        if timing_cache is not None:
+            cache = Path(timing_cache)
+            options["load_timing_cache"] = str(cache) if cache.is_file() else None
     t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - t0
-    if serialized is None:
+    try:
+        with _polygraphy_logging_to(log):
+            serialized = pg.EngineBytesFromNetwork((builder, network, parser), Config(**options),
+                                                   save_timing_cache=str(cache) if cache else None)()
+    except PolygraphyException:
         raise EngineBuildError(f"{trt.flavour} {trt.version} failed to build {onnx_path.name}: "
-                               + (" | ".join(logger.errors()) or "no error was logged"))
+                               + (" | ".join(log.errors) or "no error was logged")) from None
+    seconds = time.perf_counter() - t0
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_bytes(bytes(serialized))
-    if cache is not None:
-        Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
     return {"file": plan_path.name, "onnx": onnx_path.name, "onnx_sha256": sha256_file(onnx_path),
             "bytes": plan_path.stat().st_size, "sha256": sha256_file(plan_path), "build_seconds": round(seconds, 3),
             "vlmx_nodes": {"plugin_or_body": backed, "plugin_only": bare},
-            "layers": logger.engine_layers(), "network_layers": network_layers, "profiles": profile_names}
-
+            "layers": log.layers, "network_layers": network_layers, "profiles": list(named) if dynamic else []}
 
 ENGINES_DIR = "engines"
 
@@ -277,20 +259,66 @@ def is_engines_dir(path) -> bool:
         return False
 
 
-def check_build_combination(trt: TensorRT, manifest: dict, sm: int, plugin_lib=None) -> None:
-    """Refuse, before any work, what this TensorRT flavour cannot build from an export with these fields
-    (``precision``, ``plugins_only``) for compute capability ``sm``."""
+class SonameLinkNeeded(EngineBuildError):
+    """TensorRT-RTX's parser needs ``libtensorrt_rtx.so`` on the loader path; ``link_dir`` holds that link (the
+    loader path is read at process start: vlm-build re-runs itself with it)."""
+
+    def __init__(self, message: str, link_dir: Path):
+        super().__init__(message)
+        self.link_dir = link_dir
+
+
+def _rtx_library() -> Path | None:
+    """The libtensorrt_rtx.so.1 this process loaded (after importing the bindings), from /proc/self/maps."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    return next((Path(ln.split()[-1]) for ln in maps if ln.endswith("/libtensorrt_rtx.so.1")), None)
+
+
+def check_plugin_parser(trt: TensorRT) -> None:
+    """Refuse, with the fix, a TensorRT whose ONNX parser cannot build vlmx plugin layers.
+
+    TensorRT-RTX 1.6 refuses custom ops in its static check; 1.7's parser ``dlopen``s the unversioned
+    ``libtensorrt_rtx.so`` when it creates a plugin and calls ``std::terminate`` when that fails, and the pip wheel
+    ships only ``libtensorrt_rtx.so.1`` (docs/tensorrt.md). So before any parse: if ``libtensorrt_rtx.so`` does not
+    load here, make the link in a private cache directory and raise :class:`SonameLinkNeeded` naming it.
+    """
     if not trt.is_rtx:
         return
-    if manifest.get("precision") == "w8a8":
-        raise EngineBuildError("TensorRT-RTX cannot build --precision w8a8 exports: it cannot import MatMulInteger "
-                               "(the body of vlmx W8A8Linear) and loads no plugins; build with --backend tensorrt and "
-                               "the vlmx plugin library, or export with --precision fp16")
-    if manifest.get("plugins_only"):
-        raise EngineBuildError("TensorRT-RTX cannot build --plugins-only exports (bare vlmx nodes, and it has no plugin "
-                               "layers); re-export without --plugins-only or build with --backend tensorrt")
-    if plugin_lib:
-        raise EngineBuildError("TensorRT-RTX cannot load plugin libraries; drop --plugin-lib or use --backend tensorrt")
+    if not trt.parses_plugins:
+        raise EngineBuildError(f"TensorRT-RTX {trt.version}'s ONNX parser has no plugin layers (it refuses vlmx "
+                               "nodes); drop --plugin-lib to build the function bodies, or install TensorRT-RTX >= "
+                               "1.7 (pip install tensorrt-rtx-cu12-libs==1.7.1.116 "
+                               "tensorrt-rtx-cu12-bindings==1.7.1.116) for plugin layers")
+    import ctypes
+
+    try:
+        ctypes.CDLL("libtensorrt_rtx.so")
+        return
+    except OSError:
+        pass
+    lib = _rtx_library()
+    if lib is None:
+        raise EngineBuildError(f"TensorRT-RTX {trt.version}: cannot find the libtensorrt_rtx.so.1 it loaded, for "
+                               "the libtensorrt_rtx.so link its parser needs; put such a link on LD_LIBRARY_PATH")
+    from vlmx.plugins.trt_build import cache_dir
+
+    link_dir = cache_dir() / f"tensorrt-rtx-{trt.version}-solink"
+    link_dir.mkdir(parents=True, exist_ok=True)
+    link = link_dir / "libtensorrt_rtx.so"
+    if not (link.is_symlink() and Path(os.readlink(link)) == lib):
+        tmp = link_dir / f".libtensorrt_rtx.so.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(lib)
+        tmp.replace(link)
+    raise SonameLinkNeeded(f"TensorRT-RTX {trt.version}'s ONNX parser loads libtensorrt_rtx.so for plugin layers "
+                           f"and its wheel ships only libtensorrt_rtx.so.1: run with LD_LIBRARY_PATH={link_dir}"
+                           f"{os.pathsep}$LD_LIBRARY_PATH (the link is made; vlm-build does this itself)", link_dir)
+
+
+def check_rtx_target(trt: TensorRT, sm: int) -> None:
     caps = getattr(trt.module, "ComputeCapability", None)
     if caps is not None and getattr(caps, f"SM{sm}", None) is None:
         names = [n for n in caps.__members__ if n.startswith("SM")]
@@ -298,6 +326,25 @@ def check_build_combination(trt: TensorRT, manifest: dict, sm: int, plugin_lib=N
                                "build for one of those (--target), or use --backend tensorrt on an sm_"
                                f"{sm} GPU")
 
+
+def check_build_combination(trt: TensorRT, manifest: dict, sm: int, plugin_lib=None) -> None:
+    """Refuse, before any work, what this TensorRT flavour cannot build from an export with these fields
+    (``precision``, ``plugins_only``) for compute capability ``sm``; with ``plugin_lib``, a parser without plugin
+    layers (or, TensorRT-RTX 1.7, without its soname link: :class:`SonameLinkNeeded`)."""
+    if not trt.is_rtx:
+        return
+    check_rtx_target(trt, sm)
+    if plugin_lib:
+        check_plugin_parser(trt)
+        return
+    if manifest.get("precision") == "w8a8":
+        raise EngineBuildError("TensorRT-RTX cannot build --precision w8a8 exports from their function bodies: it "
+                               "cannot import MatMulInteger (the body of vlmx W8A8Linear); pass --plugin-lib "
+                               "(TensorRT-RTX >= 1.7 or TensorRT), or export with --precision fp16")
+    if manifest.get("plugins_only"):
+        raise EngineBuildError("TensorRT-RTX cannot build --plugins-only exports (bare vlmx nodes) without "
+                               "--plugin-lib libvlmx_trt_plugins.so (TensorRT-RTX >= 1.7); or re-export without "
+                               "--plugins-only")
 
 def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=None, timing_cache=None,
                   target=None, graphs=None, progress: bool = True, verify: bool = False, overwrite: bool = False,

@@ -90,7 +90,7 @@ def _run(args) -> int:
     from .pipeline import PipelineError, VLMPipeline
     from .sampling import Sampling
     from .trt_backend import EngineMismatch
-    from .trt_import import TensorRTUnavailable
+    from .trt_import import PluginLibraryError, TensorRTUnavailable
 
     console = Console(stderr=False)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
@@ -110,7 +110,8 @@ def _run(args) -> int:
                     sys.stdout.flush()
                     started = True
             res = gen.result
-    except (ArtifactError, PipelineError, ValueError, FileNotFoundError, TensorRTUnavailable, EngineMismatch) as e:
+    except (ArtifactError, PipelineError, ValueError, FileNotFoundError, TensorRTUnavailable, EngineMismatch,
+            PluginLibraryError) as e:
         print(("\n" if started else "") + f"vlm-run: error: {e}", file=sys.stderr)
         return 2
     if args.json:

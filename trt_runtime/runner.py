@@ -15,9 +15,9 @@ return numpy arrays. Persistent buffers (the KV cache) are bound once per genera
 - ``alloc(name, shape, dtype)``: a buffer in the memory this runner binds without copies (numpy for CPU runners,
   a torch tensor on the device for GPU runners).
 
-The TensorRT runner implements the same three methods (issue 12): ``bind`` sets tensor addresses once
-(``set_tensor_address`` for past and present to the same pointer), ``infer`` sets only the changed input shapes
-(``set_input_shape``) and addresses, and selects the ``decode`` optimization profile for S_new = 1.
+The TensorRT runner (polygraphy's ``TrtRunner`` underneath) sets a bound buffer's shape and address when it is
+bound (past and its aliased present share the pointer) and never again while it stays bound, and picks per call
+the optimization profile whose opt shapes are nearest (the LM engine's ``decode`` profile for S_new = 1).
 """
 from __future__ import annotations
 

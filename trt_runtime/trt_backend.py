@@ -1,10 +1,13 @@
 """TensorRT backend: runs the engines ``vlm-build`` wrote (``<export>/engines/<graph>.plan`` + ``engines.json``).
 
-:class:`TensorRTRunner` has the runner interface (``activate / infer / deactivate``), dynamic shapes through
-``set_input_shape``, inputs as numpy arrays, torch tensors (CPU or CUDA) or CUDA buffers exposing
-``__cuda_array_interface__`` (cuda-python / CuPy / Numba), and data-dependent outputs (vlmx GatherTopK) through an
-output allocator. Before deserializing it refuses, with a message saying what to rebuild, an engine whose
-TensorRT flavour/version, target compute capability or plugin library does not match this machine.
+:func:`trt_runner` is the one place an engine is opened, for every command (the pipeline's runners, vlm-compare,
+``vlm-build --print-layers``): it reads ``engines.json`` and refuses, saying what to rebuild, an engine from another
+TensorRT flavour or version, for another compute capability, without a GPU, or with a different plugin library;
+registers the plugin library the engine was built with; and returns polygraphy's ``TrtRunner`` over
+``EngineFromPath``. :class:`TensorRTRunner` adapts it to the runner interface (:mod:`.runner`): numpy, torch or
+``__cuda_array_interface__`` inputs, the optimization profile chosen per call (the LM engine's prefill and decode),
+and persistent buffers bound once (the KV cache: past and its aliased present share one device buffer, whose
+address is set when bound and never again while it stays bound).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from vlmx.torch_ref.contract import sha256_file
 
 from .engine_build import ENGINES_FORMAT, ENGINES_JSON
 from .runner import Runner
-from .trt_import import TensorRT, TensorRTUnavailable, import_tensorrt
+from .trt_import import import_tensorrt, load_plugin_library, polygraphy_trt, quiet_polygraphy
 
 
 class EngineMismatch(RuntimeError):
@@ -66,6 +69,27 @@ def _device():
     return 10 * major + minor, torch.cuda.get_device_name()
 
 
+def open_engine(engine_path, plugin_lib=None):
+    """(TensorRT, polygraphy.backend.trt, an ``EngineFromPath`` loader) for an engine that can run here: every
+    refusal of :func:`check_engine_compat` first, then the plugin library registered (argument, else the one
+    engines.json recorded) so the plan's plugin layers deserialize."""
+    engine_path = Path(engine_path)
+    if not engine_path.is_file():
+        raise FileNotFoundError(f"engine {engine_path} does not exist; build it with vlm-build")
+    meta = read_engines_json(engine_path)
+    trt = import_tensorrt(meta["backend"] if meta else "auto")
+    sm, name = _device()
+    plugin_lib = engine_plugin_library(engine_path, plugin_lib)
+    if meta is not None:
+        check_engine_compat(meta, trt.flavour, trt.version, sm, name, plugin_lib)
+    elif sm is None:
+        raise EngineMismatch(f"no CUDA GPU is visible; {engine_path} needs one to run")
+    if plugin_lib:
+        load_plugin_library(trt, plugin_lib)
+    pg = polygraphy_trt(trt)
+    return trt, pg, pg.EngineFromPath(str(engine_path))
+
+
 def engine_plugin_library(engine_path, plugin_lib=None) -> str | None:
     """The plugin library an engine needs: ``plugin_lib`` if given, else the one engines.json recorded (or None)."""
     if plugin_lib:
@@ -74,33 +98,33 @@ def engine_plugin_library(engine_path, plugin_lib=None) -> str | None:
     return (meta.get("plugin_lib") or {}).get("path")
 
 
-def load_plugin_library(trt: TensorRT, registry, plugin_lib) -> None:
-    """Register the vlmx creators of ``plugin_lib`` in TensorRT's plugin registry (``load_library`` calls the
-    library's getCreators; polygraphy's ``LoadPlugins`` only dlopens, which registers no IPluginV3 creator), before
-    any engine that uses them is deserialized. Raises naming what is wrong and what to do."""
-    if not trt.has_plugins:
-        raise EngineMismatch(f"TensorRT-RTX cannot load plugin libraries; this engine needs {plugin_lib}: run it "
-                             "with TensorRT")
-    if not Path(plugin_lib).is_file():
-        raise FileNotFoundError(f"plugin library {plugin_lib} (recorded in engines.json) is missing; pass "
-                                "--plugin-lib or rebuild it with python -m vlmx.plugins.trt_build")
-    if registry.load_library(str(plugin_lib)) is None:
-        raise EngineMismatch(f"{trt.flavour} {trt.version} could not load the plugin library {plugin_lib}")
+def trt_runner(engine_path, plugin_lib=None, name: str | None = None):
+    """polygraphy's ``TrtRunner`` for an engine (see :func:`open_engine`): the one TensorRT runner of every
+    command."""
+    _, pg, loader = open_engine(engine_path, plugin_lib)
+    return pg.TrtRunner(loader, name=name or f"tensorrt:{Path(engine_path).stem}")
 
 
-class _CudaArray:
-    """A device buffer given through ``__cuda_array_interface__`` (pointer, shape, dtype)."""
-
-    def __init__(self, obj):
-        cai = obj.__cuda_array_interface__
-        if cai.get("strides") not in (None, ()):
-            expect = np.empty(cai["shape"], dtype=np.dtype(cai["typestr"])).strides
-            if tuple(cai["strides"]) != tuple(expect):
-                raise ValueError("CUDA buffers given to the TensorRT runner must be C-contiguous")
-        self.ptr = int(cai["data"][0])
-        self.shape = tuple(cai["shape"])
-        self.dtype = np.dtype(cai["typestr"])
-        self.owner = obj
+def select_profile(ranges: list[dict], shapes: dict, what: str = "engine") -> int:
+    """The optimization profile for these input shapes: among the profiles admitting them (min <= shape <= max),
+    the one whose opt shapes are nearest (so a one-token step takes the LM engine's decode profile, a prompt its
+    prefill profile). ``ranges``: per profile ``{input: (min, opt, max)}``."""
+    best, best_dist = None, None
+    for index, prof in enumerate(ranges):
+        ok, dist = True, 0
+        for n, shape in shapes.items():
+            lo, opt, hi = (tuple(x) for x in prof[n])
+            if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+                ok = False
+                break
+            dist += sum(abs(s - o) for s, o in zip(shape, opt))
+        if ok and (best_dist is None or dist < best_dist):
+            best, best_dist = index, dist
+    if best is None:
+        spans = "; ".join(", ".join(f"{n} {tuple(p[n][0])}..{tuple(p[n][2])}" for n in shapes) for p in ranges)
+        raise ValueError(f"{what}: input shapes {shapes} fit none of the engine's profiles ({spans}); re-export "
+                         "with a wider profile")
+    return best
 
 
 class TensorRTRunner(Runner):
@@ -114,51 +138,57 @@ class TensorRTRunner(Runner):
         self.plugin_lib = str(plugin_lib) if plugin_lib else None
         self.return_torch = return_torch
         self.device_io = return_torch
-        self.engine = self.context = self.trt = None
+        self.runner = None
 
     def _activate(self):
         import torch
 
-        if not self.engine_path.is_file():
-            raise FileNotFoundError(f"engine {self.engine_path} does not exist; build it with vlm-build")
-        meta = read_engines_json(self.engine_path)
-        self.trt = import_tensorrt(meta["backend"] if meta else "auto")
-        sm, name = _device()
-        if meta is not None:
-            self.plugin_lib = engine_plugin_library(self.engine_path, self.plugin_lib)
-            check_engine_compat(meta, self.trt.flavour, self.trt.version, sm, name, self.plugin_lib)
-        elif sm is None:
-            raise EngineMismatch(f"no CUDA GPU is visible; {self.engine_path} needs one to run")
-        mod = self.trt.module
-        self.logger = mod.Logger(mod.Logger.WARNING)
-        runtime = mod.Runtime(self.logger)
-        if self.plugin_lib:
-            load_plugin_library(self.trt, runtime.get_plugin_registry(), self.plugin_lib)
-        self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-        if self.engine is None:
-            raise EngineMismatch(f"{self.trt.flavour} {self.trt.version} refused to deserialize {self.engine_path} "
-                                 "(see the TensorRT error above); rebuild it with vlm-build on this machine")
-        self.runtime = runtime
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_in = {n: self.engine.get_tensor_mode(n) == mod.TensorIOMode.INPUT for n in names}
-        self.input_names = [n for n in names if is_in[n]]
-        self.output_names = [n for n in names if not is_in[n]]
-        self.dtypes = {n: torch.from_numpy(np.empty(0, dtype=mod.nptype(self.engine.get_tensor_dtype(n)))).dtype
+        self.trt, pg, loader = open_engine(self.engine_path, self.plugin_lib)
+        self.runner = pg.TrtRunner(loader, name=f"tensorrt:{self.engine_path.stem}")
+        with quiet_polygraphy():
+            self.runner.activate()
+        engine, mod = self.runner.engine, self.trt.module
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_input = {n: engine.get_tensor_mode(n) == mod.TensorIOMode.INPUT for n in names}
+        self.input_names = [n for n in names if is_input[n]]
+        self.output_names = [n for n in names if not is_input[n]]
+        self.host_inputs = {n for n in self.input_names if engine.is_shape_inference_io(n)}
+        self.dtypes = {n: torch.from_numpy(np.empty(0, dtype=mod.nptype(engine.get_tensor_dtype(n)))).dtype
                        for n in names}
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        device_inputs = [n for n in self.input_names if n not in self.host_inputs]
+        self.profile_ranges = [{n: engine.get_tensor_profile_shape(n, p) for n in device_inputs}
+                               for p in range(engine.num_optimization_profiles)]
+        self.profile = 0
 
-    def _to_device(self, name, value):
+    def _input(self, name, value):
+        """A contiguous torch tensor of the engine's dtype: on the GPU as given (no copy), host memory for shape
+        tensors; numpy stays in host memory (polygraphy copies it in)."""
         import torch
 
-        want = self.dtypes[name]
         if hasattr(value, "__cuda_array_interface__") and not isinstance(value, torch.Tensor):
-            buf = _CudaArray(value)
-            if torch.from_numpy(np.empty(0, dtype=buf.dtype)).dtype != want:
-                raise TypeError(f"input {name}: CUDA buffer dtype {buf.dtype} but the engine wants {want}")
-            return buf
+            value = torch.as_tensor(value, device="cuda")  # cuda-python / CuPy / Numba buffers, no copy
         t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-        return t.to(device=self.device, dtype=want).contiguous()
+        if name in self.host_inputs:
+            t = t.cpu()
+        elif self.return_torch:
+            t = t.cuda()
+        return t.to(self.dtypes[name]).contiguous()
+
+    def bind(self, buffers):
+        """Bind persistent buffers and set their shapes and addresses on the execution context now: later calls
+        leave them alone (polygraphy sets an address only when it changed; an output aliased to a bound input, the
+        KV cache's present, takes that input's address)."""
+        super().bind(buffers)
+        if self.runner is None:  # not active yet: the first call sets them
+            return
+        ctx = self.runner.context
+        for n, buf in buffers.items():
+            if n in self.input_names and n not in self.host_inputs and getattr(buf, "is_cuda", False):
+                t = self._input(n, buf)
+                if t.data_ptr() != buf.data_ptr():
+                    raise ValueError(f"bound input {n} must be a contiguous CUDA tensor of dtype {self.dtypes[n]}")
+                ctx.set_input_shape(n, tuple(t.shape))
+                ctx.set_tensor_address(n, t.data_ptr())
 
     def alloc(self, name, shape, dtype):
         import torch
@@ -169,108 +199,51 @@ class TensorRTRunner(Runner):
         import torch
 
         self.check_feed(feed, self.input_names, self.engine_path.name)
-        # Bound buffers (Runner.bind): inputs not in the feed come from them, bound outputs are written into them.
-        # TODO(issue 12): set their addresses once per generation and pick the decode profile for S_new = 1.
-        feed = {**{n: b for n, b in self.bound.items() if n in self.input_names}, **feed}
-        held = {}
-        for n in self.input_names:
-            if self.engine.is_shape_inference_io(n):  # shape tensors (e.g. TopK's k) live in host memory
-                host = np.ascontiguousarray(np.asarray(feed[n].cpu() if hasattr(feed[n], "cpu") else feed[n],
-                                                       dtype=self.trt.module.nptype(self.engine.get_tensor_dtype(n))))
-                held[n] = host
-                self.context.set_input_shape(n, host.shape)
-                self.context.set_tensor_address(n, host.ctypes.data)
-                continue
-            x = self._to_device(n, feed[n])
-            held[n] = x
-            shape = x.shape if isinstance(x, _CudaArray) else tuple(x.shape)
-            if not self.context.set_input_shape(n, tuple(shape)):
-                lo, opt, hi = self.engine.get_tensor_profile_shape(n, 0)
-                raise ValueError(f"{self.engine_path.name}: input {n} shape {tuple(shape)} is outside the engine's "
-                                 f"profile min {tuple(lo)} / max {tuple(hi)}; re-export with a wider profile")
-            self.context.set_tensor_address(n, x.ptr if isinstance(x, _CudaArray) else x.data_ptr())
-        allocator = _OutputAllocator(self.trt.module, self.device, self.dtypes)
-        outputs = {}
+        given = {**{n: b for n, b in self.bound.items() if n in self.input_names}, **feed}
+        inputs = {n: self._input(n, given[n]) for n in self.input_names}
+        index = select_profile(self.profile_ranges, {n: tuple(t.shape) for n, t in inputs.items()
+                                                     if n not in self.host_inputs}, self.engine_path.name)
+        with quiet_polygraphy():
+            if index != self.profile:
+                self.runner.set_profile(index)
+                self.profile = index
+            if torch.cuda.is_available():  # inputs written on torch's stream; polygraphy enqueues on its own
+                torch.cuda.current_stream().synchronize()
+            out = self.runner.infer(inputs, copy_outputs_to_host=not self.return_torch)
+        result = {}
         for n in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(n))
-            if n in self.bound:
-                outputs[n] = self._to_device(n, self.bound[n])
-                if outputs[n].data_ptr() != self.bound[n].data_ptr():
-                    raise ValueError(f"bound output {n} must be a contiguous CUDA tensor of dtype {self.dtypes[n]}")
-                self.context.set_tensor_address(n, outputs[n].data_ptr())
-            elif any(d < 0 for d in shape):  # data-dependent (size tensor): allocated by TensorRT's callback
-                self.context.set_output_allocator(n, allocator)
-            else:
-                outputs[n] = torch.empty(shape, dtype=self.dtypes[n], device=self.device)
-                self.context.set_tensor_address(n, outputs[n].data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"{self.engine_path.name}: TensorRT execution failed (see the error above)")
-        stream.synchronize()
-        outputs.update(allocator.results())
-        ordered = {n: outputs[n] for n in self.output_names}
-        return ordered if self.return_torch else {n: t.cpu().numpy() for n, t in ordered.items()}
+            value, buf = out[n], self.bound.get(n)
+            if buf is None:  # polygraphy reuses its output buffers on the next call
+                result[n] = value.clone() if self.return_torch else value.numpy().copy()
+                continue
+            if value.data_ptr() != buf.data_ptr():  # not aliased to a bound input: one device copy
+                buf.view(-1)[:value.numel()].copy_(value.reshape(-1))
+            result[n] = buf
+        return result
 
     def _deactivate(self):
-        self.context = self.engine = self.runtime = None
-
-
-class _OutputAllocator:
-    """Allocates outputs whose shape TensorRT knows only after enqueue (torch memory, trimmed to the final shape)."""
-
-    def __new__(cls, mod, device, dtypes):
-        class Allocator(mod.IOutputAllocator):
-            def __init__(self):
-                mod.IOutputAllocator.__init__(self)
-                self.buffers, self.shapes = {}, {}
-
-            def reallocate_output(self, name, memory, size, alignment):
-                import torch
-
-                buf = self.buffers.get(name)
-                if buf is None or buf.numel() < size:
-                    self.buffers[name] = buf = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
-                return buf.data_ptr()
-
-            def reallocate_output_async(self, name, memory, size, alignment, stream=None):
-                return self.reallocate_output(name, memory, size, alignment)  # torch allocates stream-ordered
-
-            def notify_shape(self, name, shape):
-                self.shapes[name] = tuple(shape)
-
-            def results(self):
-                out = {}
-                for n, shape in self.shapes.items():
-                    count = int(np.prod(shape)) if shape else 1
-                    dt = dtypes[n]
-                    nbytes = count * (dt.itemsize if hasattr(dt, "itemsize") else 1)
-                    out[n] = self.buffers[n][:nbytes].view(dt).reshape(shape).clone()
-                return out
-
-        return Allocator()
+        if self.runner is not None and self.runner.is_active:
+            self.runner.deactivate()
+        self.runner = None
 
 
 def engine_layers(engine_path) -> tuple[str, list[str]]:
     """The engine's layers: from the engine inspector where the plan deserializes (a GPU), else the layer list the
     builder logged into ``engines.json``. Returns (source, lines)."""
+    from polygraphy.exception import PolygraphyException
+
     meta = read_engines_json(engine_path) or {}
     entry = next((e for e in meta.get("engines", {}).values() if e.get("file") == Path(engine_path).name), {})
     try:
-        trt = import_tensorrt(meta.get("backend", "auto"))
-        sm, _ = _device()
-    except (ImportError, TensorRTUnavailable):
-        sm = None
-    if sm is not None:
-        mod = trt.module
-        runtime = mod.Runtime(mod.Logger(mod.Logger.ERROR))
-        lib = (meta.get("plugin_lib") or {}).get("path")
-        if lib and trt.has_plugins and Path(lib).is_file():
-            runtime.get_plugin_registry().load_library(lib)
-        engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if engine is not None:
-            info = engine.create_engine_inspector().get_engine_information(mod.LayerInformationFormat.ONELINE)
-            return "engine inspector", [ln for ln in info.splitlines() if ln.strip()]
-    return "builder log (engines.json)", list(entry.get("layers", []))
+        trt, _, loader = open_engine(engine_path)
+        with quiet_polygraphy():
+            engine = loader()
+        info = engine.create_engine_inspector().get_engine_information(trt.module.LayerInformationFormat.ONELINE)
+        return "engine inspector", [ln for ln in info.splitlines() if ln.strip()]
+    except (ImportError, OSError, RuntimeError, PolygraphyException):  # no GPU or TensorRT here, or a plan that
+        # does not deserialize (EngineMismatch and PluginLibraryError are RuntimeErrors)
+        return "builder log (engines.json)", list(entry.get("layers", []))
+
 
 
 def graph_runners(artifacts, plugin_lib=None, engines_dir=None, return_torch=False, **_) -> dict[str, Runner]:
