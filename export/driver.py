@@ -154,8 +154,16 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
             _, model, _ = random_model(spec, opts.seed, opts.dtype)
         else:
             model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
+        processor = write_processor_files(tmp, spec, opts.checkpoint)  # --calib DIR reads prompts through them
         # before prepare(): calibration runs the language model's layers with their own attention
-        lm_plan = family.smooth_language_model(model, opts.precision, skip=opts.lm_skip)  # w8a8, else None
+        embeds = None
+        if opts.calib_dir is not None and opts.precision == "w8a8":
+            from .calib_data import lm_inputs_embeds, read_calib_dir
+
+            embeds = lm_inputs_embeds(model, tmp, read_calib_dir(opts.calib_dir), spec.image_token_id)
+        lm_plan = family.smooth_language_model(model, opts.precision, skip=opts.lm_skip,
+                                               calib_embeds=embeds)  # w8a8, else None
+        del embeds
         family.prepare(model, opts.attention, opts.precision)
         ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed, max_seq_len=opts.max_seq_len)
         ref_graphs = reference_graphs(family, ctx, same_dtype=large)
@@ -189,8 +197,9 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
     if lm_plan is not None:
         import json
 
-        (tmp / LM_W8A8_FILE).write_text(json.dumps(lm_plan.to_dict(), indent=1) + "\n")
-        notes.append(f"language model: SmoothQuant on {lm_plan.tokens} calibration tokens; "
+        source = f"--calib {opts.calib_dir}" if opts.calib_dir is not None else "the built-in text"
+        (tmp / LM_W8A8_FILE).write_text(json.dumps({**lm_plan.to_dict(), "calibration": source}, indent=1) + "\n")
+        notes.append(f"language model: SmoothQuant on {lm_plan.tokens} calibration tokens ({source}); "
                      f"{len(lm_plan.skip)} linears kept float ({LM_W8A8_FILE})")
     del model, ctx, ref_graphs, g, ref  # the report's ONNX Runtime sessions need the memory
     gc.collect()
@@ -198,7 +207,6 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
         np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
                                           for part in ("inputs", "outputs") for k, v in r[part].items()})
         (tmp / "vlmx_ops.md").write_text(markdown_table() + "\n")
-        processor = write_processor_files(tmp, spec, opts.checkpoint)
         report = None
         if opts.report and not opts.plugins_only:
             about = {"model": spec.name, "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
