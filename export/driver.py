@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from vlmx.torch_ref.contract import (GRAPH_NAMES, PRECISIONS, PRUNE_METHODS, QUANT_GRAPHS, checkpoint_table,
@@ -63,11 +64,15 @@ def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: di
     the language model's linears that stay float (SmoothQuant's skip list). ``applied[name]`` records what ran.
     """
     quantize = opts.precision == "w8a8" and name in QUANT_GRAPHS and not (name == "vision" and vision_quantized)
+    fuse = FUSE_ATTENTION.get(opts.attention)
 
     def post(model, external=False):
         skip = skip_nodes(model, lm_skip) if quantize and name != "vision" else set()
+        fused = []
+        if fuse is not None:
+            model = _fuse_attention(model, fuse, fused, base_dir if external else None)
         if external:
-            names = []
+            names = [_fusion_entry(fuse, fused)] if fuse is not None else []
             if quantize:
                 model = insert_quant_streamed(model, base_dir, skip=skip)
                 names.append("insert_quant(dynamic, streamed)")
@@ -77,7 +82,7 @@ def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: di
             applied[name] = names
             return model
         passes = [fuse_qkv]
-        names = ["fuse_qkv"]
+        names = ([_fusion_entry(fuse, fused)] if fuse is not None else []) + ["fuse_qkv"]
         if quantize:
             names.append("insert_quant(static)" if opts.calib else "insert_quant(dynamic)")
             if opts.calib:
@@ -95,6 +100,40 @@ def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: di
         return run_passes(model, passes, functions=not opts.plugins_only)
 
     return post
+
+
+#: ``fuse_attention`` target per ``--attention`` mode. The export swaps every attention it knows for the mode's
+#: form, so on our presets the pass finds nothing; it fuses attention the swap missed (a checkpoint module that
+#: transformers cannot switch, written as MatMul/Softmax). ``decomposed`` asks for MatMul/Softmax: not run.
+FUSE_ATTENTION = {"plugin": "vlmx", "native": "onnx"}
+
+
+def _fuse_attention(model, target: str, rows: list, base_dir: Path | None):
+    """``fuse_attention`` on a weightless proto; ``base_dir``: where its external data lives (the streamed path:
+    locations are made absolute for the pass, so the few constants it reads load, and relative again after)."""
+    import os
+
+    from .passes import fuse_attention
+
+    ext = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL] if base_dir else []
+    for t in ext:
+        for kv in t.external_data:
+            if kv.key == "location":
+                kv.value = str(Path(base_dir, kv.value).resolve())
+    model = run_passes(model, [lambda g: fuse_attention(g, target, report=rows)], functions=False)
+    for t in model.graph.initializer if base_dir else []:
+        for kv in t.external_data:
+            if kv.key == "location" and os.path.isabs(kv.value):
+                kv.value = os.path.relpath(kv.value, Path(base_dir).resolve())
+    return model
+
+
+def _fusion_entry(target: str, rows: list) -> str:
+    """The manifest's record of one graph's attention fusion: counts and, for each Softmax left, why."""
+    fused = sum(r["status"] == "fused" for r in rows)
+    why = sorted({r["reason"] for r in rows if r["status"] != "fused"})
+    return f"fuse_attention({target}): {fused} fused, {len(rows) - fused} not matched" + \
+        (f" ({'; '.join(why)})" if why else "")
 
 
 def _calib_feeds(inputs: dict, n: int, seed: int) -> list[dict]:
