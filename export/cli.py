@@ -37,7 +37,10 @@ def parser(prog: str = "vlm-export") -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None,
                    help=f"ONNX opset {MIN_OPSET}..{MAX_OPSET} (default 18; {NATIVE_ATTENTION_OPSET} for --attention "
                         "native)")
-    p.add_argument("--calib", type=int, default=0, help="w8a8 only: calibrate static Q/DQ on N random inputs")
+    p.add_argument("--calib", default=None, metavar="DIR|N",
+                   help="w8a8 only. DIR: calibrate the language model's SmoothQuant smoothing on your images and "
+                        "prompts (*.png/*.jpg/*.jpeg in DIR, each with <image name>.txt or a line of DIR/prompts.txt;"
+                        " default: a built-in English text). N: calibrate static Q/DQ on N random inputs")
     p.add_argument("--keep", type=float, default=1.0, help="default visual-token keep ratio in (0, 1] for the runtime")
     p.add_argument("--prune", default="text", help=f"default pruning method: {', '.join(PRUNE_METHODS)}")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and synthetic inputs")
@@ -70,11 +73,17 @@ def check_arguments(args) -> None:
     if args.attention == "native" and args.opset is not None and args.opset < NATIVE_ATTENTION_OPSET:
         raise UsageError(f"--attention native needs the ONNX Attention op (opset {NATIVE_ATTENTION_OPSET}); "
                          f"pass --opset {NATIVE_ATTENTION_OPSET} or use --attention plugin/decomposed")
-    if args.calib < 0:
-        raise UsageError(f"--calib {args.calib} must be >= 0 (number of calibration inputs)")
-    if args.calib and args.precision != "w8a8":
-        raise UsageError(f"--calib calibrates static int8 Q/DQ and needs --precision w8a8 (got {args.precision})")
-    if args.calib and args.opset is not None and args.opset < STATIC_QDQ_OPSET:
+    args.calib_count, args.calib_dir = calib_arguments(args.calib)
+    if args.calib is not None and args.precision != "w8a8":
+        raise UsageError(f"--calib calibrates int8 quantization and needs --precision w8a8 (got {args.precision})")
+    if args.calib_dir is not None:
+        from .calib_data import CalibError, read_calib_dir
+
+        try:
+            read_calib_dir(args.calib_dir)
+        except CalibError as e:
+            raise UsageError(str(e)) from None
+    if args.calib_count and args.opset is not None and args.opset < STATIC_QDQ_OPSET:
         raise UsageError(f"--calib on a float16 graph needs float16 Q/DQ scales (opset {STATIC_QDQ_OPSET}); pass "
                          f"--opset {STATIC_QDQ_OPSET} or later")
     if not 0.0 < args.keep <= 1.0:  # also refuses nan
@@ -91,6 +100,19 @@ def check_arguments(args) -> None:
         check_out(args.out, args.overwrite, is_export_dir, "a vlmx export")
     except OutputError as e:
         raise UsageError(str(e)) from None
+
+
+def calib_arguments(value: str | None) -> tuple[int, Path | None]:
+    """``--calib``: (N random inputs for static Q/DQ, or 0; the calibration directory, or None)."""
+    if value is None:
+        return 0, None
+    text = value.strip()
+    if text.lstrip("+-").isdigit():
+        n = int(text)
+        if n < 0:
+            raise UsageError(f"--calib {value} must be >= 0 (number of calibration inputs) or a directory")
+        return n, None
+    return 0, Path(value)
 
 
 def validate(args) -> ExportOptions:
@@ -116,6 +138,12 @@ def validate(args) -> ExportOptions:
         except ProcessorFilesError as e:
             raise UsageError(str(e)) from None
     keep_count(spec.num_image_tokens, float(args.keep))
+    from .model_configs import family_for
+
+    if args.calib_dir is not None and not family_for(spec).smooths_lm:
+        raise UsageError(f"--calib {args.calib_dir} calibrates SmoothQuant smoothing, which {spec.name}'s "
+                         f"{spec.language} language model does not use (its linears are quantized as they are); "
+                         "omit --calib")
     if args.prune == "cls" and not spec.has_cls:
         raise UsageError(f"--prune cls needs a [CLS] token, but the {spec.vision} tower of {spec.name} has none; "
                          "use --prune text")
@@ -126,7 +154,8 @@ def validate(args) -> ExportOptions:
         raise UsageError(f"--max-seq-len {args.max_seq_len} leaves no room for text: one image alone is "
                          f"{spec.num_image_tokens} tokens; pass more than that")
     return ExportOptions(model=spec.name, out=Path(args.out), checkpoint=args.checkpoint, target=args.target,
-                         precision=args.precision, attention=args.attention, opset=args.opset, calib=args.calib,
+                         precision=args.precision, attention=args.attention, opset=args.opset, calib=args.calib_count,
+                         calib_dir=args.calib_dir,
                          keep=float(args.keep), prune=args.prune, seed=args.seed, plugins_only=args.plugins_only,
                          overwrite=args.overwrite, report=not args.no_report, max_seq_len=args.max_seq_len)
 

@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from vlmx.torch_ref.contract import (GRAPH_NAMES, MODEL_CONFIG, PRECISIONS, PRUNE_METHODS, QUANT_GRAPHS,
@@ -64,11 +65,15 @@ def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: di
     the language model's linears that stay float (SmoothQuant's skip list). ``applied[name]`` records what ran.
     """
     quantize = opts.precision == "w8a8" and name in QUANT_GRAPHS and not (name == "vision" and vision_quantized)
+    fuse = FUSE_ATTENTION.get(opts.attention)
 
     def post(model, external=False):
         skip = skip_nodes(model, lm_skip) if quantize and name != "vision" else set()
+        fused = []
+        if fuse is not None:
+            model = _fuse_attention(model, fuse, fused, base_dir if external else None)
         if external:
-            names = []
+            names = [_fusion_entry(fuse, fused)] if fuse is not None else []
             if quantize:
                 model = insert_quant_streamed(model, base_dir, skip=skip)
                 names.append("insert_quant(dynamic, streamed)")
@@ -78,7 +83,7 @@ def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: di
             applied[name] = names
             return model
         passes = [fuse_qkv]
-        names = ["fuse_qkv"]
+        names = ([_fusion_entry(fuse, fused)] if fuse is not None else []) + ["fuse_qkv"]
         if quantize:
             names.append("insert_quant(static)" if opts.calib else "insert_quant(dynamic)")
             if opts.calib:
@@ -96,6 +101,40 @@ def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: di
         return run_passes(model, passes, functions=not opts.plugins_only)
 
     return post
+
+
+#: ``fuse_attention`` target per ``--attention`` mode. The export swaps every attention it knows for the mode's
+#: form, so on our presets the pass finds nothing; it fuses attention the swap missed (a checkpoint module that
+#: transformers cannot switch, written as MatMul/Softmax). ``decomposed`` asks for MatMul/Softmax: not run.
+FUSE_ATTENTION = {"plugin": "vlmx", "native": "onnx"}
+
+
+def _fuse_attention(model, target: str, rows: list, base_dir: Path | None):
+    """``fuse_attention`` on a weightless proto; ``base_dir``: where its external data lives (the streamed path:
+    locations are made absolute for the pass, so the few constants it reads load, and relative again after)."""
+    import os
+
+    from .passes import fuse_attention
+
+    ext = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL] if base_dir else []
+    for t in ext:
+        for kv in t.external_data:
+            if kv.key == "location":
+                kv.value = str(Path(base_dir, kv.value).resolve())
+    model = run_passes(model, [lambda g: fuse_attention(g, target, report=rows)], functions=False)
+    for t in model.graph.initializer if base_dir else []:
+        for kv in t.external_data:
+            if kv.key == "location" and os.path.isabs(kv.value):
+                kv.value = os.path.relpath(kv.value, Path(base_dir).resolve())
+    return model
+
+
+def _fusion_entry(target: str, rows: list) -> str:
+    """The manifest's record of one graph's attention fusion: counts and, for each Softmax left, why."""
+    fused = sum(r["status"] == "fused" for r in rows)
+    why = sorted({r["reason"] for r in rows if r["status"] != "fused"})
+    return f"fuse_attention({target}): {fused} fused, {len(rows) - fused} not matched" + \
+        (f" ({'; '.join(why)})" if why else "")
 
 
 def _calib_feeds(inputs: dict, n: int, seed: int) -> list[dict]:
@@ -155,8 +194,16 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
             _, model, _ = random_model(spec, opts.seed, opts.dtype)
         else:
             model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
+        processor = write_processor_files(tmp, spec, opts.checkpoint)  # --calib DIR reads prompts through them
         # before prepare(): calibration runs the language model's layers with their own attention
-        lm_plan = family.smooth_language_model(model, opts.precision, skip=opts.lm_skip)  # w8a8, else None
+        embeds = None
+        if opts.calib_dir is not None and opts.precision == "w8a8":
+            from .calib_data import lm_inputs_embeds, read_calib_dir
+
+            embeds = lm_inputs_embeds(model, tmp, read_calib_dir(opts.calib_dir), spec.image_token_id)
+        lm_plan = family.smooth_language_model(model, opts.precision, skip=opts.lm_skip,
+                                               calib_embeds=embeds)  # w8a8, else None
+        del embeds
         (tmp / MODEL_CONFIG).write_text(model.config.to_json_string())  # before prepare sets attention
         family.prepare(model, opts.attention, opts.precision)
         weight_map = WeightMap(model)
@@ -193,8 +240,9 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
     if lm_plan is not None:
         import json
 
-        (tmp / LM_W8A8_FILE).write_text(json.dumps(lm_plan.to_dict(), indent=1) + "\n")
-        notes.append(f"language model: SmoothQuant on {lm_plan.tokens} calibration tokens; "
+        source = f"--calib {opts.calib_dir}" if opts.calib_dir is not None else "the built-in text"
+        (tmp / LM_W8A8_FILE).write_text(json.dumps({**lm_plan.to_dict(), "calibration": source}, indent=1) + "\n")
+        notes.append(f"language model: SmoothQuant on {lm_plan.tokens} calibration tokens ({source}); "
                      f"{len(lm_plan.skip)} linears kept float ({LM_W8A8_FILE})")
     weights = weight_map.to_dict(MODEL_CONFIG)
     del model, ctx, ref_graphs, g, ref, weight_map  # the report's ONNX Runtime sessions need the memory
@@ -203,7 +251,6 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
         np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
                                           for part in ("inputs", "outputs") for k, v in r[part].items()})
         (tmp / "vlmx_ops.md").write_text(markdown_table() + "\n")
-        processor = write_processor_files(tmp, spec, opts.checkpoint)
         report = None
         if opts.report and not opts.plugins_only:
             about = {"model": spec.name, "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,

@@ -130,21 +130,26 @@ class LlavaFamily:
         """True when ``prepare`` already put a W8A8 vision encoder in (no graph-level quantization needed)."""
         return False
 
+    #: Whether :meth:`smooth_language_model` smooths (so ``--calib DIR`` has something to calibrate).
+    smooths_lm = True
+
     def smooth_language_model(self, model: nn.Module, precision: str, calib_ids: torch.Tensor | None = None,
-                              skip=None):
+                              skip=None, calib_embeds: list | None = None):
         """Under ``w8a8``: SmoothQuant-smooth the language model's float weights in place (the function is
         unchanged; insert_quant then quantizes the smoothed linears) and return the plan (α per group, per-linear
-        calibrated errors, the skip list of linears to keep float); else None. ``calib_ids``: calibration tokens,
-        default the built-in pydoc-topics text (UTF-8 bytes modulo the vocabulary: presets have no tokenizer).
+        calibrated errors, the skip list of linears to keep float); else None. Calibration data: ``calib_embeds``
+        (``[S_i, H]`` per sample, from ``--calib DIR``: :mod:`vlmx.export.calib_data`), else ``calib_ids``, else the
+        built-in pydoc-topics text (UTF-8 bytes modulo the vocabulary: presets have no tokenizer).
         ``skip``: module names to keep float instead of the calibrated choice (which adds ``lm_head``)."""
         if precision != "w8a8":
             return None
         from vlmx.torch_ref import lm_w8a8
 
-        if calib_ids is None:
+        if calib_ids is None and calib_embeds is None:
             calib_ids = lm_w8a8.calibration_ids(vocab_size=self.lm_dims(model)["vocab_size"],
                                                 seq_len=lm_w8a8.EXPORT_CALIB[1], num_seqs=lm_w8a8.EXPORT_CALIB[0])
-        plan = lm_w8a8.calibrate(model, calib_ids, skip=None if skip is None else list(skip))
+        plan = lm_w8a8.calibrate(model, None if calib_embeds is not None else calib_ids,
+                                 skip=None if skip is None else list(skip), inputs_embeds=calib_embeds)
         if skip is None:  # measured on SmolLM2: an int8 lm_head costs 0.57 perplexity points (bench/results)
             plan.skip = [*plan.skip, *lm_w8a8.EXPORT_FLOAT]
         return plan
@@ -325,7 +330,9 @@ class LlavaMptFamily(LlavaFamily):
         return {"lm_hidden": c.d_model, "num_layers": c.n_layers, "num_heads": c.n_heads,
                 "num_kv_heads": c.n_heads, "head_dim": c.d_model // c.n_heads, "vocab_size": c.vocab_size}
 
-    def smooth_language_model(self, model, precision, calib_ids=None, skip=None):
+    smooths_lm = False
+
+    def smooth_language_model(self, model, precision, calib_ids=None, skip=None, calib_embeds=None):
         """MPT blocks are not Llama-shaped (fused Wqkv, LayerNorm without a foldable pair): linears are quantized
         as they are."""
         return None

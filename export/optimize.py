@@ -3,7 +3,9 @@
 :func:`optimize` loads the graph without its weights (:mod:`.large_model`), applies the requested passes in a fixed
 order (QKV fusion, attention fusion, quantization, strip function bodies), writes the result with external data
 into a temporary directory next to the output, checks it against the input model with ONNX Runtime (polygraphy)
-on fresh random inputs with the export contract's thresholds, and only then moves it into place.
+on fresh random inputs with the export contract's thresholds, and only then moves it into place. ``--w8a8`` runs
+on the written proto through :func:`insert_quant_streamed` (one weight in memory at a time), so it quantizes graphs
+of any size.
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ from vlmx.torch_ref.contract import THRESHOLDS
 from vlmx.torch_ref.op_table import DOMAIN
 
 from . import large_model
-from .functions import attach_functions
+from .functions import attach_functions, strip_vlmx_functions
 from .passes import calibrate, fuse_attention, fuse_qkv, insert_quant, strip_functions
 from .passes.cleanup import infer_shapes
 from .passes.fuse_attention import ONNX_ATTENTION_OPSET, TARGETS
 from .passes.insert_quant import linears
+from .passes.insert_quant_streamed import insert_quant_streamed
 from .report import compare_outputs, run_onnx
 
 MIN_OPSET, MAX_OPSET = 17, 24
@@ -207,22 +210,40 @@ def run_passes(graph: gs.Graph, lazy: dict, store, model: onnx.ModelProto, opts:
         step("fuse_qkv", lambda rows: fuse_qkv(graph, report=rows))
     if opts.attention is not None:
         step("fuse_attention", lambda rows: fuse_attention(graph, target=opts.attention, report=rows))
-    if opts.w8a8:
-        step("insert_quant(dynamic)",
-             lambda rows: rows.extend(_linear_rows(graph, lambda: insert_quant(graph, "dynamic"), "dynamic")))
     if opts.static:
         amax = _calibrate(graph, model, opts, model)
         step("insert_quant(static)", lambda rows: rows.extend(
             _linear_rows(graph, lambda: insert_quant(graph, "static", amax), "static")))
-    if opts.strip_functions:
+    if opts.strip_functions and not opts.w8a8:  # under --w8a8 it runs after quantization, on the proto
         bodies = sum(1 for f in graph.functions if f.domain == DOMAIN)
         bare = sum(1 for n in graph.nodes if n.domain == DOMAIN)
-        step("strip_functions", lambda rows: (strip_functions(graph), rows.append(
-            {"status": "fused" if bare else "not matched", "reason": "the model has no vlmx nodes",
-             "at": "model graph", "detail": f"{bare} vlmx nodes left bare ({bodies} input function bodies "
-             "removed, none attached)"})))
+        step("strip_functions", lambda rows: (strip_functions(graph), rows.append(_strip_row(bare, bodies))))
     graph.cleanup().toposort()
     return report
+
+
+def _strip_row(bare: int, bodies: int) -> dict:
+    return {"status": "fused" if bare else "not matched", "reason": "the model has no vlmx nodes",
+            "at": "model graph", "detail": f"{bare} vlmx nodes left bare ({bodies} input function bodies "
+            "removed, none attached)"}
+
+
+def quantize_streamed(out: onnx.ModelProto, path: Path, store, opts: Options, report: dict) -> None:
+    """``--w8a8`` (and ``--strip-functions`` after it) on the exported proto: :func:`insert_quant_streamed` reads
+    each weight from wherever it lives (the input's data files, the passes' spill file ``store``) and writes the
+    output's data file next to ``path``; then the proto is written to ``path``."""
+    store.close()  # flushed: the streamed pass reads the constants earlier passes spilled into it
+    rows = report["insert_quant(dynamic)"] = []
+    out = insert_quant_streamed(out, path.parent, data_file=store.path.name, report=rows)
+    if opts.strip_functions:
+        bodies = sum(1 for f in out.functions if f.domain == DOMAIN)
+        bare = sum(1 for n in out.graph.node if n.domain == DOMAIN)
+        strip_vlmx_functions(out)
+        report["strip_functions"] = [_strip_row(bare, bodies)]
+    elif any(n.domain == DOMAIN for n in out.graph.node):
+        attach_functions(out)
+    with open(path, "wb") as f:
+        f.write(out.SerializeToString())
 
 
 def _export(graph: gs.Graph, model: onnx.ModelProto, opts: Options) -> onnx.ModelProto:
@@ -256,8 +277,12 @@ def optimize(src: Path, dst: Path, opts: Options) -> dict:
     try:
         store = large_model.Store(tmp / f"{dst.name}.data")
         passes = run_passes(graph, lazy, store, model, opts)
-        out = _export(graph, model, opts)
-        large_model.save(out, tmp / dst.name, store)
+        if opts.w8a8:
+            out = _export(graph, model, dataclasses.replace(opts, strip_functions=True))  # bodies attached after
+            quantize_streamed(out, tmp / dst.name, store, opts, passes)
+        else:
+            out = _export(graph, model, opts)
+            large_model.save(out, tmp / dst.name, store)
         report = {"input": str(src), "output": str(dst), "passes": passes,
                   "summary": {p: _count(rows) for p, rows in passes.items()}}
         report["check"] = numeric_check(src, tmp / dst.name, model, opts) if opts.check else \

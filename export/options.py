@@ -44,6 +44,8 @@ class ExportOptions:
     external_threshold: int | None = None
     #: w8a8: language-model linears (torch module names) kept float; None = chosen by calibration
     lm_skip: tuple[str, ...] | None = None
+    #: w8a8: ``--calib DIR`` of images + prompts for the language model's SmoothQuant (None: built-in text)
+    calib_dir: Path | None = None
 
     def resolved_opset(self) -> int:
         """--opset, or the smallest one the options need (23 for native attention, 19 for static Q/DQ, else 18)."""

@@ -305,6 +305,70 @@ def test_graph_over_2gb_is_optimized_without_loading_its_weights(tmp_path):
             p.unlink(missing_ok=True)
 
 
+def _peak_mb_of_cli(argv: list[str]) -> tuple[float, object]:
+    """Run vlm-optimize in a fresh wrapper process and return (its peak RSS in MB, the completed process).
+
+    RUSAGE_CHILDREN of this pytest process would be the maximum over every child the suite started before."""
+    import subprocess
+    import sys
+
+    wrap = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+            "print('peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+    r = subprocess.run([sys.executable, "-c", wrap, sys.executable, "-m", "vlmx.export.optimize_cli", *argv],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.rsplit("peak_kb", 1)[1].split()[0]) / 1024, r
+
+
+@pytest.mark.slow
+def test_w8a8_of_a_graph_over_2gb_holds_one_weight_at_a_time(tmp_path):
+    """20 chained 6144x6144 float32 linears (3.0 GB, a sparse file): --w8a8 quantizes all of them through the
+    streamed pass in a process whose peak memory stays far below the weights (one weight and its int8 copy)."""
+    n, width = 20, 6144
+    wbytes = width * width * 4
+    nodes = [helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"x{i + 1}"], name=f"linear{i}") for i in range(n)]
+    inits = [TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[width, width]) for i in range(n)]
+    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["b", width])],
+                          [helper.make_tensor_value_info(f"x{n}", TensorProto.FLOAT, ["b", width])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    data = tmp_path / "big.bin"
+    with open(data, "wb") as f:
+        f.truncate(n * wbytes)  # sparse: no disk used for the input weights
+    for i, t in enumerate(model.graph.initializer):
+        large_model._set_external(t, "big.bin", i * wbytes, wbytes)
+    (tmp_path / "big.onnx").write_bytes(model.SerializeToString())
+    out = tmp_path / "out.onnx"
+    try:
+        peak_mb, r = _peak_mb_of_cli([str(tmp_path / "big.onnx"), str(out), "--w8a8", "--no-check"])
+        assert f"insert_quant(dynamic): {n} fused" in r.stdout
+        assert peak_mb < 1024, peak_mb  # 554 MB measured (235 MB of it imports); the weights are 2.9 GB
+        q = onnx.load(str(out), load_external_data=False)
+        assert [n.op_type for n in q.graph.node] == ["QuantizePerToken", "W8A8Linear"] * n
+        assert not any(t.data_type == TensorProto.FLOAT and list(t.dims) == [width, width]
+                       for t in q.graph.initializer)
+        assert (tmp_path / "out.onnx.data").stat().st_size >= n * width * width  # the int8 weights
+        assert data.exists()  # the input's data file is read in place, never removed
+    finally:
+        for p in (data, tmp_path / "out.onnx.data"):
+            p.unlink(missing_ok=True)
+
+
+def test_w8a8_after_qkv_with_stripped_functions(llama, tmp_path):
+    """--qkv then --w8a8 (streamed, reading the fused weights the first pass spilled) then --strip-functions:
+    every linear is quantized, the fused QKV included, and the nodes are bare vlmx ops."""
+    dst = tmp_path / "out.onnx"
+    report = O.optimize(llama, dst, O.Options(seed=0, qkv=True, w8a8=True, strip_functions=True))
+    assert list(report["passes"]) == ["fuse_qkv", "insert_quant(dynamic)", "strip_functions"]
+    assert report["summary"]["fuse_qkv"]["fused"] == 2
+    m = onnx.load(str(dst), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    assert not m.functions and not any(n.input[1] in inits for n in _nodes(m, "MatMul"))  # no float linear left
+    assert {n.op_type for n in m.graph.node if n.domain == "vlmx"} == {"QuantizePerToken", "W8A8Linear"}
+    assert any("qkv" in r["linear"] for r in report["passes"]["insert_quant(dynamic)"])
+    report = O.optimize(llama, tmp_path / "out2.onnx", O.Options(seed=0, qkv=True, w8a8=True))
+    assert report["check"]["verdict"] == "PASS", report["check"]
+
+
 def test_not_matched_says_why_and_where(tmp_path):
     """Probabilities that are also a graph output (need_weights) cannot be fused: the row names the reason and
     the Softmax; with --strip-functions the check is reported as not run (bare vlmx nodes)."""

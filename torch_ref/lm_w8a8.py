@@ -284,36 +284,45 @@ def _capture(linears):
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, input_ids: torch.Tensor, alphas=ALPHAS, smooth: bool = True, skip=None,
-              skip_threshold: float = SKIP_THRESHOLD, max_skip: int | None = None) -> SmoothQuantPlan:
+def calibrate(model: nn.Module, input_ids: torch.Tensor | None, alphas=ALPHAS, smooth: bool = True, skip=None,
+              skip_threshold: float = SKIP_THRESHOLD, max_skip: int | None = None,
+              inputs_embeds: list[torch.Tensor] | None = None) -> SmoothQuantPlan:
     """Choose and apply (in place, on the float weights) SmoothQuant factors layer by layer; returns the plan.
 
-    ``input_ids [B, S]``: calibration tokens (:func:`calibration_ids`). ``smooth=False`` measures without
-    smoothing. ``skip``: explicit skip list (names relative to ``model``); None = automatic (``skip_threshold``,
-    at most ``max_skip``). Streams one layer at a time: memory beyond the weights is one layer's activations.
+    ``input_ids [B, S]``: calibration tokens (:func:`calibration_ids`); or ``inputs_embeds``: sequences of any
+    lengths ``[S_i, H]`` (e.g. prompts with image features, ``vlm-export --calib DIR``), each run on its own.
+    ``smooth=False`` measures without smoothing. ``skip``: explicit skip list (names relative to ``model``); None =
+    automatic (``skip_threshold``, at most ``max_skip``). Streams one layer at a time: memory beyond the weights is
+    one layer's activations.
     """
     embed, layers, rotary = decoder_parts(model)
     prefix = _prefix(model, layers)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    h = embed(input_ids).float()
-    b, n = input_ids.shape
-    pos = torch.arange(n).expand(b, n)
-    pos_emb = rotary(h, pos)
-    mask = _causal_mask(n, h.dtype)
-    plan = SmoothQuantPlan(tokens=b * n, smooth=smooth)
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("calibrate needs input_ids or inputs_embeds (one of them)")
+    chunks = [embed(input_ids).float()] if inputs_embeds is None else \
+        [e.float().reshape(1, -1, e.shape[-1]) for e in inputs_embeds]
+    states = []  # per chunk: hidden states, rotary embeddings, causal mask, positions
+    for h in chunks:
+        b, n = h.shape[:2]
+        pos = torch.arange(n).expand(b, n)
+        states.append([h, rotary(h, pos), _causal_mask(n, h.dtype), pos])
+    plan = SmoothQuantPlan(tokens=sum(int(h.shape[0] * h.shape[1]) for h in chunks), smooth=smooth)
+    del chunks
     for li, layer in enumerate(layers):
         dtype = next(layer.parameters()).dtype
         layer.float()  # one layer in float32 at a time: exact statistics, fast CPU GEMMs, bounded memory
         groups = llama_groups(layer, heads, kv_heads)
         seen, hooks = _capture([g.linears[0] for g in groups])
         try:
-            out = layer(h, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos)
+            for st in states:
+                out = layer(st[0], attention_mask=st[2], position_embeddings=st[1], position_ids=st[3])
+                st[0] = out[0] if isinstance(out, tuple) else out
         finally:
             for hk in hooks:
                 hk.remove()
-        h = out[0] if isinstance(out, tuple) else out
         _smooth_layer(plan, f"{prefix}.{li}", layer, groups, seen, alphas if smooth else (None,))
         layer.to(dtype)
         del seen

@@ -29,12 +29,20 @@ from .fuse_qkv import _bias, _weight
 MODES = ("dynamic", "static")
 
 
+#: Output channels quantized per step (channels are independent: blocks bound the float temporaries of a 7B weight).
+_BLOCK = 1024
+
+
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``W [K, N]`` → (int8 ``[K, N]``, float32 per-channel scale ``[N]``), symmetric round-half-even."""
-    wf = w.astype(np.float32)
-    scale = np.maximum(np.abs(wf).max(axis=0), QUANT_EPS) / QMAX
-    q = np.clip(np.rint(wf / scale), -QMAX, QMAX).astype(np.int8)
-    return q, scale.astype(np.float32)
+    q = np.empty(w.shape, np.int8)
+    scale = np.empty(w.shape[1], np.float32)
+    for j in range(0, w.shape[1], _BLOCK):
+        wf = w[:, j:j + _BLOCK].astype(np.float32)
+        s = np.maximum(np.abs(wf).max(axis=0), QUANT_EPS) / QMAX
+        q[:, j:j + _BLOCK] = np.clip(np.rint(wf / s), -QMAX, QMAX)
+        scale[j:j + _BLOCK] = s
+    return q, scale
 
 
 def linears(graph: gs.Graph, skip=()) -> list[gs.Node]:

@@ -11,6 +11,8 @@ written as int8 ``[N, K]`` + float32 ``[N]`` scale into a new data file, which a
 referenced initializer, copied in chunks. The new file replaces the old one. Peak memory: one weight (float32) and
 its int8 copy. ``skip``: node names of linears to keep float (as for :func:`insert_quant`; see
 :func:`~vlmx.export.passes.insert_quant.skip_nodes`). Generic over MatMul-with-initializer patterns: prefill/decode or one LM graph alike.
+Initializers may live in files anywhere (absolute locations: ``vlm-optimize`` reads the user's data in place); only
+replaced data files inside ``base_dir`` are removed.
 """
 from __future__ import annotations
 
@@ -78,10 +80,11 @@ def _linears(model: onnx.ModelProto, skip) -> list[tuple[int, int | None]]:
 
 
 def insert_quant_streamed(model: onnx.ModelProto, base_dir: str | Path, data_file: str | None = None,
-                          skip=()) -> onnx.ModelProto:
+                          skip=(), report: list | None = None) -> onnx.ModelProto:
     """Quantize every float constant-weight linear of ``model`` (loaded without its external data, which lives in
     ``base_dir``) to W8A8Linear, streaming tensor by tensor; writes the new data file ``data_file`` (default: the
-    name the model already uses) in ``base_dir`` and returns the rewritten model (save it next to the data)."""
+    name the model already uses) in ``base_dir`` and returns the rewritten model (save it next to the data).
+    ``report``: gets one row per quantized linear (``vlm-optimize``'s report format)."""
     base_dir = Path(base_dir)
     skip = set(skip)
     g = model.graph
@@ -93,8 +96,13 @@ def insert_quant_streamed(model: onnx.ModelProto, base_dir: str | Path, data_fil
     try:
         with open(tmp, "wb") as out:
             def put(name: str, array: np.ndarray) -> None:
-                t = numpy_helper.from_array(np.ascontiguousarray(array), name)
-                _append_raw(out, t, t.raw_data)
+                # The bytes go straight to the file: a TensorProto that once held them keeps them in its
+                # protobuf arena after ClearField (measured: +36 MB per 6144² weight, 6.7 GB for a 7B model).
+                array = np.ascontiguousarray(array)
+                offset = _pad(out)
+                out.write(memoryview(array).cast("B"))
+                t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+                _set_external(t, offset, array.nbytes)
                 new_inits.append(t)
 
             nodes = list(g.node)
@@ -118,6 +126,8 @@ def insert_quant_streamed(model: onnx.ModelProto, base_dir: str | Path, data_fil
                          helper.make_node("W8A8Linear", ins, [last.output[0]], f"{name}_w8a8", domain=DOMAIN,
                                           **node_attrs(OPS["W8A8Linear"], {"out_dtype": out_dtype}))]
                 replaced[mi] = new
+                if report is not None:
+                    report.append({"linear": mm.name or name, "status": "fused", "detail": "dynamic, streamed"})
                 if ai is not None:
                     drop.add(ai)
             rebuilt = []
@@ -152,7 +162,8 @@ def insert_quant_streamed(model: onnx.ModelProto, base_dir: str | Path, data_fil
                 if kv.key == "location":
                     kv.value = data_file
         for old in locations - {data_file}:
-            (base_dir / old).unlink(missing_ok=True)
+            if (base_dir / old).resolve().parent == base_dir.resolve():  # never a file outside base_dir
+                (base_dir / old).unlink(missing_ok=True)
         os.replace(tmp, base_dir / data_file)
         if any(n.domain == DOMAIN for n in g.node) and not any(o.domain == DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DOMAIN, OPSET_VERSION))
@@ -175,12 +186,6 @@ def _pad(out) -> int:
     if pos % _ALIGN:
         out.write(b"\0" * (_ALIGN - pos % _ALIGN))
     return out.tell()
-
-
-def _append_raw(out, t: onnx.TensorProto, raw: bytes) -> None:
-    offset = _pad(out)
-    out.write(raw)
-    _set_external(t, offset, len(raw))
 
 
 def _append_file(out, t: onnx.TensorProto, src: Path, offset: int, length: int | None) -> None:
