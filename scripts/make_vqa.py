@@ -116,6 +116,14 @@ def make_split(split: str, num_images: int, seed: int = 0, size: int = DEFAULT_S
     return images, questions
 
 
+def all_questions() -> list[str]:
+    """Every question text the generator can ask (for tokenizing once)."""
+    qs = [f"What colour is the shape in the {cell}?" for cell in CELLS]
+    qs += [f"How many {shape}s are there?" for shape in SHAPES]
+    qs += [f"Is the {c} {s} on the left or the right?" for c in COLOURS for s in SHAPES]
+    return qs + ["Is there a small black dot?"]
+
+
 def chance(questions) -> dict[str, float]:
     """Accuracy of guessing uniformly among each kind's candidates, per kind and overall."""
     per = {k: 1.0 / len(v) for k, v in ANSWERS.items()}

