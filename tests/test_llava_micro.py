@@ -108,7 +108,7 @@ def test_projector_file_errors_are_clear(tmp_path):
 
 
 @pytest.mark.parametrize("script,args,msg", [
-    ("train_projector.py", ["train", "--data", "{tmp}/nothing"], "has no lm/lm.safetensors.xz"),
+    ("train_projector.py", ["train", "--data", "{tmp}/nothing"], "has no part1/lm_a.safetensors.xz"),
     ("eval_pruning.py", ["--export", "{tmp}/nothing"], "is not an export directory"),
     ("make_vqa.py", ["--out", "{tmp}/v", "--size", "20"], "--size 20 is too small"),
 ])
