@@ -85,15 +85,21 @@ class Evaluator:
             raise ValueError(f"uniform needs a square token grid, got {n} tokens")
         return uniform_scores(side, k)[None]
 
-    def answer_logits(self, vis, prefix_emb, suffix_emb, scores, k) -> tuple[np.ndarray, np.ndarray]:
-        pr = self.runners["prune"].infer({"image_features": vis["image_features"],
-                                         "scores": scores.astype(np.float32), "keep": np.asarray([k], np.int64)})
-        emb = np.concatenate([prefix_emb, pr["kept_features"].astype(prefix_emb.dtype), suffix_emb], axis=1)
-        n = emb.shape[1]
-        feed = {"inputs_embeds": emb, "attention_mask": np.ones((1, n), np.int64)}
+    def answer_logits(self, vis, prefix_emb, suffix_emb, scores: list[np.ndarray], k: int):
+        """Last-position logits ``[len(scores), vocab]`` and kept indices, one prefill batch for all score rows
+        (equal lengths: every row keeps ``k`` tokens)."""
+        rows, kept = [], []
+        for sc in scores:
+            pr = self.runners["prune"].infer({"image_features": vis["image_features"],
+                                             "scores": sc.astype(np.float32), "keep": np.asarray([k], np.int64)})
+            rows.append(np.concatenate([prefix_emb, pr["kept_features"].astype(prefix_emb.dtype), suffix_emb], 1))
+            kept.append(pr["kept_index"])
+        emb = np.concatenate(rows, axis=0)
+        b, n = emb.shape[:2]
+        feed = {"inputs_embeds": emb, "attention_mask": np.ones((b, n), np.int64)}
         if self.has_position_ids:
-            feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
-        return self.runners["prefill"].infer(feed)["logits"][0, -1], pr["kept_index"]
+            feed["position_ids"] = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
+        return self.runners["prefill"].infer(feed)["logits"][:, -1], kept
 
     def predict(self, logits: np.ndarray, kind: str) -> str:
         words = make_vqa.ANSWERS[kind]
@@ -117,19 +123,14 @@ def evaluate(ev: Evaluator, images, questions, keeps, methods, seed: int, check:
         text = np.concatenate([pe, se], axis=1)
         n = vis["image_features"].shape[1]
         kinds.append(q.kind)
-        full = None
         for kp in keeps:
             k = keep_count(n, kp)
-            for m in methods:
-                if k == n and full is not None:
-                    hits[(m, kp)].append(full)
-                    continue
-                rng = np.random.default_rng([seed, qi, k])
-                logits, kept = ev.answer_logits(vis, pe, se, ev.scores(m, vis, text, k, rng), k)
-                ok = ev.predict(logits, q.kind) == q.answer
-                if k == n:
-                    full = ok
-                hits[(m, kp)].append(ok)
+            todo = methods[:1] if k == n else methods  # keeping every token: all methods are the same prefill
+            rng = np.random.default_rng([seed, qi, k])
+            logits, _ = ev.answer_logits(vis, pe, se, [ev.scores(m, vis, text, k, rng) for m in todo], k)
+            oks = [ev.predict(row, q.kind) == q.answer for row in logits]
+            for i, m in enumerate(methods):
+                hits[(m, kp)].append(oks[i if k < n else 0])
         if check and qi == 0:
             _check_against_pipeline(ev, images[q.image], q.question, keeps, methods, vis, text)
         if (qi + 1) % 20 == 0:
@@ -156,7 +157,8 @@ def _check_against_pipeline(ev: Evaluator, image, prompt, keeps, methods, vis, t
         got = pipe.generate(image, prompt, keep=kp, max_new_tokens=1).kept_index
         k = keep_count(n, kp)
         _, mine = ev.answer_logits(vis, *np.split(text, [ev.pipe.prompt_ids(prompt)[0].shape[0]], axis=1),
-                                   ev.scores(m, vis, text, k, None), k)
+                                   [ev.scores(m, vis, text, k, None)], k)
+        mine = mine[0]
         if not np.array_equal(np.asarray(got).ravel(), np.asarray(mine).ravel()):
             raise AssertionError(f"{m}: kept tokens differ from VLMPipeline.generate")
 
