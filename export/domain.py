@@ -16,10 +16,18 @@ from onnx import defs
 from onnx.defs import OpSchema
 
 from vlmx.torch_ref import ops as _torch_ops  # noqa: F401  (defines torch.ops.vlmx.*)
-from vlmx.torch_ref.op_table import DOMAIN, OPS, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, OpSpec
+from vlmx.torch_ref.op_table import (DOMAIN, OPS, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, OpSpec,
+                                     op_for_type)
 
 #: Attributes every vlmx node carries besides the op-table attributes (TensorRT's plugin-override rule).
 PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+#: TensorRT's ONNX parser attribute naming the node inputs it hands a plugin as shape inputs (ops with one).
+SHAPE_INPUTS_ATTR = "tensorrt_plugin_shape_input_indices"
+
+
+def parser_attrs(op: OpSpec) -> dict:
+    """The TensorRT attributes of a node of ``op``: plugin namespace/version, and its shape-input indices."""
+    return {**PLUGIN_ATTRS, **({SHAPE_INPUTS_ATTR: op.shape_input_indices} if op.shape_input_indices else {})}
 
 _ONNX_TENSOR_TYPES = {"float16": "tensor(float16)", "float32": "tensor(float)", "int8": "tensor(int8)",
                       "int64": "tensor(int64)", "int32": "tensor(int32)"}
@@ -43,9 +51,10 @@ def op_schema(op: OpSpec) -> OpSchema:
             attrs.append(OpSchema.Attribute(a.name, _ATTR_TYPES[a.kind], a.doc, required=True))
         else:
             attrs.append(OpSchema.Attribute(a.name, onnx.helper.make_attribute(a.name, a.default), a.doc))
-    for name, value in PLUGIN_ATTRS.items():
+    for name, value in parser_attrs(op).items():
         attrs.append(OpSchema.Attribute(name, onnx.helper.make_attribute(name, value),
-                                        "TensorRT plugin lookup (IPluginV3 creator namespace / version)"))
+                                        "TensorRT plugin lookup (IPluginV3 creator namespace / version) or "
+                                        "the inputs TensorRT passes the plugin as shape inputs"))
     uses_t = any(t.dtype == "T" for t in op.inputs + op.outputs)
     constraints = [("T", [_ONNX_TENSOR_TYPES[d] for d in ("float16", "float32")], "float type")] if uses_t else []
     return OpSchema(op.name, DOMAIN, OPSET_VERSION, doc=op.doc, inputs=[_param(t) for t in op.inputs],
@@ -62,8 +71,8 @@ def register_schemas() -> None:
 
 
 def node_attrs(op: OpSpec, attrs: dict) -> dict:
-    """The full attribute dict of a vlmx node: validated op-table attributes plus the plugin attributes."""
-    return {**op.validate_attrs(attrs), **PLUGIN_ATTRS}
+    """The full attribute dict of a vlmx node: validated op-table attributes plus the TensorRT attributes."""
+    return {**op.validate_attrs(attrs), **parser_attrs(op)}
 
 
 def _emitter(op: OpSpec):
@@ -82,12 +91,28 @@ def _emitter(op: OpSpec):
     return emit
 
 
+#: Opset of ONNX ``TensorScatter`` (the in-place KV-cache update).
+TENSOR_SCATTER_OPSET = 24
+
+
+def _tensor_scatter(past, update, write_indices, axis=-2):
+    """``vlmx_onnx::tensor_scatter`` → one standard ONNX ``TensorScatter`` (opset 24, linear mode)."""
+    import onnxscript
+
+    return onnxscript.values.Opset("", TENSOR_SCATTER_OPSET).TensorScatter(past, update, write_indices, axis=axis)
+
+
 def translation_table() -> dict:
-    """``{torch.ops.vlmx.<op>.default: emitter}`` for ``torch.onnx.export(custom_translation_table=...)``."""
+    """``{torch.ops.vlmx.<op>.default: emitter}`` for ``torch.onnx.export(custom_translation_table=...)``, plus
+    ``vlmx_onnx::tensor_scatter`` (standard ONNX TensorScatter; graphs using it are exported at opset 24)."""
     import torch
 
+    from vlmx.torch_ref import kv_cache  # noqa: F401  (defines torch.ops.vlmx_onnx.*)
+
     register_schemas()
-    return {getattr(torch.ops.vlmx, op.torch_name).default: _emitter(op) for op in OPS.values()}
+    table = {getattr(torch.ops.vlmx, op.torch_name).default: _emitter(op) for op in OPS.values()}
+    table[torch.ops.vlmx_onnx.tensor_scatter.default] = _tensor_scatter
+    return table
 
 
 def vlmx_nodes(graph: onnx.GraphProto):
@@ -96,5 +121,5 @@ def vlmx_nodes(graph: onnx.GraphProto):
 
 
 def ops_used(model: onnx.ModelProto) -> list[str]:
-    """Sorted names of the vlmx ops a model uses."""
-    return sorted({n.op_type for n in vlmx_nodes(model.graph)})
+    """Sorted names of the vlmx ops a model uses (variant node names ``<Op>_v<k>`` count as ``<Op>``)."""
+    return sorted({op_for_type(n.op_type).name for n in vlmx_nodes(model.graph)})

@@ -1,68 +1,39 @@
 """The generic export driver: preset → model → graphs → passes → reference → report → manifest.
 
 It never branches on a model name: everything model-specific comes from the family config
-(:mod:`vlmx.export.model_configs`). The output directory is written as ``<out>.tmp-<pid>`` and renamed into
-place only when complete; on any error the temporary directory is removed.
+(:mod:`vlmx.export.model_configs`). The output directory is written through :func:`vlmx.torch_ref.outdir.atomic_output`
+(``<out>.vlmx-tmp-<pid>``, one lock per ``--out``, renamed into place only when complete, removed on any error).
 """
 from __future__ import annotations
 
 import copy
 import gc
-import os
-import shutil
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vlmx.torch_ref.contract import (GRAPH_NAMES, PRECISIONS, PRUNE_METHODS, QUANT_GRAPHS, checkpoint_table,
+                                    graph_entry, is_export_dir, write_manifest)
+from vlmx.torch_ref.outdir import atomic_output, check_out
+
 from . import hf_attention
-from .exporter import check_opset, export_graph
+from .exporter import export_graph
 from .functions import strip_vlmx_functions
-from .manifest import graph_entry, write_manifest
 from .model_configs import ExportContext, family_for
+from .options import ExportOptions
 from .passes import calibrate, fuse_qkv, insert_quant, run_passes, strip_functions
 from .passes.cleanup import cleanup
+from .passes.insert_quant import skip_nodes
+from .passes.insert_quant_streamed import insert_quant_streamed
+from .processor_files import write_processor_files
 from .weights import LARGE_MODEL_BYTES, random_model, weight_bytes_estimate
 
-PRECISIONS = ("fp16", "w8a8", "fp32")
-PRUNE_METHODS = ("text", "cls")
-#: Graphs that carry the model's linear layers (quantized under --precision w8a8).
-QUANT_GRAPHS = ("vision", "prefill", "decode")
-#: Graphs written to reference.npz / checked by the report.
-REFERENCE_GRAPHS = ("vision", "embed", "score", "prune", "prefill", "decode")
+#: Sidecar with the language model's SmoothQuant plan (alpha per group, calibrated errors, skip list) under w8a8.
+LM_W8A8_FILE = "lm_w8a8.json"
 
-
-@dataclass
-class ExportOptions:
-    """Everything ``vlm-export`` takes (validated by :func:`vlmx.export.cli.validate`)."""
-
-    model: str
-    out: Path
-    checkpoint: str | None = None
-    target: str = "trt-sm75"
-    precision: str = "fp16"
-    attention: str = "plugin"
-    opset: int | None = None
-    calib: int = 0
-    keep: float = 1.0
-    prune: str = "text"
-    seed: int = 0
-    plugins_only: bool = False
-    overwrite: bool = False
-    report: bool = True
-
-    def resolved_opset(self) -> int:
-        """--opset, or the smallest one the options need (23 for native attention, 19 for static Q/DQ, else 18)."""
-        if self.opset is not None:
-            return check_opset(self.opset)
-        if self.attention == "native":
-            return hf_attention.NATIVE_ATTENTION_OPSET
-        return 19 if self.calib else 18
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32 if self.precision == "fp32" else torch.float16
+__all__ = ["ExportOptions", "export_model", "GRAPH_NAMES", "PRECISIONS", "PRUNE_METHODS", "QUANT_GRAPHS"]
 
 
 class _NoProgress:
@@ -82,30 +53,39 @@ def _to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: dict, vision_quantized: bool):
+def _graph_passes(opts: ExportOptions, name: str, spec_inputs: dict, applied: dict, vision_quantized: bool,
+                 base_dir: Path | None = None, lm_skip=()):
     """The pass list of one graph for these options (the passes never see CLI flags, only their arguments).
 
-    Weight-rewriting passes (fuse_qkv, insert_quant) need the weights in memory; a graph whose weights were
-    streamed to external data (over 1.8 GB: the 7B language models) keeps its float linears and only gets the
-    graph-level steps. ``applied[name]`` records what ran.
+    Weight-rewriting passes need the weights in memory; a graph whose weights were streamed to external data (over
+    1.8 GB: the 7B language models) gets only the graph-level steps, plus under w8a8 the streamed W8A8 quantization
+    (:func:`insert_quant_streamed`, one initializer at a time, in ``base_dir``). ``lm_skip``: torch module names of
+    the language model's linears that stay float (SmoothQuant's skip list). ``applied[name]`` records what ran.
     """
+    quantize = opts.precision == "w8a8" and name in QUANT_GRAPHS and not (name == "vision" and vision_quantized)
 
     def post(model, external=False):
+        skip = skip_nodes(model, lm_skip) if quantize and name != "vision" else set()
         if external:
+            names = []
+            if quantize:
+                model = insert_quant_streamed(model, base_dir, skip=skip)
+                names.append("insert_quant(dynamic, streamed)")
             if opts.plugins_only:
                 strip_vlmx_functions(model)
-            applied[name] = ["strip_functions"] if opts.plugins_only else []
+                names.append("strip_functions")
+            applied[name] = names
             return model
         passes = [fuse_qkv]
         names = ["fuse_qkv"]
-        if opts.precision == "w8a8" and name in QUANT_GRAPHS and not (name == "vision" and vision_quantized):
+        if quantize:
             names.append("insert_quant(static)" if opts.calib else "insert_quant(dynamic)")
             if opts.calib:
                 feeds = _calib_feeds(spec_inputs, opts.calib, opts.seed)
                 amax = calibrate(run_passes(model, [fuse_qkv]), feeds)
-                passes.append(lambda g: insert_quant(g, "static", amax))
+                passes.append(lambda g: insert_quant(g, "static", amax, skip=skip))
             else:
-                passes.append(lambda g: insert_quant(g, "dynamic"))
+                passes.append(lambda g: insert_quant(g, "dynamic", skip=skip))
         passes.append(cleanup)
         names.append("cleanup")
         if opts.plugins_only:
@@ -144,12 +124,21 @@ def reference_graphs(family, ctx: ExportContext, same_dtype: bool = False) -> di
     if ctx.dtype == torch.float32 or same_dtype:
         return {g.name: g for g in family.graphs(ctx)}
     ref_model = copy.deepcopy(ctx.model).to(torch.float32)
-    ref_ctx = ExportContext(ref_model, ctx.spec, ctx.attention, torch.float32, ctx.seed, ctx.max_batch)
+    ref_ctx = ExportContext(ref_model, ctx.spec, ctx.attention, torch.float32, ctx.seed, ctx.max_batch,
+                            ctx.max_seq_len)
     return {g.name: g for g in family.graphs(ref_ctx)}
 
 
 def export_model(opts: ExportOptions, progress=None) -> dict:
     """Run the whole export into ``opts.out``; returns the manifest. Options must already be validated."""
+    progress = progress or _NoProgress()
+    recheck = partial(check_out, opts.out, opts.overwrite, is_export_dir, "a vlmx export")
+    with atomic_output(opts.out, recheck=recheck) as tmp:
+        return _export_into(tmp, opts, progress)
+
+
+def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
+    """The export itself, written into the temporary directory ``tmp``."""
     from vlmx.torch_ref import models
     from vlmx.torch_ref.op_table import markdown_table
     from vlmx.torch_ref.targets import get_target
@@ -157,73 +146,74 @@ def export_model(opts: ExportOptions, progress=None) -> dict:
     from .domain import ops_used
     from .report import build_report
 
-    progress = progress or _NoProgress()
-    out = Path(opts.out)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        spec = models.get_preset(opts.model)
-        family = family_for(spec)
-        large = weight_bytes_estimate(spec, opts.dtype) > LARGE_MODEL_BYTES
-        with progress.stage("build model"):
-            if large and opts.checkpoint is None:  # no float32 copy of a 7B model
-                _, model, _ = random_model(spec, opts.seed, opts.dtype)
-            else:
-                model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
-            family.prepare(model, opts.attention, opts.precision)
-            ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed)
-            ref_graphs = reference_graphs(family, ctx, same_dtype=large)
-            ref_fp32 = opts.dtype == torch.float32 or not large
-            info = family.model_info(ctx)
-        opset = opts.resolved_opset()
-        entries, references, used, vision_module, applied = {}, {}, set(), None, {}
-        for g in family.graphs(ctx):
-            with progress.stage(f"export {g.name}"):
-                ref = ref_graphs[g.name]
-                with torch.no_grad():
-                    outs = ref.module(*(_upcast(v) if ref_fp32 else v for v in g.inputs.values()))
-                outs = outs if isinstance(outs, tuple) else (outs,)
-                references[g.name] = {"inputs": {k: _to_numpy(v) for k, v in g.inputs.items()},
-                                      "outputs": {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}}
-                path = export_graph(g, tmp, opset, postprocess=_graph_passes(
-                    opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision)),
-                    functions=not opts.plugins_only)
-                import onnx
+    spec = models.get_preset(opts.model)
+    family = family_for(spec)
+    large = weight_bytes_estimate(spec, opts.dtype) > LARGE_MODEL_BYTES
+    with progress.stage("build model"):
+        if large and opts.checkpoint is None:  # no float32 copy of a 7B model
+            _, model, _ = random_model(spec, opts.seed, opts.dtype)
+        else:
+            model = models.build_model(spec, checkpoint=opts.checkpoint, seed=opts.seed, dtype=opts.dtype)
+        # before prepare(): calibration runs the language model's layers with their own attention
+        lm_plan = family.smooth_language_model(model, opts.precision, skip=opts.lm_skip)  # w8a8, else None
+        family.prepare(model, opts.attention, opts.precision)
+        ctx = ExportContext(model, spec, opts.attention, opts.dtype, opts.seed, max_seq_len=opts.max_seq_len)
+        ref_graphs = reference_graphs(family, ctx, same_dtype=large)
+        ref_fp32 = opts.dtype == torch.float32 or not large
+        info = {**family.model_info(ctx), "max_seq_len": ctx.seq_len}
+    opset = opts.resolved_opset()
+    entries, references, used, vision_module, applied = {}, {}, set(), None, {}
+    for g in family.graphs(ctx):
+        with progress.stage(f"export {g.name}"):
+            ref = ref_graphs[g.name]
+            with torch.no_grad():
+                outs = ref.module(*(_upcast(v) if ref_fp32 else v for v in g.inputs.values()))
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            references[g.name] = {"inputs": {k: g.padded(k, _to_numpy(v)) for k, v in g.inputs.items()},
+                                  "outputs": {n: g.padded(n, _to_numpy(o)) for n, o in zip(g.outputs, outs)}}
+            path = export_graph(g, tmp, max(opset, g.min_opset), postprocess=_graph_passes(
+                opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision), tmp,
+                lm_plan.skip if lm_plan else ()), functions=not opts.plugins_only,
+                **({} if opts.external_threshold is None else {"external_threshold": opts.external_threshold}))
+            import onnx
 
-                used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
-                entries[g.name] = graph_entry(path, g.dynamic_axes, g.profile)
-                entries[g.name]["passes"] = applied.get(g.name, [])
-                if g.name == "vision":
-                    vision_module = ref.module
-        notes = [f"{g}: weights streamed to external data, so its linear layers stay float (insert_quant needs "
-                 "them in memory)" for g in QUANT_GRAPHS if opts.precision == "w8a8" and g in entries
-                 and not any(p.startswith("insert_quant") for p in entries[g]["passes"])
-                 and not (g == "vision" and family.quantizes_vision(opts.precision))]
-        del model, ctx, ref_graphs, g, ref  # the report's ONNX Runtime sessions need the memory
-        gc.collect()
-        with progress.stage("reference + report"):
-            np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
-                                              for part in ("inputs", "outputs") for k, v in r[part].items()})
-            (tmp / "vlmx_ops.md").write_text(markdown_table() + "\n")
-            report = None
-            if opts.report and not opts.plugins_only:
-                report = build_report(tmp, references, opts.precision, vision_module)
-        with progress.stage("manifest"):
-            target = get_target(opts.target)
-            fields = {"model": spec.name, "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
-                      "target": target.name, "sm": target.sm, "precision": opts.precision,
-                      "attention": opts.attention, "opset": opset, "keep": opts.keep, "prune": opts.prune,
-                      "seed": opts.seed, "plugins_only": opts.plugins_only, "ops_used": sorted(used),
-                      "model_info": info, "graphs": entries, "reference": "reference.npz",
-                      "report": {"passed": report["passed"], "file": "report.json"} if report else None,
-                      "notes": notes}
-            manifest = write_manifest(tmp, fields)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
+            entries[g.name] = graph_entry(path, g.manifest_axes, g.profile, g.profiles)
+            entries[g.name]["passes"] = applied.get(g.name, [])
+            if g.name == "vision":
+                vision_module = ref.module
+    notes = [f"{g}: weights streamed to external data, so its linear layers stay float (insert_quant needs "
+             "them in memory)" for g in QUANT_GRAPHS if opts.precision == "w8a8" and g in entries
+             and not any(p.startswith("insert_quant") for p in entries[g]["passes"])
+             and not (g == "vision" and family.quantizes_vision(opts.precision))]
+    if lm_plan is not None:
+        import json
+
+        (tmp / LM_W8A8_FILE).write_text(json.dumps(lm_plan.to_dict(), indent=1) + "\n")
+        notes.append(f"language model: SmoothQuant on {lm_plan.tokens} calibration tokens; "
+                     f"{len(lm_plan.skip)} linears kept float ({LM_W8A8_FILE})")
+    del model, ctx, ref_graphs, g, ref  # the report's ONNX Runtime sessions need the memory
+    gc.collect()
+    with progress.stage("reference + report"):
+        np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
+                                          for part in ("inputs", "outputs") for k, v in r[part].items()})
+        (tmp / "vlmx_ops.md").write_text(markdown_table() + "\n")
+        processor = write_processor_files(tmp, spec, opts.checkpoint)
+        report = None
+        if opts.report and not opts.plugins_only:
+            about = {"model": spec.name, "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
+                     "attention": opts.attention, "target": opts.target, "opset": opset}
+            report = build_report(tmp, references, opts.precision, vision_module, about)
+    with progress.stage("manifest"):
+        target = get_target(opts.target)
+        ckpt = Path(opts.checkpoint).resolve() if opts.checkpoint else None
+        fields = {"model": spec.name, "checkpoint": str(ckpt) if ckpt else None,
+                  "checkpoint_files": checkpoint_table(ckpt) if ckpt else None,
+                  "target": target.name, "sm": target.sm, "precision": opts.precision,
+                  "attention": opts.attention, "opset": opset, "keep": opts.keep, "prune": opts.prune,
+                  "seed": opts.seed, "plugins_only": opts.plugins_only, "ops_used": sorted(used),
+                  "model_info": info, "processor": processor, "graphs": entries, "reference": "reference.npz",
+                  "report": {"passed": report["passed"], "file": "report.json"} if report else None,
+                  "notes": notes}
+        manifest = write_manifest(tmp, fields)
+    return manifest

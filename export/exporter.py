@@ -21,27 +21,19 @@ import onnx
 import torch
 
 from . import domain
+from .options import MAX_OPSET, MIN_OPSET, check_opset  # noqa: F401  (re-exported)
 from .functions import attach_functions
 from .model_configs import GraphSpec
 
 #: Protobuf's hard limit is 2 GiB; above this many initializer bytes the weights go to ``<file>.data``.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-MIN_OPSET = 17
 #: Model metadata key holding :func:`layer_outputs` of the exported graph.
 LAYER_OUTPUTS_KEY = "vlmx.layer_outputs"
 _LAYER_SCOPE = re.compile(r"'([\w.]*\.layers?\.\d+)'")  # CLIP/SigLIP/Llama ``layers``, DINOv2 ``layer``
-MAX_OPSET = 23
 
 
 class ExportError(RuntimeError):
     """torch.onnx could not export a graph; the message names the graph and the cause."""
-
-
-def check_opset(opset: int) -> int:
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"--opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} "
-                         "(the ONNX Attention op of --attention native needs 23)")
-    return opset
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -90,14 +82,16 @@ def _quiet():
 
 
 def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postprocess=None,
-                 functions: bool = True) -> Path:
+                 functions: bool = True, external_threshold: int | None = None) -> Path:
     """Export ``spec`` to ``out_dir/<name>.onnx``; ``postprocess(model_proto, external) -> model_proto`` runs
     before the vlmx functions are attached (``external``: the weights live in ``<name>.onnx.data`` and are not
-    loaded, so only graph-level passes may run). ``functions=False`` leaves the vlmx nodes bare (``--plugins-only``).
-    Returns the file path."""
+    loaded, so only graph-level and streamed passes may run). ``functions=False`` leaves the vlmx nodes bare
+    (``--plugins-only``). ``external_threshold``: weight bytes above which the weights go to external data (default
+    :data:`EXTERNAL_DATA_THRESHOLD`; tests force the large-graph path with a small one). Returns the file path."""
     check_opset(opset)
     out = Path(out_dir) / spec.file
-    external = weight_bytes(spec.module) > EXTERNAL_DATA_THRESHOLD
+    limit = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
+    external = weight_bytes(spec.module) > limit
     try:
         with _quiet(), torch.no_grad():
             prog = torch.onnx.export(spec.module, tuple(spec.inputs.values()), input_names=list(spec.inputs),
@@ -111,6 +105,7 @@ def export_graph(spec: GraphSpec, out_dir: str | Path, opset: int = 18, postproc
     del prog
     model = onnx.load(str(out), load_external_data=False)
     rename_dims(model.graph, spec.dim_names)
+    fix_dims(model.graph, spec.dim_values)
     layers = layer_outputs(model)
     if postprocess is not None:
         model = postprocess(model, external)
@@ -130,6 +125,16 @@ def layer_outputs(model: onnx.ModelProto) -> dict[str, str]:
         for scope in _LAYER_SCOPE.findall(scopes):
             last[scope] = node.output[0]
     return last
+
+
+def fix_dims(graph: onnx.GraphProto, values: dict[str, int]) -> None:
+    """Give named symbolic dimensions a fixed size in every typed value of the graph."""
+    if not values:
+        return
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in values:
+                d.dim_value = int(values[d.dim_param])  # clears the dim_param (a oneof)
 
 
 def rename_dims(graph: onnx.GraphProto, names: dict[str, str]) -> None:

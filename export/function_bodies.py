@@ -3,8 +3,9 @@
 Each builder takes the node's attributes (validated against the op table), which optional inputs are present and
 the default-domain opset, and returns the body nodes of a model-local function whose formal inputs/outputs are the
 op-table names. Bodies compute in float32 and cast back with ``CastLike`` so one body serves float16 and float32.
-Attributes are baked into the body (a node whose attributes differ gets its own function overload, see
-:mod:`vlmx.export.functions`), so the body needs no ``ref_attr_name`` and runs on any ONNX runtime.
+Attributes are baked into the body (each variant of an op in a graph gets its own function, ``<Op>`` or
+``<Op>_v<k>``, see :mod:`vlmx.export.functions`), so the body needs no ``ref_attr_name`` and runs on any ONNX runtime
+and in TensorRT's parser (structural attributes such as ``layout`` or ``mode`` could not be references there).
 """
 from __future__ import annotations
 
@@ -97,27 +98,30 @@ def flash_attention(b: BodyBuilder, present: dict, a: dict) -> None:
     scale = a["scale"] or d ** -0.5
     s = b.op("Mul", b.op("MatMul", qf, b.op("Transpose", kf, perm=[0, 1, 3, 2])), b.const(scale))
     sk = b.dim(kf, 2)
+    zero, one = b.ints(0), b.ints(1)
+    j = b.op("Range", b.op("Squeeze", zero, zero), b.op("Squeeze", sk, zero), b.op("Squeeze", one, zero))
+    # L: the valid key length, [B,1,1,1] from kv_len (a fixed-size KV cache) or Sk
+    length = b.op("Reshape", "kv_len", b.ints(-1, 1, 1, 1)) if present.get("kv_len") else sk
     if a["alibi"]:
-        start = b.op("Cast", b.op("Sub", b.ints(1), sk), to=_FLOAT)
-        pos = b.op("Range", b.op("Squeeze", start, b.ints(0)), b.const(1.0), b.const(1.0))
+        last = b.op("Cast", b.op("Sub", length, b.ints(1)), to=_FLOAT)
+        pos = b.op("Sub", b.op("Reshape", b.op("Cast", j, to=_FLOAT), b.ints(1, 1, 1, -1)), last)
         slopes = gen_slopes(h, a["alibi_bias_max"]).numpy().astype(np.float32)
-        s = b.op("Add", s, b.op("Mul", b.op("Reshape", pos, b.ints(1, 1, 1, -1)), b.const(slopes)))
+        s = b.op("Add", s, b.op("Mul", pos, b.const(slopes)))
     if present.get("bias"):
         s = b.op("Add", s, b.to_float("bias"))
+    j4 = b.op("Reshape", j, b.ints(1, 1, 1, -1))
+    masked = b.op("GreaterOrEqual", j4, length) if present.get("kv_len") else None
     if a["causal"] or a["window"] >= 0:
         sq = b.dim(qf, 2)
-        zero, one = b.ints(0), b.ints(1)
-        i = b.op("Add", b.op("Range", b.op("Squeeze", zero, zero), b.op("Squeeze", sq, zero),
-                             b.op("Squeeze", one, zero)), b.op("Squeeze", b.op("Sub", sk, sq), zero))
-        i = b.op("Unsqueeze", i, b.ints(1))
-        j = b.op("Unsqueeze", b.op("Range", b.op("Squeeze", zero, zero), b.op("Squeeze", sk, zero),
-                                   b.op("Squeeze", one, zero)), b.ints(0))
-        masked = None
+        i = b.op("Range", b.op("Squeeze", zero, zero), b.op("Squeeze", sq, zero), b.op("Squeeze", one, zero))
+        i = b.op("Add", b.op("Reshape", i, b.ints(1, 1, -1, 1)), b.op("Sub", length, sq))  # bottom-right aligned
         if a["causal"]:
-            masked = b.op("Greater", j, i)
+            later = b.op("Greater", j4, i)
+            masked = later if masked is None else b.op("Or", masked, later)
         if a["window"] >= 0:
-            outside = b.op("LessOrEqual", j, b.op("Sub", i, b.ints(a["window"])))
+            outside = b.op("LessOrEqual", j4, b.op("Sub", i, b.ints(a["window"])))
             masked = outside if masked is None else b.op("Or", masked, outside)
+    if masked is not None:
         s = b.op("Where", masked, b.const(-np.inf), s)
     m = b.reduce("Max", s, [-1])
     m = b.op("Where", b.op("IsInf", m), b.const(0.0), m)

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from vlmx.torch_ref import pruning
-from vlmx.torch_ref.hf_compat import cache_kwargs
 
 
 def _feature_layer_index(feature_layer: int, num_layers: int) -> int:
@@ -104,46 +103,47 @@ class PruneGraph(nn.Module):
         return torch.ops.vlmx.gather_topk(image_features, scores, keep)
 
 
-def _flat_cache(cache, num_layers: int) -> list[torch.Tensor]:
-    out = []
-    for layer in cache.layers[:num_layers]:
-        out += [layer.keys, layer.values]
-    return out
+class LanguageModelGraph(nn.Module):
+    """One step of the language model over a fixed-size KV cache: prefill (``S_new`` = prompt length) and decode
+    (``S_new`` = 1) are the same graph, the weights stored once.
 
+    ``inputs_embeds`` [B, S_new, C], ``attention_mask`` [B, L] (int64, 1 = real token; L = tokens in the cache after
+    this step, so the write position is ``L - S_new``), ``past.{i}.key/value`` [B, H_kv, S_max, D] →
+    ``logits`` [B, 1, V] (float32, last position), ``present.{i}.key/value`` [B, H_kv, S_max, D]: the caches with
+    this step written in (``TensorScatter``; a runtime binds past and present to one buffer).
 
-class PrefillGraph(nn.Module):
-    """``inputs_embeds``, ``attention_mask`` [, ``position_ids``] → ``logits`` (float32), ``present.{i}.key/value``."""
+    ``decoder(hidden, state, cache, position_ids) -> hidden`` runs the family's layers and final norm (per-family
+    knowledge from :mod:`vlmx.export.model_configs`); ``position_ids`` ([B, S_new], from the mask's cumulative sum as
+    transformers' ``generate`` makes them) is given only to rotary families.
+    """
 
-    def __init__(self, lm: nn.Module, lm_head: nn.Module, num_layers: int, position_ids: bool):
+    def __init__(self, decoder, lm_head: nn.Module, num_layers: int, position_ids: bool, inplace: bool = False):
         super().__init__()
-        self.lm, self.lm_head = lm, lm_head
-        self.num_layers = num_layers
-        self.position_ids = position_ids
+        self.decoder, self.lm_head = decoder, lm_head
+        self.num_layers, self.position_ids, self.inplace = num_layers, position_ids, inplace
 
-    def _run(self, inputs_embeds, attention_mask, position_ids, cache):
-        from transformers import DynamicCache
+    def forward(self, inputs_embeds, attention_mask, *past):
+        from .kv_attention import FixedKVCache, KVState
 
-        kw = {"position_ids": position_ids} if self.position_ids else {}
-        cache = DynamicCache(config=self.lm.config) if cache is None else cache
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True,
-                      **cache_kwargs(self.lm, cache), **kw)
-        logits = self.lm_head(out.last_hidden_state).float()
-        return (logits, *_flat_cache(cache, self.num_layers))  # the Cache is updated in place
+        s_new, s_max = inputs_embeds.shape[1], past[0].shape[2]
+        state = KVState.build(attention_mask, s_new, s_max, inputs_embeds.dtype)
+        cache = FixedKVCache(past[0::2], past[1::2], state, inplace=self.inplace)
+        pos = None
+        if self.position_ids:
+            pos = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, attention_mask.shape[1] - s_new:]
+        hidden = self.decoder(inputs_embeds, state, cache, pos)
+        logits = self.lm_head(hidden[:, -1:]).float()
+        return (logits, *cache.flat())
 
-    def forward(self, inputs_embeds, attention_mask, position_ids=None):
-        return self._run(inputs_embeds, attention_mask, position_ids, None)
+    def step(self, inputs_embeds, write_pos, key_mask, *past):
+        """One decode token with context-independent shapes (the torch backend's CUDA-graph step): ``write_pos``
+        [B] int64 device tensor, ``key_mask`` [B, S_max]; the caches are written in place. Returns ``logits``."""
+        from .kv_attention import FixedKVCache, KVState
 
-
-class DecodeGraph(PrefillGraph):
-    """One decode step: ``inputs_embeds`` [B,1,C], ``attention_mask`` [B,past+1] [, ``position_ids``],
-    ``past.{i}.key/value`` → ``logits``, ``present.{i}.key/value`` (past + 1 positions)."""
-
-    def forward(self, inputs_embeds, attention_mask, *rest):
-        from transformers import DynamicCache
-
-        position_ids = rest[0] if self.position_ids else None
-        past = rest[1:] if self.position_ids else rest
-        cache = DynamicCache(config=self.lm.config)
-        for i in range(self.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        return self._run(inputs_embeds, attention_mask, position_ids, cache)
+        state = KVState.build_static(write_pos, key_mask, inputs_embeds.dtype)
+        cache = FixedKVCache(past[0::2], past[1::2], state, inplace=True)
+        pos = None
+        if self.position_ids:
+            pos = key_mask.cumsum(-1).gather(1, write_pos.view(-1, 1)) - 1
+        hidden = self.decoder(inputs_embeds, state, cache, pos)
+        return self.lm_head(hidden[:, -1:]).float()

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from vlmx.torch_ref import ops  # noqa: F401  (defines torch.ops.vlmx.*)
+from vlmx.torch_ref.contract import ATTENTION_MODES  # noqa: F401  (re-exported)
 
-ATTENTION_MODES = ("plugin", "native", "decomposed")
-#: Opset that introduced the standard ``Attention`` op.
-NATIVE_ATTENTION_OPSET = 23
+from .options import NATIVE_ATTENTION_OPSET  # noqa: F401  (re-exported)
 HF_NAME = "vlmx_export"
 _HF_IMPL = {"plugin": HF_NAME, "native": "sdpa", "decomposed": "eager"}
 

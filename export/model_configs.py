@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from vlmx.torch_ref.contract import KV_PAST, KV_PRESENT, LM_GRAPH, kv_names
 from vlmx.torch_ref.op_table import OPS
 
-from . import graphs, hf_attention
+from . import graphs, hf_attention, lm_decoders
+from .domain import TENSOR_SCATTER_OPSET
 
-GRAPH_NAMES = ("vision", "embed", "score", "prune", "prefill", "decode")
 #: Dummy sizes: batch 2 and distinct odd lengths, so no dynamic axis is specialised by accident.
-DUMMY = {"batch": 2, "seq": 9, "text_len": 7, "past": 6}
+DUMMY = {"batch": 2, "seq": 9, "text_len": 7, "past": 6, "new": 3, "cache_slots": 17}
 
 
 @dataclass
@@ -31,8 +33,32 @@ class GraphSpec:
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     profile: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    #: named TensorRT optimization profiles of one engine (the LM graph: ``prefill`` and ``decode``)
+    profiles: dict[str, dict] = field(default_factory=dict)
+    #: smallest default-domain opset the graph needs (the LM graph's TensorScatter: 24)
+    min_opset: int = 0
     #: renames of exporter-made axis names (data-dependent sizes come out as ``u0``, ``u1``, ...)
     dim_names: dict[str, str] = field(default_factory=dict)
+    #: named axes traced as dynamic but written as fixed sizes (the LM cache length S_max: TensorRT's KV-cache
+    #: update needs a static sequence axis, while the graph still reads it with Shape, so small dummies trace it)
+    dim_values: dict[str, int] = field(default_factory=dict)
+
+    #: ``{tensor: (axis, size)}``: reference I/O zero-padded along ``axis`` to the written file's fixed size
+    reference_pad: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def padded(self, name: str, array: np.ndarray) -> np.ndarray:
+        """``array`` zero-padded as :attr:`reference_pad` says (the written file's fixed sizes)."""
+        if name not in self.reference_pad:
+            return array
+        axis, size = self.reference_pad[name]
+        widths = [(0, 0)] * array.ndim
+        widths[axis] = (0, size - array.shape[axis])
+        return np.pad(array, widths)
+
+    @property
+    def manifest_axes(self) -> dict[str, dict[int, str]]:
+        """The dynamic axes of the written file (``dim_values`` axes are fixed there)."""
+        return {k: {a: n for a, n in v.items() if n not in self.dim_values} for k, v in self.dynamic_axes.items()}
 
     @property
     def file(self) -> str:
@@ -49,6 +75,12 @@ class ExportContext:
     dtype: torch.dtype = torch.float32
     seed: int = 0
     max_batch: int = 4
+    #: KV-cache length S_max of the LM graph (``--max-seq-len``; None: the preset's context length)
+    max_seq_len: int | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.max_seq_len or self.spec.max_seq_len)
 
     def generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1000 + salt)
@@ -72,6 +104,7 @@ class LlavaFamily:
     vision = "clip"
     language = "llama"
     position_ids = True
+    decoder_class = lm_decoders.LlamaDecoder
 
     # ------------------------------------------------------------------------------------------- model surgery
     #: ``attn_impl`` of the torch_ref modules (fused CLIP, W8A8 SigLIP, MPT) per ``--attention`` mode
@@ -97,6 +130,25 @@ class LlavaFamily:
         """True when ``prepare`` already put a W8A8 vision encoder in (no graph-level quantization needed)."""
         return False
 
+    def smooth_language_model(self, model: nn.Module, precision: str, calib_ids: torch.Tensor | None = None,
+                              skip=None):
+        """Under ``w8a8``: SmoothQuant-smooth the language model's float weights in place (the function is
+        unchanged; insert_quant then quantizes the smoothed linears) and return the plan (α per group, per-linear
+        calibrated errors, the skip list of linears to keep float); else None. ``calib_ids``: calibration tokens,
+        default the built-in pydoc-topics text (UTF-8 bytes modulo the vocabulary: presets have no tokenizer).
+        ``skip``: module names to keep float instead of the calibrated choice (which adds ``lm_head``)."""
+        if precision != "w8a8":
+            return None
+        from vlmx.torch_ref import lm_w8a8
+
+        if calib_ids is None:
+            calib_ids = lm_w8a8.calibration_ids(vocab_size=self.lm_dims(model)["vocab_size"],
+                                                seq_len=lm_w8a8.EXPORT_CALIB[1], num_seqs=lm_w8a8.EXPORT_CALIB[0])
+        plan = lm_w8a8.calibrate(model, calib_ids, skip=None if skip is None else list(skip))
+        if skip is None:  # measured on SmolLM2: an int8 lm_head costs 0.57 perplexity points (bench/results)
+            plan.skip = [*plan.skip, *lm_w8a8.EXPORT_FLOAT]
+        return plan
+
     def ops_used(self, attention: str, precision: str) -> list[str]:
         """vlmx ops the export will contain (before quantization passes add theirs)."""
         ops = {"TokenImportance", "GatherTopK"}
@@ -115,14 +167,11 @@ class LlavaFamily:
                 "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads, "vocab_size": c.vocab_size}
 
     def model_info(self, ctx: ExportContext) -> dict:
-        from vlmx.torch_ref import models
-
-        s = ctx.spec
-        info = models.preset_info(s)
+        s, c = ctx.spec, ctx.model.config
         return {"vision": self.vision, "language": self.language, "image_size": s.image_size,
                 "num_image_tokens": s.num_image_tokens, "has_cls": s.has_cls, **self.lm_dims(ctx.model),
-                "bos_token_id": info["bos_token_id"], "eos_token_id": info["eos_token_id"],
-                "image_token_id": s.image_token_id, "position_ids": self.position_ids,
+                "bos_token_id": c.text_config.bos_token_id, "eos_token_id": c.text_config.eos_token_id,
+                "image_token_id": c.image_token_id, "position_ids": self.position_ids, "max_seq_len": s.max_seq_len,
                 "dtype": str(ctx.dtype).removeprefix("torch.")}
 
     #: ``(tower, hidden_states, layer) -> (q, k, scale)`` of the [CLS] attention; None: the CLIP layout
@@ -136,7 +185,7 @@ class LlavaFamily:
     # ------------------------------------------------------------------------------------------- graphs
     def graphs(self, ctx: ExportContext) -> list[GraphSpec]:
         return [self.vision_graph(ctx), self.embed_graph(ctx), self.score_graph(ctx), self.prune_graph(ctx),
-                self.prefill_graph(ctx), self.decode_graph(ctx)]
+                self.lm_graph(ctx)]
 
     def _randn(self, ctx, salt, *shape, std=1.0):
         return (torch.randn(*shape, generator=ctx.generator(salt)) * std).to(ctx.dtype)
@@ -144,8 +193,9 @@ class LlavaFamily:
     def _embeds(self, ctx, salt, batch, length):
         vocab = ctx.model.config.text_config.vocab_size
         ids = torch.randint(0, vocab, (batch, length), generator=ctx.generator(salt))
-        with torch.no_grad():
-            return ctx.model.get_input_embeddings()(ids)
+        embed = ctx.model.get_input_embeddings()
+        with torch.no_grad():  # the model may already be on the GPU (the torch backend builds its graphs there)
+            return embed(ids.to(embed.weight.device))
 
     def _profile(self, ctx, shapes: dict[str, tuple]) -> dict:
         """min/opt/max per input from ``{input: ((min...), (opt...), (max...))}``."""
@@ -164,7 +214,7 @@ class LlavaFamily:
                          self._profile(ctx, {"pixel_values": ((1, *px), (1, *px), (ctx.max_batch, *px))}))
 
     def embed_graph(self, ctx):
-        b, n, max_seq = DUMMY["batch"], DUMMY["seq"], ctx.spec.max_seq_len
+        b, n, max_seq = DUMMY["batch"], DUMMY["seq"], ctx.seq_len
         vocab = ctx.model.config.text_config.vocab_size
         ids = torch.randint(0, vocab, (b, n), generator=ctx.generator(2))
         return GraphSpec("embed", graphs.EmbedGraph(ctx.model.get_input_embeddings()), {"input_ids": ids}, ["inputs_embeds"],
@@ -177,7 +227,7 @@ class LlavaFamily:
         norm, q, k = self.score_modules(ctx.model)
         module = graphs.ScoreGraph(norm, q, k, d["num_heads"], d["num_kv_heads"], d["head_dim"])
         inputs = {"text_embeds": self._embeds(ctx, 3, b, t), "image_features": self._randn(ctx, 4, b, n, c)}
-        prof = {"text_embeds": ((1, 1, c), (1, 32, c), (ctx.max_batch, ctx.spec.max_seq_len, c)),
+        prof = {"text_embeds": ((1, 1, c), (1, 32, c), (ctx.max_batch, ctx.seq_len, c)),
                 "image_features": ((1, n, c), (1, n, c), (ctx.max_batch, n, c))}
         return GraphSpec("score", module, inputs, ["scores"],
                          {"text_embeds": {0: "batch", 1: "text_len"}, "image_features": {0: "batch"}},
@@ -195,56 +245,44 @@ class LlavaFamily:
                          {"image_features": {0: "batch"}, "scores": {0: "batch"}}, self._profile(ctx, prof),
                          dim_names={"u0": "keep"})
 
-    def _lm_inputs(self, ctx, salt, b, n, past):
-        inputs = {"inputs_embeds": self._embeds(ctx, salt, b, n)}
-        mask = torch.ones(b, past + n, dtype=torch.int64)
-        if past == 0 and b > 1:
-            mask[1, :2] = 0  # left padding in the second row
-        inputs["attention_mask"] = mask
-        if self.position_ids:
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            inputs["position_ids"] = pos[:, past:]
-        return inputs
+    def kv_names(self, ctx, prefix: str) -> list[str]:
+        return kv_names(prefix, self.lm_dims(ctx.model)["num_layers"])
 
-    def _kv_names(self, ctx, prefix):
-        return [f"{prefix}.{i}.{kv}" for i in range(self.lm_dims(ctx.model)["num_layers"]) for kv in ("key", "value")]
-
-    def prefill_graph(self, ctx):
+    def lm_module(self, ctx, inplace: bool = False) -> graphs.LanguageModelGraph:
         d = self.lm_dims(ctx.model)
-        b, n = DUMMY["batch"], DUMMY["seq"]
-        inputs = self._lm_inputs(ctx, 7, b, n, 0)
-        dyn = {k: {0: "batch", 1: "seq"} for k in inputs}
-        mx, c = ctx.spec.max_seq_len, d["lm_hidden"]
+        lm = ctx.model.model.language_model
+        return graphs.LanguageModelGraph(self.decoder_class(lm, ctx.attention, d["num_layers"]), ctx.model.lm_head,
+                                         d["num_layers"], self.position_ids, inplace=inplace)
+
+    def lm_graph(self, ctx):
+        """The one LM graph: a mid-generation dummy step (``new`` tokens after ``past`` cached ones, a left-padded
+        second row), so prefill and decode paths are both traced by the same inputs."""
+        d = self.lm_dims(ctx.model)
+        b, n, p, mx, c, mb = DUMMY["batch"], DUMMY["new"], DUMMY["past"], ctx.seq_len, d["lm_hidden"], ctx.max_batch
+        mask = torch.ones(b, p + n, dtype=torch.int64)
+        mask[1, :2] = 0  # left padding in the second row
+        inputs = {"inputs_embeds": self._embeds(ctx, 7, b, n), "attention_mask": mask}
+        # The cache length is traced as a named axis (the graph reads it with Shape), so the dummy caches stay small
+        # even for a 7B model; the written file fixes it to S_max (dim_values: TensorRT needs it static).
+        slots = DUMMY["cache_slots"]
+        for i, name in enumerate(self.kv_names(ctx, KV_PAST)):
+            cache = self._randn(ctx, 100 + i, b, d["num_kv_heads"], slots, d["head_dim"])
+            cache[:, :, p:] = 0  # slots past the valid prefix hold nothing yet
+            inputs[name] = cache
+        kv_shape = (d["num_kv_heads"], mx, d["head_dim"])
+        dyn = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "kv_len"}}
+        dyn.update({name: {0: "batch", 2: "max_seq_len"} for name in self.kv_names(ctx, KV_PAST)})
         opt = min(mx, ctx.spec.num_image_tokens + 32)
-        prof = {"inputs_embeds": ((1, 1, c), (1, opt, c), (ctx.max_batch, mx, c))}
-        prof.update({k: ((1, 1), (1, opt), (ctx.max_batch, mx)) for k in inputs if k != "inputs_embeds"})
-        module = graphs.PrefillGraph(ctx.model.model.language_model, ctx.model.lm_head, d["num_layers"], self.position_ids)
-        return GraphSpec("prefill", module, inputs, ["logits"] + self._kv_names(ctx, "present"), dyn,
-                         self._profile(ctx, prof))
-
-    def decode_graph(self, ctx):
-        d = self.lm_dims(ctx.model)
-        b, p = DUMMY["batch"], DUMMY["past"]
-        inputs = self._lm_inputs(ctx, 8, b, 1, p)
-        dyn = {"inputs_embeds": {0: "batch"}, "attention_mask": {0: "batch", 1: "past+1"}}
-        if self.position_ids:
-            dyn["position_ids"] = {0: "batch"}
-        kv_shape = (d["num_kv_heads"], d["head_dim"])
-        for i, name in enumerate(self._kv_names(ctx, "past")):
-            inputs[name] = self._randn(ctx, 100 + i, b, kv_shape[0], p, kv_shape[1])
-            dyn[name] = {0: "batch", 2: "past"}
-        mx, c, mb = ctx.spec.max_seq_len, d["lm_hidden"], ctx.max_batch
-        opt = min(mx - 1, ctx.spec.num_image_tokens + 32)
-        prof = {"inputs_embeds": ((1, 1, c), (1, 1, c), (mb, 1, c)),
-                "attention_mask": ((1, 2), (1, opt + 1), (mb, mx))}
-        if self.position_ids:
-            prof["position_ids"] = ((1, 1), (1, 1), (mb, 1))
-        for name in self._kv_names(ctx, "past"):
-            prof[name] = ((1, kv_shape[0], 1, kv_shape[1]), (1, kv_shape[0], opt, kv_shape[1]),
-                          (mb, kv_shape[0], mx - 1, kv_shape[1]))
-        module = graphs.DecodeGraph(ctx.model.model.language_model, ctx.model.lm_head, d["num_layers"], self.position_ids)
-        return GraphSpec("decode", module, inputs, ["logits"] + self._kv_names(ctx, "present"), dyn,
-                         self._profile(ctx, prof))
+        kv = {name: ((1, *kv_shape), (1, *kv_shape), (mb, *kv_shape)) for name in self.kv_names(ctx, KV_PAST)}
+        prefill = self._profile(ctx, {"inputs_embeds": ((1, 1, c), (1, opt, c), (mb, mx, c)),
+                                      "attention_mask": ((1, 1), (1, opt), (mb, mx)), **kv})
+        decode = self._profile(ctx, {"inputs_embeds": ((1, 1, c), (1, 1, c), (mb, 1, c)),
+                                     "attention_mask": ((1, 2), (1, min(mx, opt + 1)), (mb, mx)), **kv})
+        return GraphSpec(LM_GRAPH, self.lm_module(ctx), inputs, ["logits"] + self.kv_names(ctx, KV_PRESENT), dyn,
+                         prefill, profiles={"prefill": prefill, "decode": decode}, min_opset=TENSOR_SCATTER_OPSET,
+                         dim_values={"max_seq_len": mx},
+                         # cache slots past the dummy's hold zeros in and out (the step writes inside the dummy)
+                         reference_pad={n: (2, mx) for n in self.kv_names(ctx, KV_PAST) + self.kv_names(ctx, KV_PRESENT)})
 
 
 class LlavaSiglipFamily(LlavaFamily):
@@ -276,6 +314,7 @@ class LlavaMptFamily(LlavaFamily):
     name = "llava-mpt"
     language = "mpt"
     position_ids = False
+    decoder_class = lm_decoders.MptDecoder
     _MPT_IMPL = {"plugin": "vlmx", "native": "sdpa", "decomposed": "torch"}
 
     def prepare(self, model, attention, precision="fp16"):
@@ -288,6 +327,11 @@ class LlavaMptFamily(LlavaFamily):
         c = model.config.text_config
         return {"lm_hidden": c.d_model, "num_layers": c.n_layers, "num_heads": c.n_heads,
                 "num_kv_heads": c.n_heads, "head_dim": c.d_model // c.n_heads, "vocab_size": c.vocab_size}
+
+    def smooth_language_model(self, model, precision, calib_ids=None, skip=None):
+        """MPT blocks are not Llama-shaped (fused Wqkv, LayerNorm without a foldable pair): linears are quantized
+        as they are."""
+        return None
 
     def score_modules(self, model):
         block = model.model.language_model.blocks[0]

@@ -16,16 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-THRESHOLDS = {"fp32": 1e-5, "fp16": 1e-3, "w8a8": 3e-2}
+from vlmx.torch_ref.contract import THRESHOLDS, real_tokens, relative_error
 
-
-def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """‖out − ref‖₂ / ‖ref‖₂ in float64 (inf on shape mismatch or non-finite output)."""
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    if out.shape != ref.shape or not np.all(np.isfinite(out)):
-        return float("inf")
-    denom = np.linalg.norm(ref)
-    return float(np.linalg.norm(out - ref) / denom) if denom > 0 else float(np.linalg.norm(out - ref))
+__all__ = ["THRESHOLDS", "relative_error", "real_tokens", "build_report", "summary"]
 
 
 def _session(model_or_path):
@@ -33,6 +26,11 @@ def _session(model_or_path):
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
+    import onnxruntime
+
+    # ONNX Runtime's C++ warnings (e.g. TensorScatter copying an unbound cache, expected for one-shot reference
+    # runs without IOBinding) would print around every verdict; errors still show.
+    onnxruntime.set_default_logger_severity(3)
 
     return OnnxrtRunner(SessionFromOnnx(model_or_path, providers=["CPUExecutionProvider"]))
 
@@ -41,29 +39,6 @@ def run_onnx(path_or_bytes, feed: dict) -> dict:
     """One polygraphy ONNX Runtime run; returns ``{output name: array}``."""
     with _session(path_or_bytes) as runner:
         return dict(runner.infer(feed))
-
-
-def token_axis(inputs: dict, output: np.ndarray) -> int | None:
-    """The axis of ``output`` that runs over the positions of ``attention_mask`` [B, S] (logits: 1, KV: 2)."""
-    mask = inputs.get("attention_mask")
-    shape = np.shape(output)
-    if mask is None or len(shape) < 2 or shape[0] != np.shape(mask)[0]:
-        return None
-    return next((a for a in (1, 2) if a < len(shape) and shape[a] == np.shape(mask)[1]), None)
-
-
-def real_tokens(inputs: dict, out: np.ndarray, ref: np.ndarray):
-    """Keep only real-token positions of per-position outputs (logits, present KV).
-
-    A left-padded query attends to no valid key, so its attention output, and everything later layers compute
-    from it, is implementation-defined (zeros for vlmx FlashAttention, a uniform average for the eager path)
-    and never read: padded keys are masked. Such positions are excluded from the comparison.
-    """
-    axis = token_axis(inputs, ref)
-    if axis is None or np.shape(out) != np.shape(ref) or np.all(inputs["attention_mask"] != 0):
-        return out, ref, False
-    keep = np.asarray(inputs["attention_mask"]) != 0
-    return np.moveaxis(np.asarray(out), axis, 1)[keep], np.moveaxis(np.asarray(ref), axis, 1)[keep], True
 
 
 def compare_outputs(outputs: dict, reference: dict, threshold: float, inputs: dict | None = None) -> dict:
@@ -125,9 +100,14 @@ def plot_layer_errors(rows: list[dict], threshold: float, path: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.semilogy([r["layer"] for r in rows], [max(r["relative"], 1e-12) for r in rows], "o-", label="ORT vs torch")
+    layers = [r["layer"] for r in rows]
+    ax.semilogy(layers, [max(r["relative"], 1e-12) for r in rows], "o-", label="ORT vs torch")
     ax.axhline(threshold, color="r", ls="--", label=f"threshold {threshold:g}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(min(layers) - 0.5, max(layers) + 0.5)  # one layer still gets a readable axis
     ax.set_xlabel("vision encoder layer")
     ax.set_ylabel("relative error")
     ax.set_title(title)
@@ -138,19 +118,29 @@ def plot_layer_errors(rows: list[dict], threshold: float, path: Path, title: str
     return path
 
 
-def build_report(root: Path, references: dict, precision: str, vision_module=None) -> dict:
-    """Compare every graph with a reference; write ``report.json``, ``report.md`` and the vision layer plot."""
+def build_report(root: Path, references: dict, precision: str, vision_module=None, about: dict | None = None) -> dict:
+    """Compare every graph with a reference; write ``report.json``, ``report.md`` and the vision layer plot.
+
+    ``about``: what was exported (model, attention, target, opset, ...), written at the top of both reports with
+    the tool versions and the date."""
+    from datetime import datetime, timezone
+
+    from vlmx.torch_ref.contract import versions
+
     threshold = THRESHOLDS[precision]
+    about = {**(about or {}), "precision": precision, "versions": versions(),
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     graphs = {}
     for graph, ref in references.items():
         outs = run_onnx(str(root / f"{graph}.onnx"), ref["inputs"])
         graphs[graph] = compare_outputs(outs, ref["outputs"], threshold, ref["inputs"])
-    report = {"precision": precision, "threshold": threshold, "runtime": "onnxruntime (CPU) via polygraphy",
+    report = {"about": about, "precision": precision, "threshold": threshold, "runtime": "onnxruntime (CPU) via polygraphy",
               "graphs": graphs, "passed": all(r["passed"] for g in graphs.values() for r in g.values())}
     if vision_module is not None and "vision" in references:
         rows = vision_layer_errors(root / "vision.onnx", vision_module, references["vision"]["inputs"]["pixel_values"])
         report["vision_layers"] = rows
-        if plot_layer_errors(rows, threshold, root / "vision_layer_error.png", f"vision tower, {precision}"):
+        title = f"{about.get('model', 'vision tower')}: vision tower, {precision}, {about.get('attention', '')} attention"
+        if plot_layer_errors(rows, threshold, root / "vision_layer_error.png", title.replace(", , ", ", ")):
             report["vision_layer_plot"] = "vision_layer_error.png"
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "report.md").write_text(markdown(report))
@@ -158,8 +148,15 @@ def build_report(root: Path, references: dict, precision: str, vision_module=Non
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Accuracy report ({report['precision']}, threshold {report['threshold']:g} relative)", "",
-             f"Runtime: {report['runtime']}; reference: torch on the same seeded inputs.", "",
+    about = report.get("about", {})
+    model = about.get("model", "export")
+    lines = [f"# Accuracy report: {model} ({report['precision']}, threshold {report['threshold']:g} relative)", ""]
+    facts = [("model", about.get("model")), ("checkpoint", about.get("checkpoint") or "seeded random weights"),
+             ("precision", report["precision"]), ("attention", about.get("attention")),
+             ("target", about.get("target")), ("opset", about.get("opset")), ("date", about.get("date")),
+             ("versions", ", ".join(f"{k} {v}" for k, v in about.get("versions", {}).items() if v))]
+    lines += [f"- {k}: {v}" for k, v in facts if v is not None] + [""]
+    lines += [f"Runtime: {report['runtime']}; reference: torch on the same seeded inputs.", "",
              "| graph | output | max abs | relative | criterion | result |", "|---|---|---|---|---|---|"]
     for graph, rows in report["graphs"].items():
         for name, r in rows.items():

@@ -27,7 +27,8 @@ class AttentionParams(ctypes.Structure):
         [(n, ctypes.c_int) for n in ("batch", "seqlen_q", "seqlen_k", "num_heads", "num_kv_heads", "head_dim")] + \
         [(f"{t}_stride_{d}", _i64) for t in ("q", "k", "v", "o") for d in ("b", "s", "h")] + \
         [("bias_stride_b", _i64), ("bias_stride_h", _i64), ("bias_stride_q", _i64), ("scale", ctypes.c_float),
-         ("causal", ctypes.c_int), ("window", ctypes.c_int), ("alibi", ctypes.c_int), ("alibi_bias_max", ctypes.c_int)]
+         ("causal", ctypes.c_int), ("window", ctypes.c_int), ("alibi", ctypes.c_int), ("alibi_bias_max", ctypes.c_int),
+         ("workspace", ctypes.c_void_p), ("workspace_bytes", _i64)]
 
 
 class KernelLibrary:
@@ -40,6 +41,8 @@ class KernelLibrary:
         self.lib.vlmx_last_error.restype = ctypes.c_char_p
         self.lib.vlmx_flash_attention_fwd.argtypes = [ctypes.POINTER(AttentionParams), vp]
         self.lib.vlmx_flash_attention_fwd.restype = st
+        self.lib.vlmx_flash_attention_workspace_size.argtypes = [ctypes.POINTER(AttentionParams)]
+        self.lib.vlmx_flash_attention_workspace_size.restype = _i64
         self.lib.vlmx_int8_gemm_i32.argtypes = [vp, vp, vp, i32, i32, i32, vp]
         self.lib.vlmx_int8_gemm_i32.restype = st
         self.lib.vlmx_w8a8_linear.argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32, vp]
@@ -57,6 +60,10 @@ class KernelLibrary:
     def flash_attention_raw(self, params: AttentionParams, stream: int | None = 0) -> int:
         """Call the launcher as is and return the status (no raise): the C ABI test entry point."""
         return self.lib.vlmx_flash_attention_fwd(ctypes.byref(params), stream)
+
+    def flash_attention_workspace_size(self, params: AttentionParams) -> int:
+        """Bytes of split-KV workspace for these sizes (0: never splits)."""
+        return int(self.lib.vlmx_flash_attention_workspace_size(ctypes.byref(params)))
 
     def int8_gemm_raw(self, x: int, w: int, y: int, m: int, n: int, k: int, stream: int | None = 0) -> int:
         return self.lib.vlmx_int8_gemm_i32(x, w, y, m, n, k, stream)
@@ -144,12 +151,13 @@ def attention_params(q, k, v, o, bias, num_heads, num_kv_heads, head_dim, scale,
     return p, keep
 
 
-def flash_attention(lib: KernelLibrary, q, k=None, v=None, bias=None, num_heads=1, num_kv_heads=0, head_dim=64,
-                    scale=0.0, causal=0, window=-1, alibi=0, alibi_bias_max=8, layout="bsd"):
-    """vlmx::flash_attention on the GPU; falls back to the reference for dtypes/head dims the kernel lacks."""
-    if q.dtype != torch.float16 or head_dim not in SUPPORTED_HEAD_DIMS:
-        return reference.flash_attention(q, k, v, bias, num_heads, num_kv_heads, head_dim, scale, causal, window,
-                                         alibi, alibi_bias_max, layout)
+def flash_attention(lib: KernelLibrary, q, k=None, v=None, bias=None, kv_len=None, num_heads=1, num_kv_heads=0,
+                    head_dim=64, scale=0.0, causal=0, window=-1, alibi=0, alibi_bias_max=8, layout="bsd"):
+    """vlmx::flash_attention on the GPU; falls back to the reference for dtypes/head dims the kernel lacks, and for
+    ``kv_len`` (the kernel has no valid-length parameter yet: the reference masks the cache on the device, no sync)."""
+    if q.dtype != torch.float16 or head_dim not in SUPPORTED_HEAD_DIMS or kv_len is not None:
+        return reference.flash_attention(q, k, v, bias, kv_len, num_heads, num_kv_heads, head_dim, scale, causal,
+                                         window, alibi, alibi_bias_max, layout)
     if layout == "bhsd":
         o = q.new_empty(q.shape[0], num_heads, q.shape[2], head_dim)
     else:
@@ -158,6 +166,11 @@ def flash_attention(lib: KernelLibrary, q, k=None, v=None, bias=None, num_heads=
         q, k, v = (t if t.data_ptr() % 16 == 0 else t.contiguous() for t in (q, k, v))
     p, keep = attention_params(q, k, v, o, bias, num_heads, num_kv_heads, head_dim, scale, causal, window, alibi,
                                alibi_bias_max, layout)
+    ws_bytes = lib.flash_attention_workspace_size(p)
+    if ws_bytes:  # split-KV partials: the caching allocator's block, never an allocation inside the launch
+        ws = torch.empty(ws_bytes, dtype=torch.uint8, device=o.device)
+        p.workspace, p.workspace_bytes = ws.data_ptr(), ws_bytes
+        keep.append(ws)
     lib.check(lib.flash_attention_raw(p, _stream()))
     del keep
     return o

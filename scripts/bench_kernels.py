@@ -123,7 +123,12 @@ def time_attention(libs: dict, ok_libs: set, log) -> list[dict]:
 
 def time_gemm(libs: dict, ok_libs: set, log) -> list[dict]:
     rows = []
-    for m, n, k in ((4096, 4096, 4096), (8 * 577, 4096, 1024), (8 * 729, 4304, 1152)):
+    # Square, ViT-L and SigLIP MLP shapes, then the LLaVA-7B language model's linears (q/o 4096x4096, gate/up
+    # 11008x4096, down 4096x11008) at decode (M = 1, 16: weight-read bound, reported as weight GB/s) and at a
+    # ~600-token prefill.
+    for m, n, k in ((4096, 4096, 4096), (8 * 577, 4096, 1024), (8 * 729, 4304, 1152),
+                    (1, 4096, 4096), (1, 11008, 4096), (1, 4096, 11008), (16, 11008, 4096), (16, 4096, 11008),
+                    (600, 4096, 4096), (600, 11008, 4096), (600, 4096, 11008)):
         x = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
         w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
         xs, ws = torch.rand(m, 1, device="cuda"), torch.rand(n, device="cuda")
@@ -136,14 +141,30 @@ def time_gemm(libs: dict, ok_libs: set, log) -> list[dict]:
                 row["ms"][f"vlmx_w8a8_{label}"] = bench(lambda: cuda_ops.w8a8_linear_fused(lib, x, xs, w, ws, bias))
                 row["ms"][f"vlmx_w8a8_quant_{label}"] = bench(
                     lambda: cuda_ops.w8a8_linear_fused(lib, x, xs, w, ws, bias, quantize_output=True))
-        # w.t() is column-major: torch._int_mm's cuBLASLt fast path
-        row["ms"]["torch_int_mm"] = bench(lambda: torch._int_mm(x, w.t()))
+        # w.t() is column-major: torch._int_mm's cuBLASLt fast path (it refuses M <= 16)
+        if m > 16:
+            row["ms"]["torch_int_mm"] = bench(lambda: torch._int_mm(x, w.t()))
         row["ms"]["torch_matmul_fp16"] = bench(lambda: a16 @ b16)
         row["tops"] = {k2: 2.0 * m * n * k / (ms * 1e-3) / 1e12 for k2, ms in row["ms"].items()}
+        # Weight bytes read per call (int8 for ours and _int_mm, fp16 for torch.matmul) over the time: the decode
+        # ceiling is the copy bandwidth.
+        row["weight_gbs"] = {k2: n * k * (2 if k2 == "torch_matmul_fp16" else 1) / (ms * 1e-3) / 1e9
+                             for k2, ms in row["ms"].items()}
         log(f"{row['bench']:<34} " + " ".join(f"{k2}={ms:.3f}ms({row['tops'][k2]:.0f}T)" for k2, ms in
                                                row["ms"].items()))
         rows.append(row)
     return rows
+
+
+def time_copy_bandwidth(log) -> float:
+    """GB/s of a 1 GiB device-to-device copy, bytes read plus bytes written (the memory traffic a weight-read
+    bound GEMV can reach at best; the same convention as the Triton tables and scripts/bench_decode.py)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), min_time=0.2)
+    gbs = 2 * src.numel() / (ms * 1e-3) / 1e9
+    log(f"copy bandwidth: {gbs:.0f} GB/s")
+    return gbs
 
 
 def time_ceilings(libs: dict, log) -> dict:
@@ -205,9 +226,15 @@ def markdown(report: dict) -> str:
         lines.append(f"- **{r['bench']}** {r['shape']}: " + ", ".join(
             f"{k}: {ms:.3f} ms / {r['tflops'][k]:.1f} TF" for k, ms in r["ms"].items()))
     lines += ["", "## GEMM (ms, TOP/s)", ""]
+    copy = report.get("copy_gbs")
     for r in report["gemm"]:
         lines.append(f"- **{r['bench']}**: " + ", ".join(f"{k}: {ms:.3f} ms / {r['tops'][k]:.1f} T"
                                                           for k, ms in r["ms"].items()))
+        if copy and r["bench"].split("/")[1].split("x")[0] in ("1", "16"):
+            lines.append("  - weight read (decode bound), share of copy bandwidth: " + ", ".join(
+                f"{k}: {g:.0f} GB/s = {g / copy:.0%}" for k, g in r["weight_gbs"].items()))
+    if copy:
+        lines += ["", f"Device-to-device copy bandwidth (1 GiB, read + write bytes): {copy:.0f} GB/s"]
     lines += ["", "## mma.sync ceilings (T(FL)OP/s)", ""] + [f"- {k}: {v:.1f}" for k, v in report["ceilings"].items()]
     lines += ["", "## Targets (compute_75 PTX path)", "", "| target | value | goal | met |", "|---|---|---|---|"]
     for t in report["targets"]:
@@ -260,6 +287,7 @@ def main() -> int:
     report["attention"], report["gemm"], report["ceilings"], report["targets"] = [], [], {}, []
     if not args.skip_timing:
         report["ceilings"] = time_ceilings(libs, log)
+        report["copy_gbs"] = time_copy_bandwidth(log)
         report["attention"] = time_attention({**libs, **variants}, {lb for lb, f in ok if f == "attention"}, log)
         report["gemm"] = time_gemm(libs, {lb for lb, f in ok if f == "gemm"}, log)
         report["targets"] = target_ratios(report["attention"], report["gemm"], report["ceilings"])

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmx.torch_ref.keep_rule import keep_count
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import make_vqa  # noqa: E402
@@ -52,30 +54,34 @@ def uniform_scores(side: int, k: int) -> np.ndarray:
 
 
 class Evaluator:
-    """Runs one export's graphs through the pipeline's runners (its preprocessing and prompt template)."""
+    """One export's graphs, run through :class:`~vlmx.trt_runtime.pipeline.VLMPipeline`'s runners, image processor
+    and chat template; the LM step is the pipeline's one ``lm`` graph (prefill over a fresh KV cache)."""
 
     def __init__(self, export: Path, backend: str):
-        from vlmx.torch_ref import models
         from vlmx.trt_runtime.pipeline import VLMPipeline
 
         self.pipe = VLMPipeline(export, backend=backend, prune="text")
         self.runners = self.pipe.runners
         self.preset = self.pipe.preset
-        self.has_position_ids = "position_ids" in self.pipe.artifacts.input_names("prefill")
         self.has_cls = "cls_attention" in self.pipe.artifacts.output_names("vision")
-        self.first_token = {w: models.encode_prompt(self.preset, " " + w, add_bos=False)[0]
+        tok = self.pipe.processor.tokenizer
+        # the reply starts right after the chat template's generation prompt: no leading space
+        self.first_token = {w: int(tok.encode(w, add_special_tokens=False)[0])
                             for ws in make_vqa.ANSWERS.values() for w in ws}
+        self._batch = 0
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.runners["embed"].infer({"input_ids": ids.reshape(1, -1)})["inputs_embeds"]
+        return np.asarray(self.pipe._embed(ids))
 
     def vision(self, image: np.ndarray) -> dict:
-        return self.runners["vision"].infer({"pixel_values": self.pipe.preprocess(image)})
+        out = self.runners["vision"].infer({"pixel_values": self.pipe.preprocess(image)})
+        return {k: np.asarray(v) for k, v in out.items()}
 
     def scores(self, method: str, vis: dict, text: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         n = vis["image_features"].shape[1]
         if method == "text":
-            return self.runners["score"].infer({"text_embeds": text, "image_features": vis["image_features"]})["scores"]
+            out = self.runners["score"].infer({"text_embeds": text, "image_features": vis["image_features"]})
+            return np.asarray(out["scores"])
         if method == "cls":
             return vis["cls_attention"]
         if method == "random":
@@ -85,21 +91,28 @@ class Evaluator:
             raise ValueError(f"uniform needs a square token grid, got {n} tokens")
         return uniform_scores(side, k)[None]
 
+    def prefill_logits(self, embeds: np.ndarray) -> np.ndarray:
+        """Last-position logits [B, vocab] of a prefill of ``embeds`` [B, n, C] (the pipeline's KV-cache binding,
+        for B rows of one length)."""
+        b, n = embeds.shape[:2]
+        if self._batch != b or not self.pipe.lm.bound:
+            self.pipe.lm.unbind()
+            self._mask = self.pipe._bind_lm(batch=b)["mask"]
+            self._batch = b
+        out = self.pipe.lm.infer({"inputs_embeds": embeds, "attention_mask": self._mask[:, :n]})
+        return np.asarray(out["logits"])[:, -1]
+
     def answer_logits(self, vis, prefix_emb, suffix_emb, scores: list[np.ndarray], k: int):
         """Last-position logits ``[len(scores), vocab]`` and kept indices, one prefill batch for all score rows
         (equal lengths: every row keeps ``k`` tokens)."""
         rows, kept = [], []
         for sc in scores:
             pr = self.runners["prune"].infer({"image_features": vis["image_features"],
-                                             "scores": sc.astype(np.float32), "keep": np.asarray([k], np.int64)})
-            rows.append(np.concatenate([prefix_emb, pr["kept_features"].astype(prefix_emb.dtype), suffix_emb], 1))
-            kept.append(pr["kept_index"])
-        emb = np.concatenate(rows, axis=0)
-        b, n = emb.shape[:2]
-        feed = {"inputs_embeds": emb, "attention_mask": np.ones((b, n), np.int64)}
-        if self.has_position_ids:
-            feed["position_ids"] = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
-        return self.runners["prefill"].infer(feed)["logits"][:, -1], kept
+                                             "scores": np.asarray(sc, np.float32), "keep": np.asarray([k], np.int64)})
+            feats = np.asarray(pr["kept_features"]).astype(prefix_emb.dtype)
+            rows.append(np.concatenate([prefix_emb, feats, suffix_emb], 1))
+            kept.append(np.asarray(pr["kept_index"]))
+        return self.prefill_logits(np.concatenate(rows, axis=0)), kept
 
     def predict(self, logits: np.ndarray, kind: str) -> str:
         words = make_vqa.ANSWERS[kind]
@@ -107,8 +120,6 @@ class Evaluator:
 
 
 def evaluate(ev: Evaluator, images, questions, keeps, methods, seed: int, check: bool) -> dict:
-    from vlmx.torch_ref.pruning import keep_count
-
     hits = {(m, kp): [] for m in methods for kp in keeps}
     kinds = []
     vis_cache: dict[int, dict] = {}
@@ -144,23 +155,28 @@ def evaluate(ev: Evaluator, images, questions, keeps, methods, seed: int, check:
 
 
 def _check_against_pipeline(ev: Evaluator, image, prompt, keeps, methods, vis, text):
-    """The kept tokens of ``text`` and ``cls`` equal what ``VLMPipeline.generate`` keeps (same API use)."""
-    from vlmx.torch_ref.pruning import keep_count
+    """``text`` and ``cls`` keep the tokens ``VLMPipeline.generate`` keeps, and the best token of these logits is
+    the token it generates first (same graphs, same prompt, same cache binding)."""
     from vlmx.trt_runtime.pipeline import VLMPipeline
 
     n = vis["image_features"].shape[1]
+    split = ev.pipe.prompt_ids(prompt)[0].shape[0]
     for m in ("text", "cls"):
         if m not in methods or (m == "cls" and not ev.has_cls):
             continue
         kp = min(keeps)
         pipe = ev.pipe if m == "text" else VLMPipeline(ev.pipe.artifacts, backend=ev.pipe.backend, prune="cls")
-        got = pipe.generate(image, prompt, keep=kp, max_new_tokens=1).kept_index
+        got = pipe.generate(image, prompt, keep=kp, max_new_tokens=1)
         k = keep_count(n, kp)
-        _, mine = ev.answer_logits(vis, *np.split(text, [ev.pipe.prompt_ids(prompt)[0].shape[0]], axis=1),
-                                   [ev.scores(m, vis, text, k, None)], k)
-        mine = mine[0]
-        if not np.array_equal(np.asarray(got).ravel(), np.asarray(mine).ravel()):
+        logits, mine = ev.answer_logits(vis, text[:, :split], text[:, split:], [ev.scores(m, vis, text, k, None)], k)
+        if not np.array_equal(np.asarray(got.kept_index).ravel(), mine[0].ravel()):
             raise AssertionError(f"{m}: kept tokens differ from VLMPipeline.generate")
+        if int(np.argmax(logits[0])) != got.tokens[0]:
+            raise AssertionError(f"{m}: first token {int(np.argmax(logits[0]))} differs from VLMPipeline.generate's "
+                                 f"{got.tokens[0]}")
+        if pipe is not ev.pipe:
+            pipe.close()
+    print(f"  check: kept tokens and first token equal VLMPipeline.generate's (keep {min(keeps)})", flush=True)
 
 
 def write_results(out: Path, results: dict, meta: dict) -> None:

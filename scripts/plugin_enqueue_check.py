@@ -56,7 +56,9 @@ def cuda_home() -> Path:
 
 
 def trt_include(arg: str | None) -> Path:
-    cands = [arg, *os.environ.get("TENSORRT_INCLUDE_DIR", "").split(os.pathsep), str(REPO / ".trt_headers/include")]
+    fetched = trt_build.cache_dir() / f"tensorrt-headers-{trt_build.HEADERS_PACKAGE['tensorrt']}" / "include"
+    cands = [arg, *os.environ.get("TENSORRT_INCLUDE_DIR", "").split(os.pathsep), str(REPO / ".trt_headers/include"),
+             str(fetched)]  # the last: `python -m vlmx.plugins.trt_build --fetch-headers` (pinned wheel, sha256)
     for c in cands:
         if c and (Path(c) / "NvInferRuntime.h").is_file():
             return Path(c).resolve()
@@ -209,10 +211,11 @@ def make_cases(dev: torch.device, gen: torch.Generator) -> list[dict]:
                   "outputs": [(torch.float32, (2, 576))], "note": "T16 text tokens, N576 visual tokens"})
     Bg, Ng, Cg, keep = 2, 576, 4096, 144
     scores = torch.rand(Bg, Ng, generator=gen, device=dev)
+    # keep reaches the plugin as a shape input (tensorrt_plugin_shape_input_indices): the kept count is the
+    # outputs' dim at enqueue, never read from the device (no host sync).
     cases.append({"name": "gather_topk_keep144", "op": "GatherTopK", "attrs": {},
-                  "inputs": [randn(Bg, Ng, Cg), scores, torch.tensor([keep], device=dev, dtype=torch.int64)],
-                  "outputs": [(torch.float16, (Bg, -1, Cg), (Bg, keep, Cg)), (torch.int64, (Bg, -1), (Bg, keep)),
-                              (torch.int64, (), ())], "note": "keep 144 of N576"})
+                  "inputs": [randn(Bg, Ng, Cg), scores], "shape_inputs": [[keep]],
+                  "outputs": [(torch.float16, (Bg, keep, Cg)), (torch.int64, (Bg, keep))], "note": "keep 144 of N576"})
     return cases
 
 
@@ -262,9 +265,8 @@ def reference_check(case: dict, ins: list[torch.Tensor], outs: list[torch.Tensor
         want = ref.token_importance(ins[0].float(), ins[1].float(), **a)
         return {"scores": float_check(outs[0], want, SCORE_TOL)}
     if op == "GatherTopK":
-        x_ref, idx_ref = ref.gather_topk(ins[0], ins[1], ins[2])
-        return {"x_kept": exact_check(outs[0], x_ref), "idx": exact_check(outs[1], idx_ref),
-                "size_tensor": exact_check(outs[2].reshape(-1), ins[2].reshape(-1))}
+        x_ref, idx_ref = ref.gather_topk(ins[0], ins[1], case["shape_inputs"][0][0])
+        return {"x_kept": exact_check(outs[0], x_ref), "idx": exact_check(outs[1], idx_ref)}
     raise ValueError(op)
 
 
@@ -292,7 +294,8 @@ def write_cases(cases: list[dict], d: Path) -> Path:
             if tuple(run_shape) != tuple(build_shape):
                 shape += "=" + spec_of(dtype, run_shape)
             outs.append(f"{TORCH2HARNESS[dtype]}:{shape}:{p}")
-        lines.append("|".join([c["name"], c["op"], attrs, ";".join(ins), ";".join(outs)]))
+        shape_in = ";".join("x".join(str(int(v)) for v in vals) for vals in c.get("shape_inputs", []))
+        lines.append("|".join([c["name"], c["op"], attrs, ";".join(ins), ";".join(outs), shape_in]))
     path = d / "cases.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -358,7 +361,10 @@ def summary_row(r: dict) -> str:
                          f"{v['mismatches_not_at_ties']} not at ties)")
         else:
             parts.append(f"{k} {'exact' if v['exact'] else 'DIFFERS'}")
-    ms = r["harness"].get("enqueue_ms")
+    h = r["harness"]
+    if "graph_capture_ok" in h:  # enqueue replayed from a CUDA graph: no sync, host copy or allocation inside
+        parts.append("graph capture " + ("ok" if h["graph_capture_ok"] else f"FAILED ({h['graph_capture_error']})"))
+    ms = h.get("enqueue_ms")
     return f"| {r['case']} | {r['op']} | {'ok' if r['ok'] else 'FAIL'} | {'; '.join(parts)} | " \
            f"{'' if ms is None else f'{ms:.3f}'} |"
 

@@ -103,11 +103,9 @@ def unpack_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.
 # ------------------------------------------------------------------------------------------------ prepare
 def prepare(a) -> int:
     models = _import_vlmx()
-    from safetensors.numpy import save as st_save
     from safetensors.torch import save_file
 
     from vlmx.torch_ref import real_weights
-    from vlmx.trt_runtime.pipeline import PROMPT_PREFIX, PROMPT_SUFFIX
 
     for key in ("smollm2", "dinov2-small"):
         why = real_weights.available(key)
@@ -117,11 +115,14 @@ def prepare(a) -> int:
     for part in PARTS:
         (data / part).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    prefix = models.encode_prompt(PRESET, PROMPT_PREFIX)
-    suffixes = {q: models.encode_prompt(PRESET, PROMPT_SUFFIX.format(prompt=q), add_bos=False)
-                for q in make_vqa.all_questions()}
-    answers = {w: models.encode_prompt(PRESET, " " + w, add_bos=False)[0]
-               for ws in make_vqa.ANSWERS.values() for w in ws}
+    processor = export_processor()
+    ids = {q: processor.prompt_ids(q) for q in make_vqa.all_questions()}
+    prefixes = {tuple(p.tolist()) for p, _ in ids.values()}
+    if len(prefixes) != 1:
+        return fail(f"the chat template puts {len(prefixes)} different texts before the image; one is expected")
+    prefix = list(prefixes.pop())
+    suffixes = {q: s.tolist() for q, (_, s) in ids.items()}
+    answers = answer_tokens(processor)
     for kind, ws in make_vqa.ANSWERS.items():
         if len({answers[w] for w in ws}) != len(ws):
             return fail(f"answers of {kind} share a first token; change make_vqa.ANSWERS")
@@ -165,13 +166,34 @@ def prepare(a) -> int:
               "kinds": {k: list(v) for k, v in make_vqa.ANSWERS.items()}, "image_size": spec.image_size,
               "feature_layer": spec.feature_layer, "drop_cls": spec.select_strategy == "default",
               "image_mean": list(spec.image_mean), "image_std": list(spec.image_std),
-              "template": [PROMPT_PREFIX, PROMPT_SUFFIX], "packed_q4_1": packed, "float_matrices": exact_fallback}
+              "example_prompt": processor.chat_prompt(make_vqa.all_questions()[0]), "packed_q4_1": packed,
+              "float_matrices": exact_fallback}
     (data / TOKENS).write_text(json.dumps(tokens, indent=1))
     sizes = {p: sum(f.stat().st_size for f in (data / p).iterdir()) / 2**20 for p in PARTS}
     print(f"prepared {data} in {time.time() - t0:.0f} s: {packed} Q4_1 matrices bit-exact, "
           f"{len(exact_fallback)} kept float; {len(used)} embedding rows; "
           + ", ".join(f"{k} {v:.1f} MiB" for k, v in sizes.items()))
     return 0
+
+
+def export_processor():
+    """The runtime :class:`~vlmx.trt_runtime.processor.Processor` of a llava-micro export (the files vlm-export
+    writes, made in a temporary directory): training prompts are exactly the ones vlm-run and eval_pruning build."""
+    import tempfile
+
+    from vlmx.export.processor_files import write_processor_files
+    from vlmx.torch_ref import models
+    from vlmx.trt_runtime.processor import Processor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_processor_files(tmp, models.get_preset(PRESET))
+        return Processor.from_dir(tmp)
+
+
+def answer_tokens(processor) -> dict[str, int]:
+    """First token of each answer word as the assistant's reply begins (right after the generation prompt)."""
+    return {w: int(processor.tokenizer.encode(w, add_special_tokens=False)[0])
+            for ws in make_vqa.ANSWERS.values() for w in ws}
 
 
 def _in_part_a(name: str) -> bool:

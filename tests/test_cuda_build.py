@@ -39,11 +39,12 @@ def test_importing_plugins_does_nothing():
 
 
 def test_params_struct_matches_the_header_layout():
-    # 5 pointers, 6 ints, 15 int64 strides, float scale, 4 ints: offsets as a C compiler lays them out.
+    # 5 pointers, 6 ints, 15 int64 strides, float scale, 4 ints, workspace pointer + int64 bytes: offsets as a C
+    # compiler lays them out.
     p = cuda_ops.AttentionParams
     assert p.batch.offset == 40 and p.head_dim.offset == 60 and p.q_stride_b.offset == 64
     assert p.bias_stride_q.offset == 64 + 14 * 8 and p.scale.offset == 184 and p.alibi_bias_max.offset == 200
-    assert ctypes.sizeof(p) == 208
+    assert p.workspace.offset == 208 and p.workspace_bytes.offset == 216 and ctypes.sizeof(p) == 224
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +60,32 @@ def test_header_struct_size_agrees_with_ctypes(tmp_path):
         pytest.skip(NO_NVCC)
     nvcc = kbuild.find_nvcc()
     src = tmp_path / "size.cu"
-    src.write_text('#include "vlmx_kernels.h"\n#include <stddef.h>\n#include <stdio.h>\nint main(){printf("%zu %zu %zu",'
+    src.write_text('#include "vlmx_kernels.h"\n#include <stddef.h>\n#include <stdio.h>\nint main(){printf("%zu %zu %zu %zu",'
                    ' sizeof(vlmx_attention_params), offsetof(vlmx_attention_params, scale), '
-                   'offsetof(vlmx_attention_params, bias_stride_q));}\n')
+                   'offsetof(vlmx_attention_params, bias_stride_q), offsetof(vlmx_attention_params, workspace_bytes));}\n')
     exe = tmp_path / "size"
     subprocess.run([nvcc, f"-I{kbuild.CSRC}", "-o", str(exe), str(src)], check=True, capture_output=True)
-    size, scale_off, bias_q_off = map(int, subprocess.run([str(exe)], capture_output=True, text=True).stdout.split())
+    size, scale_off, bias_q_off, ws_off = map(int, subprocess.run([str(exe)], capture_output=True,
+                                                                  text=True).stdout.split())
     p = cuda_ops.AttentionParams
-    assert (size, scale_off, bias_q_off) == (ctypes.sizeof(p), p.scale.offset, p.bias_stride_q.offset)
+    assert (size, scale_off, bias_q_off, ws_off) == (ctypes.sizeof(p), p.scale.offset, p.bias_stride_q.offset,
+                                                     p.workspace_bytes.offset)
+
+
+@pytest.mark.nvcc
+def test_split_kv_workspace_size_is_host_only_monotone_and_capped(sm75_lib):
+    """The caller sizes split-KV scratch (TensorRT getWorkspaceSize at the profile maximum): 0 when keys are too
+    few to split, non-decreasing in every size, capped at 32 MiB; no GPU needed."""
+    def ws(**kw):
+        base = dict(batch=1, seqlen_q=1, seqlen_k=1000, num_heads=32, num_kv_heads=1, head_dim=128)
+        return sm75_lib.flash_attention_workspace_size(cuda_ops.AttentionParams(**{**base, **kw}))
+
+    decode = ws()
+    assert decode == 64 * 32 * (128 + 2) * 4  # 64 splits x H32 x (D + 2) floats
+    assert ws(seqlen_k=127) == 0 and ws(seqlen_k=128) > 0
+    sizes = [ws(batch=b, seqlen_q=q, seqlen_k=k) for b, q, k in [(1, 1, 128), (1, 1, 4096), (2, 1, 4096), (2, 64, 4096),
+                                                                 (8, 577, 4096)]]
+    assert sizes == sorted(sizes) and sizes[-1] == 32 << 20
 
 
 @pytest.mark.nvcc
@@ -87,6 +106,7 @@ def test_launcher_rejects_unsupported_head_dim_before_any_cuda_call(sm75_lib, he
     (dict(q=0x1008), cuda_ops.MISALIGNED, "16-byte aligned"),
     (dict(k_stride_s=100), cuda_ops.MISALIGNED, "multiples of 8"),
     (dict(alibi=1, alibi_bias_max=0), cuda_ops.INVALID_ARGUMENT, "alibi_bias_max"),
+    (dict(workspace=0x5004, workspace_bytes=4096), cuda_ops.INVALID_ARGUMENT, "workspace"),
 ])
 def test_launcher_argument_checks(sm75_lib, change, status, match):
     fields = dict(q=0x1000, k=0x2000, v=0x3000, o=0x4000, batch=2, seqlen_q=8, seqlen_k=8, num_heads=4,

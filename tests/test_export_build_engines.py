@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from vlmx.export.cli import main as export_main
+from vlmx.apps.export_cli import main as export_main
 from vlmx.trt_runtime.engine_build import EngineBuildError, build_engines
 from vlmx.trt_runtime.trt_import import available_flavours
 
@@ -25,14 +25,14 @@ def test_export_then_engines_for_sm75(tmp_path, capsys):
     assert set(meta["engines"]) == set(graphs)
     for g in graphs:
         assert (out / "engines" / f"{g}.plan").stat().st_size > 0
-    assert not list(tmp_path.glob("**/*.tmp-*")), "a temporary engine directory was left behind"
+    assert not list(tmp_path.glob("**/*.vlmx-tmp-*")), "a temporary engine directory was left behind"
 
     # A failing rebuild leaves the previous engines untouched and no temporary directory.
     before = (out / "engines" / "engines.json").read_text()
     with pytest.raises(EngineBuildError, match="not in the export"):
         build_engines(out, backend="tensorrt-rtx", graphs=["vision", "no-such-graph"], progress=False)
     assert (out / "engines" / "engines.json").read_text() == before
-    assert not list(out.glob("engines.tmp-*"))
+    assert not list(out.glob("engines.vlmx-tmp-*"))
 
 
 @pytest.mark.parametrize("extra, message", [

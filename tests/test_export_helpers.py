@@ -9,14 +9,13 @@ from onnx import TensorProto, helper
 
 from vlmx.export.domain import node_attrs
 from vlmx.export.functions import attach_functions
+from vlmx.torch_ref.contract import THRESHOLDS
 from vlmx.torch_ref.op_table import OPS
 
-#: Named tolerances on ‖out − ref‖ / ‖ref‖.
+#: Named tolerances on ‖out − ref‖ / ‖ref‖: the export contract's per-precision thresholds, plus a tighter one.
 TOLERANCES = {
     "fp32_exact_math": 1e-6,   # same float32 math, different op order
-    "fp32": 1e-5,              # the fp32 graph contract
-    "fp16": 1e-3,              # the fp16 graph contract
-    "w8a8": 3e-2,              # the w8a8 graph contract
+    **THRESHOLDS,              # fp32 / fp16 / w8a8: the graph contract
 }
 
 

@@ -14,8 +14,7 @@ import pytest
 from test_export_helpers import assert_close, session
 from vlmx.export.cli import main
 from vlmx.export.driver import ExportOptions, export_model
-
-GRAPHS = ("vision", "embed", "score", "prune", "prefill", "decode")
+from vlmx.torch_ref.contract import FORMAT_VERSION, GRAPH_NAMES as GRAPHS, THRESHOLDS
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +37,12 @@ def test_directory_holds_the_contract_files(fp32_export):
     files = {p.name for p in fp32_export.iterdir()}
     assert {f"{g}.onnx" for g in GRAPHS} | {"manifest.json", "reference.npz", "report.json", "report.md",
                                            "vision_layer_error.png", "vlmx_ops.md"} <= files
-    assert not list(fp32_export.parent.glob("*.tmp-*"))
+    assert not list(fp32_export.parent.glob("*.vlmx-tmp-*"))
 
 
 def test_manifest_matches_the_contract(fp32_export):
     m = _manifest(fp32_export)
-    assert (m["format"], m["format_version"], m["model"], m["checkpoint"]) == ("vlmx-export", 1, "llava-tiny", None)
+    assert (m["format"], m["format_version"], m["model"], m["checkpoint"]) == ("vlmx-export", FORMAT_VERSION, "llava-tiny", None)
     assert (m["target"], m["sm"], m["precision"], m["attention"], m["opset"]) == ("trt-sm75", 75, "fp32", "plugin",
                                                                                   18)
     assert (m["keep"], m["prune"], m["seed"], m["reference"]) == (0.5, "text", 0, "reference.npz")
@@ -66,18 +65,23 @@ def test_manifest_matches_the_contract(fp32_export):
     assert _names(g["prune"]["outputs"]) == ["kept_features", "kept_index"]
     assert g["prune"]["outputs"][1]["shape"] == ["batch", "keep"]
     kv = [f"{i}.{t}" for i in range(2) for t in ("key", "value")]
-    assert _names(g["prefill"]["inputs"]) == ["inputs_embeds", "attention_mask", "position_ids"]
-    assert _names(g["prefill"]["outputs"]) == ["logits"] + [f"present.{n}" for n in kv]
-    assert g["prefill"]["outputs"][1]["shape"] == ["batch", 4, "seq", 32]
-    assert _names(g["decode"]["inputs"]) == ["inputs_embeds", "attention_mask", "position_ids"] + [
-        f"past.{n}" for n in kv]
-    assert g["decode"]["inputs"][3]["shape"] == ["batch", 4, "past", 32]
-    assert g["decode"]["outputs"][0] == {"name": "logits", "shape": ["batch", 1, 1024], "dtype": "float32"}
-    assert g["decode"]["profile"]["past.0.key"]["max"][2] == 511
+    assert "prefill" not in g and "decode" not in g  # one LM graph, the weights stored once
+    assert _names(g["lm"]["inputs"]) == ["inputs_embeds", "attention_mask"] + [f"past.{n}" for n in kv]
+    assert _names(g["lm"]["outputs"]) == ["logits"] + [f"present.{n}" for n in kv]
+    assert g["lm"]["inputs"][2]["shape"] == ["batch", 4, 512, 32] == g["lm"]["outputs"][1]["shape"]
+    assert g["lm"]["dynamic_axes"]["past.0.key"] == {"0": "batch"}
+    assert g["lm"]["profiles"]["decode"]["past.0.key"] == {"min": [1, 4, 512, 32], "opt": [1, 4, 512, 32],
+                                                          "max": [4, 4, 512, 32]}
+    assert g["lm"]["outputs"][0] == {"name": "logits", "shape": ["batch", 1, 1024], "dtype": "float32"}
+    assert info["max_seq_len"] == 512 and g["lm"]["opset"] == 24
+    assert set(g["lm"]["profiles"]) == {"prefill", "decode"} and g["lm"]["profile"] == g["lm"]["profiles"]["prefill"]
+    assert g["lm"]["profiles"]["decode"]["inputs_embeds"]["max"][1] == 1
+    assert g["lm"]["profiles"]["prefill"]["attention_mask"]["max"][1] == 512
     for rel, meta in m["files"].items():
         data = (fp32_export / rel).read_bytes()
         assert hashlib.sha256(data).hexdigest() == meta["sha256"] and len(data) == meta["bytes"]
-    assert set(m["versions"]) == {"vlmx", "torch", "onnx", "transformers", "onnxruntime", "python"}
+    assert set(m["versions"]) == {"vlmx", "torch", "onnx", "transformers", "onnxruntime", "polygraphy", "python"}
+    assert m["created"].endswith("+00:00") and len(m["manifest_sha256"]) == 64
 
 
 def test_every_vlmx_node_is_a_plugin_node_backed_by_a_function(fp32_export):
@@ -94,29 +98,30 @@ def test_every_vlmx_node_is_a_plugin_node_backed_by_a_function(fp32_export):
 
 def test_report_passes_at_fp32_threshold(fp32_export):
     report = json.loads((fp32_export / "report.json").read_text())
-    assert report["threshold"] == 1e-5 and report["passed"]
+    assert report["threshold"] == THRESHOLDS["fp32"] and report["passed"]
     assert set(report["graphs"]) == set(GRAPHS)
     assert report["vision_layers"] and all(r["relative"] <= 1e-5 for r in report["vision_layers"])
     assert "PASSED" in (fp32_export / "report.md").read_text()
 
 
 def test_decode_continues_prefill_exactly(fp32_export):
-    """prefill(S tokens) + decode(token S+1 with the presents as past) == prefill(S+1 tokens), last position."""
-    prefill, decode = session(onnx.load(str(fp32_export / "prefill.onnx"))), None
-    decode = session(onnx.load(str(fp32_export / "decode.onnx")))
+    """lm(S tokens) then lm(token S+1, the presents as past) == lm(S+1 tokens): logits and the whole cache."""
+    lm = session(onnx.load(str(fp32_export / "lm.onnx")))
+    names = [o.name for o in lm.get_outputs()]
     rng = np.random.default_rng(5)
     emb = (rng.standard_normal((1, 12, 128)) * 0.5).astype(np.float32)
+    empty = {i.name: np.zeros((1, 4, 512, 32), np.float32) for i in lm.get_inputs() if i.name.startswith("past.")}
 
-    def feed(e, past=0):
-        n = e.shape[1]
-        return {"inputs_embeds": e, "attention_mask": np.ones((1, past + n), np.int64),
-                "position_ids": np.arange(past, past + n, dtype=np.int64)[None]}
+    def run(e, past, length):
+        out = dict(zip(names, lm.run(None, {"inputs_embeds": e, "attention_mask": np.ones((1, length), np.int64),
+                                            **past})))
+        return out, {f"past.{k[len('present.'):]}": v for k, v in out.items() if k.startswith("present.")}
 
-    full = dict(zip([o.name for o in prefill.get_outputs()], prefill.run(None, feed(emb))))
-    part = dict(zip([o.name for o in prefill.get_outputs()], prefill.run(None, feed(emb[:, :11]))))
-    past = {f"past.{k[len('present.'):]}": v for k, v in part.items() if k.startswith("present.")}
-    step = dict(zip([o.name for o in decode.get_outputs()], decode.run(None, {**feed(emb[:, 11:], 11), **past})))
-    assert_close(step["logits"][:, 0], full["logits"][:, -1], "fp32", "decode logits vs prefill")
+    full, _ = run(emb, empty, 12)
+    _, past = run(emb[:, :11], empty, 11)
+    assert not np.any(past["past.0.key"][:, :, 11:]), "slots past the prompt must stay untouched"
+    step, _ = run(emb[:, 11:], past, 12)
+    assert_close(step["logits"], full["logits"], "fp32", "decode logits vs prefill")
     assert_close(step["present.1.value"], full["present.1.value"], "fp32", "decode present vs prefill")
 
 
@@ -159,7 +164,7 @@ def test_other_families_precisions_and_attention_modes(tmp_path, preset, precisi
     if "no_output" in checks:
         assert checks["no_output"] not in _names(manifest["graphs"]["vision"]["outputs"])
     if "no_input" in checks:
-        assert checks["no_input"] not in _names(manifest["graphs"]["prefill"]["inputs"])
+        assert checks["no_input"] not in _names(manifest["graphs"]["lm"]["inputs"])
         assert manifest["model_info"]["position_ids"] is False
 
 
@@ -186,7 +191,7 @@ def test_meta_device_random_model_is_complete():
     rotary = model.model.language_model.rotary_emb
     fresh = type(rotary)(rotary.config)
     torch.testing.assert_close(rotary.inv_freq, fresh.inv_freq)
-    ids = torch.tensor(models.encode_prompt(spec, "USER: <image>\nhi ASSISTANT:"))[None]
+    ids = torch.tensor([[models.BOS_ID, 5, 6] + [spec.image_token_id] * spec.num_image_tokens + [7, 8]])
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56)).logits
     assert torch.isfinite(logits).all() and logits.std() > 0

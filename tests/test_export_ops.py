@@ -161,8 +161,9 @@ def test_schemas_and_checker_accept_a_vlmx_model():
     onnx.checker.check_model(model, full_check=True)
 
 
-def test_two_variants_get_overloads_and_both_run():
-    """Two FlashAttention nodes with different attributes: one function per variant, same domain and name."""
+def test_two_variants_get_their_own_function_names_and_both_run():
+    """Two FlashAttention nodes with different attributes: one function per variant, named per variant (node
+    op_type = function name, no overloads: TensorRT's parser ignores them)."""
     from onnx import TensorProto, helper
 
     op = OPS["FlashAttention"]
@@ -174,8 +175,11 @@ def test_two_variants_get_overloads_and_both_run():
                           [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 5, 16])])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("vlmx", 1)])
     attach_functions(model)
-    assert sorted((f.name, f.overload) for f in model.functions) == [("FlashAttention", "v0"),
-                                                                     ("FlashAttention", "v1")]
+    assert sorted((f.name, f.overload) for f in model.functions) == [("FlashAttention", ""),
+                                                                     ("FlashAttention_v1", "")]
+    assert [n.op_type for n in model.graph.node] == ["FlashAttention", "FlashAttention_v1"]
+    assert domain.ops_used(model) == ["FlashAttention"]
+    onnx.checker.check_model(model, full_check=True)
     attach_functions(model)  # idempotent
     assert len(model.functions) == 2
     x = _randn(2, 5, 16)
@@ -184,7 +188,7 @@ def test_two_variants_get_overloads_and_both_run():
     ref = R.flash_attention(y, y, y, num_heads=4, head_dim=4, causal=1)
     assert_close(z, ref.numpy(), "fp32_exact_math", "two FlashAttention variants")
     strip_vlmx_functions(model)
-    assert not model.functions and all(not n.overload for n in model.graph.node)
+    assert not model.functions and [n.op_type for n in model.graph.node] == ["FlashAttention"] * 2
 
 
 class _AllOps(torch.nn.Module):

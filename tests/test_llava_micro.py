@@ -31,8 +31,51 @@ def test_preset_is_llava_with_a_dinov2_tower():
     assert cfg.vision_config.model_type == "dinov2" and cfg.text_config.num_key_value_heads == 3
     assert cfg.text_config.tie_word_embeddings and cfg.text_config.rope_parameters["rope_theta"] == 100000.0
     assert family_for(spec).name == "llava-dinov2"
-    pv = models.make_processor(spec)(images=np.full((168, 168, 3), 128, np.uint8), return_tensors="np")
-    assert pv["pixel_values"].shape == (1, 3, 168, 168)
+
+
+@pytest.fixture(scope="module")
+def micro_processor(tmp_path_factory):
+    """The runtime Processor over the processor files vlm-export writes for llava-micro (SmolLM2's tokenizer)."""
+    from vlmx.export.processor_files import write_processor_files
+    from vlmx.torch_ref import real_weights
+    from vlmx.trt_runtime.processor import Processor
+
+    why = real_weights.available("smollm2")
+    if why:
+        pytest.skip(f"no SmolLM2 tokenizer: {why}")
+    out = tmp_path_factory.mktemp("micro-processor")
+    info = write_processor_files(out, models.get_preset("llava-micro"))
+    return Processor.from_dir(out), out, info
+
+
+def test_export_processor_files_carry_smollm2_tokenizer_unchanged(micro_processor):
+    from vlmx.export.processor_files import check_checkpoint_files
+
+    proc, out, info = micro_processor
+    spec = models.get_preset("llava-micro")
+    assert info["source"] == "preset" and "tokenizer.json" in info["files"]
+    assert (out / "tokenizer.json").read_text() == llava_micro.tokenizer().backend_tokenizer.to_str()
+    check_checkpoint_files(out, models.make_config(spec))  # the checkpoint rule holds for the preset's own files
+    img = np.random.default_rng(0).integers(0, 256, (168, 168, 3), dtype=np.uint8)
+    px = proc.image_processor(img)
+    assert px.shape == (1, 3, 168, 168) and proc.num_image_tokens(px) == spec.num_image_tokens
+    assert proc.image_token_id == spec.image_token_id and proc.eos_token_ids == (spec.eos_token_id,)
+    text = proc.chat_prompt("Is there a small black dot?")
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+    prefix, suffix = proc.prompt_ids("Is there a small black dot?")
+    ids = proc(text, images=img)["input_ids"][0]
+    assert (ids == spec.image_token_id).sum() == 144
+    assert np.array_equal(ids, np.concatenate([prefix, [spec.image_token_id] * 144, suffix]))
+
+
+def test_training_prompts_are_the_export_prompts(micro_processor):
+    proc = micro_processor[0]
+    answers = train_projector.answer_tokens(proc)
+    for kind, words in make_vqa.ANSWERS.items():  # closed-set scoring needs distinct first tokens per kind
+        assert len({answers[w] for w in words}) == len(words), kind
+    eval_first = {w: int(proc.tokenizer.encode(w, add_special_tokens=False)[0]) for w in answers}
+    assert eval_first == answers
+    assert proc.decode([answers["yes"]]) == "yes"
 
 
 def test_dinov2_cls_attention_matches_eager_attention_probabilities():

@@ -9,12 +9,15 @@ import torch
 from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from stock_onnx import randomize
 from test_export_helpers import assert_close, run
 from vlmx.export.passes import cleanup, fuse_attention, fuse_qkv, run_passes
+from vlmx.torch_ref.op_table import op_for_type
 
 
 def _ops(model):
-    return [n.op_type for n in model.graph.node]
+    """Node op types, vlmx variant names (``<Op>_v<k>``) as their op."""
+    return [op_for_type(n.op_type).name if n.domain == "vlmx" else n.op_type for n in model.graph.node]
 
 
 def _init(name, arr):
@@ -161,7 +164,7 @@ def test_passes_fire_on_stock_transformers_clip_vision(tmp_path):
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                            image_size=56, patch_size=14, attn_implementation="eager")
-    model = CLIPVisionModel(cfg).eval()
+    model = randomize(CLIPVisionModel(cfg).eval())  # non-zero biases, non-unit norm scales
     px = torch.randn(2, 3, 56, 56)
     onnx_model = _export_stock(model, (px,), ["pixel_values"], tmp_path)
     assert not any(n.domain == "vlmx" for n in onnx_model.graph.node)
@@ -181,8 +184,8 @@ def test_passes_fire_on_stock_transformers_llama(tmp_path, kv_heads):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=kv_heads, vocab_size=64, attn_implementation="eager")
-    model = LlamaModel(cfg).eval()
+                      num_key_value_heads=kv_heads, vocab_size=64, attention_bias=True, attn_implementation="eager")
+    model = randomize(LlamaModel(cfg).eval())
 
     class Wrap(torch.nn.Module):
         def __init__(self):

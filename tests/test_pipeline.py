@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmx.export.cli import main as export_main
 from vlmx.torch_ref import models
 from vlmx.trt_runtime import compare, run_cli
 from vlmx.trt_runtime.artifacts import ArtifactError, load_artifacts
@@ -21,11 +20,9 @@ NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    """One fp32 llava-tiny export with vlmx plugin attention (ORT runs the vlmx function bodies)."""
-    out = tmp_path_factory.mktemp("artifacts") / "llava-tiny"
-    assert export_main(["--model", PRESET, "--precision", "fp32", "--out", str(out), "--quiet", "--seed", "3"]) == 0
-    return out
+def export_dir(tiny_export):
+    """The session's fp32 llava-tiny export with vlmx plugin attention (ORT runs the vlmx function bodies)."""
+    return tiny_export
 
 
 @pytest.fixture
@@ -104,14 +101,14 @@ def test_vlm_run_cli_prints_text_and_timings(export_dir, image_path, capsys):
                        "--keep", "0.5", "--max-new-tokens", "3"])
     out = capsys.readouterr().out
     assert rc == 0
-    for word in ("text:", "visual tokens kept: 8 of 16", "vision", "prefill", "time to first token", "tokens/s"):
+    for word in ("tokens:", "visual tokens kept: 8 of 16", "vision", "prefill", "time to first token", "tokens/s"):
         assert word in out
 
 
 def test_vlm_compare_passes_on_the_export(export_dir, capsys):
     res = compare.compare(export_dir)
     assert res["passed"] and res["threshold"] == 1e-5
-    assert {"vision", "prefill", "decode"} <= set(res["graphs"])
+    assert {"vision", "lm"} <= set(res["graphs"])
     errs = [e for g in res["graphs"].values() for r in g.values() for e in r.values()]
     assert errs and max(errs) <= 1e-5
     assert compare.main(["--artifacts", str(export_dir)]) == 0
@@ -157,8 +154,8 @@ def test_checksum_mismatch(export_dir, tmp_path, image_path, capsys):
     (d / "prune.onnx").write_bytes(bytes(data))
     assert _run(d, image_path) == 2
     assert "checksum mismatch" in capsys.readouterr().err
-    (d / "decode.onnx").unlink()
-    with pytest.raises(ArtifactError, match="decode.onnx is missing"):
+    (d / "lm.onnx").unlink()
+    with pytest.raises(ArtifactError, match="lm.onnx is missing"):
         load_artifacts(d)
 
 
@@ -184,11 +181,11 @@ def test_keep_budget_larger_than_visual_tokens(pipe, image_path):
         pipe.generate(image_path, PROMPT, keep=100, max_new_tokens=1)
 
 
-def test_cls_is_refused_without_a_cls_token(export_dir, tmp_path):
-    d = _copy(export_dir, tmp_path)
-    m = json.loads((d / "manifest.json").read_text())
+def test_cls_is_refused_without_a_cls_token(export_dir):
+    from vlmx.trt_runtime.artifacts import Artifacts
+
+    m = json.loads((export_dir / "manifest.json").read_text())
     m["graphs"]["vision"]["outputs"] = [o for o in m["graphs"]["vision"]["outputs"] if o["name"] != "cls_attention"]
     m["model_info"]["vision"] = "siglip"
-    (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(PipelineError, match="--prune cls needs a \\[CLS\\] token.*siglip.*use --prune text"):
-        VLMPipeline(d, prune="cls")
+        VLMPipeline(Artifacts(export_dir, m), prune="cls")

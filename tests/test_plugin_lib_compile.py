@@ -109,10 +109,12 @@ def host_check(tmp_path_factory):
     return run
 
 
-def _case(op, attrs, dtypes, shapes):
+def _case(op, attrs, dtypes, shapes, shape_inputs=()):
+    """One host-check line; ``shape_inputs``: values of the inputs TensorRT passes as shape inputs (GatherTopK keep)."""
     spec = ";".join(f"{k}={'i' if isinstance(v, int) else 'f' if isinstance(v, float) else 's'}:{v}"
                     for k, v in attrs.items())
-    return f"{op}|{spec}|{','.join(dtypes)}|{';'.join('x'.join(map(str, s)) for s in shapes)}"
+    return (f"{op}|{spec}|{','.join(dtypes)}|{';'.join('x'.join(map(str, s)) for s in shapes)}|"
+            f"{';'.join('x'.join(map(str, v)) for v in shape_inputs)}")
 
 
 def test_creators_match_op_table_names_versions_namespaces_and_fields(host_check):
@@ -145,15 +147,15 @@ SHAPE_CASES = [
      ["int8", "float", "float"], [[1, 33, 4096], [1, 33, 1], [1, 33, 1]]),
     ("TokenImportance", {"num_heads": 4, "num_kv_heads": 1, "head_dim": 64}, ["half", "half"],
      [(2, 6, 256), (2, 50, 64)], ["float"], [[2, 50]]),
-    ("GatherTopK", {}, ["half", "float", "int64"], [(2, 576, 4096), (2, 576), (1,)], ["half", "int64", "int64"],
-     [[2, -1, 4096], [2, -1], []]),
+    ("GatherTopK", {}, ["half", "float"], [(2, 576, 4096), (2, 576)], ["half", "int64"],
+     [[2, 144, 4096], [2, 144]], [(144,)]),
 ]
 
 
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=lambda c: c[0] + "-" + "x".join(map(str, c[3][0])))
 def test_output_types_shapes_and_serialization_round_trip(host_check, case):
-    op, attrs, dtypes, shapes, out_types, out_shapes = case
-    _, (res,), _ = host_check([_case(op, attrs, dtypes, shapes)])
+    op, attrs, dtypes, shapes, out_types, out_shapes, *shape_inputs = case
+    _, (res,), _ = host_check([_case(op, attrs, dtypes, shapes, *shape_inputs)])
     assert res["created"] and res["cloned"]
     assert res["types_rc"] == 0 and res["output_types"] == out_types
     assert res["shapes_rc"] == 0 and res["output_shapes"] == out_shapes
@@ -163,10 +165,10 @@ def test_output_types_shapes_and_serialization_round_trip(host_check, case):
     for name, kind, value in res["serialized"]:
         assert value == pytest.approx(full[name], rel=1e-6) if kind == "float" else value == full[name], name
     assert res["reserialized"] == res["serialized"]
+    assert res["size_tensors"] == []  # GatherTopK's kept count is a shape input, not a data-dependent size
     if op == "GatherTopK":
-        assert res["size_tensors"] == [{"output": 2, "opt": shapes[0][1], "upper": shapes[0][1]}]
         assert res["workspace"] == shapes[0][0] * shapes[0][1]  # topk_rank's int8 kept mask [B, N]
-    else:
+    elif op != "FlashAttention":
         assert res["workspace"] == 0
 
 
@@ -185,7 +187,7 @@ def test_output_types_shapes_and_serialization_round_trip(host_check, case):
      "must be \\[N, K\\] with K = 64"),
     (("TokenImportance", {"num_heads": 4, "head_dim": 64}, ["half", "half"], [(2, 6, 256), (2, 50, 64)]),
      "do not match num_heads, num_kv_heads, head_dim"),
-    (("GatherTopK", {}, ["half", "float", "int64"], [(2, 576, 64), (2, 575), (1,)]), "must be \\[B, N\\] of x"),
+    (("GatherTopK", {}, ["half", "float"], [(2, 576, 64), (2, 575)], [(4,)]), "must be \\[B, N\\] of x"),
 ])
 def test_runtime_shape_checks_refuse_inconsistent_shapes(host_check, case, problem):
     import re
@@ -194,8 +196,15 @@ def test_runtime_shape_checks_refuse_inconsistent_shapes(host_check, case, probl
     assert res["shape_check"] == -1 and re.search(problem, err), err
 
 
+def test_gather_topk_refuses_keep_as_a_device_tensor(host_check):
+    """keep must reach the plugin as a shape input; a node without tensorrt_plugin_shape_input_indices is refused
+    at build time with what to do."""
+    _, (res,), err = host_check([_case("GatherTopK", {}, ["half", "float", "int64"], [(1, 10, 8), (1, 10), (1,)])])
+    assert res["shapes_rc"] == -1 and "tensorrt_plugin_shape_input_indices" in err, err
+
+
 def test_consistent_shapes_pass_the_runtime_check(host_check):
-    _, results, err = host_check([_case(*c[:4]) for c in SHAPE_CASES])
+    _, results, err = host_check([_case(*c[:4], *c[6:]) for c in SHAPE_CASES])
     assert [r["shape_check"] for r in results] == [0] * len(SHAPE_CASES), err
     assert [r["configure_rc"] for r in results] == [0] * len(SHAPE_CASES), err
 
@@ -243,10 +252,10 @@ def test_triton_ops_accept_the_dtypes_their_manifest_provides(host_check, tmp_pa
     _, (fp16, fp32), err = host_check([case, case32], manifest=m)
     assert fp16["formats"] == [True, True, True]
     assert fp32["formats"][0] is False and "quantize_per_token for float32" in err
-    gather = _case("GatherTopK", {}, ["half", "float", "int64"], [(1, 10, 8), (1, 10), (1,)])
+    gather = _case("GatherTopK", {}, ["half", "float"], [(1, 10, 8), (1, 10)], [(4,)])
     m = _manifest(tmp_path / "m2.json", [("gather_rows", "float16"), ("topk_rank", "float32"), ("topk_compact", None)])
     _, (ok,), _ = host_check([gather], manifest=m)
-    assert ok["formats"] == [True] * 6
+    assert ok["formats"] == [True] * 4
 
 
 def test_bad_manifest_is_reported_with_its_path(host_check, tmp_path):
@@ -339,9 +348,9 @@ def test_cpp_loader_selects_the_same_specialisation_as_the_python_loader(real_ma
 def test_real_manifest_enables_gather_topk_and_quantize(host_check, real_manifest):
     _, (q16, q32, gather, gelu), err = host_check([
         _case("QuantizePerToken", {}, ["half"], [(4, 64)]), _case("QuantizePerToken", {}, ["float"], [(4, 64)]),
-        _case("GatherTopK", {}, ["half", "float", "int64"], [(1, 10, 8), (1, 10), (1,)]),
+        _case("GatherTopK", {}, ["half", "float"], [(1, 10, 8), (1, 10)], [(4,)]),
         _case("GeluQuant", {}, ["half"], [(4, 64)])], manifest=real_manifest)
-    assert q16["formats"] == q32["formats"] == [True, True, True] and gather["formats"] == [True] * 6
+    assert q16["formats"] == q32["formats"] == [True, True, True] and gather["formats"] == [True] * 4
     assert gelu["formats"][0] is False and "gelu_quant for float16 is not in" in err  # not compiled into it
 
 

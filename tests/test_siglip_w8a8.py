@@ -242,7 +242,9 @@ def test_export_dynamic_batch_and_sequence():
     before = qenc.buffer.allocations, qenc.buffer.quantized_scale_buffer.clone()
     x = torch.randn(2, 24, 128, generator=torch.Generator().manual_seed(17))
     ep = torch.export.export(qenc, (x,), dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},))
-    assert qenc.buffer.allocations == before[0] and torch.equal(qenc.buffer.quantized_scale_buffer, before[1])
+    # Bitwise: the scale buffer is allocated uninitialised and may hold NaN patterns, which torch.equal calls unequal.
+    assert qenc.buffer.allocations == before[0] and torch.equal(qenc.buffer.quantized_scale_buffer.view(torch.int32),
+                                                               before[1].view(torch.int32))
     nodes = [n for n in ep.graph.nodes if n.op == "call_function" and str(n.target).startswith("vlmx.")]
     found = {str(n.target).split(".")[1] for n in nodes}
     print("vlmx ops in the exported graph:", sorted(found), len(nodes), "nodes")

@@ -17,7 +17,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from vlmx.trt_runtime import build_cli
-from vlmx.trt_runtime.artifacts import REQUIRED_GRAPHS
+from vlmx.torch_ref.contract import GRAPH_NAMES as REQUIRED_GRAPHS
 from vlmx.trt_runtime.engine_build import EngineBuildError, build_engines, resolve_target_sm
 from vlmx.trt_runtime.trt_import import TensorRTUnavailable, import_tensorrt
 
@@ -75,27 +75,63 @@ def vlmx_graph(with_body: bool):
                   functions=[fn] if with_body else [], opset=17)
 
 
+#: model_info of the synthetic export: one LM layer, no [CLS], no position ids (fixes the declared graph I/O).
+SYNTHETIC_INFO = {"vision": "synthetic", "language": "synthetic", "num_layers": 1, "num_image_tokens": 16,
+                  "has_cls": False, "position_ids": False}
+
+
+def conform(model, graph: str):
+    """Give a one-input/one-output synthetic graph (x -> y) the I/O the export contract declares for ``graph``:
+    x and y take the first declared names; further declared inputs are small static tensors echoed (or summed) into
+    the further declared outputs, which are otherwise copies of y."""
+    from vlmx.torch_ref.contract import declared_io
+
+    ins, outs = declared_io(graph, SYNTHETIC_INFO)
+    g = model.graph
+    rename = {"x": ins[0], "y": outs[0]}
+    for node in g.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    g.input[0].name, g.output[0].name = ins[0], outs[0]
+    extra_in, extra_out = ins[1:], outs[1:]
+    for n in extra_in:
+        g.input.append(_io(n, [1, 4]))
+    for j, n in enumerate(extra_out):
+        src = extra_in[j:] if j == len(extra_out) - 1 else extra_in[j:j + 1]
+        g.node.append(oh.make_node("Sum", src, [n]) if src else oh.make_node("Identity", [outs[0]], [n]))
+        g.output.append(_io(n, [1, 4]) if src else oh.ValueInfoProto(name=n, type=g.output[0].type))
+    if extra_in and not extra_out:  # fold the unpaired inputs into the output
+        core = outs[0] + "_core"
+        for node in g.node:
+            node.output[:] = [core if o == outs[0] else o for o in node.output]
+        g.node.append(oh.make_node("Concat", extra_in, ["extra"], axis=-1))
+        g.node.append(oh.make_node("ReduceSum", ["extra"], ["extra_sum"], keepdims=0))
+        g.node.append(oh.make_node("Add", [core, "extra_sum"], [outs[0]]))
+    onnx.checker.check_model(model)
+    return model
+
+
 def make_export(root, graphs: dict | None = None, profile_max=32, drop_profile_of=None):
-    """An export directory following the artifact contract, with the given {graph: ModelProto}."""
+    """An export directory following the artifact contract, with the given {graph: ModelProto} (x -> y graphs,
+    renamed to the declared I/O by :func:`conform`), written through the contract's own manifest writer."""
+    from vlmx.torch_ref.contract import GRAPH_NAMES, declared_io, graph_entry, write_manifest
+
     graphs = dict(graphs or {})
-    defaults = {"vision": attention_graph(), "prefill": attention_graph()}
-    for i, g in enumerate(REQUIRED_GRAPHS):
+    defaults = {"vision": attention_graph(), "lm": attention_graph()}
+    for i, g in enumerate(GRAPH_NAMES):
         graphs.setdefault(g, defaults.get(g) or matmul_softmax_graph(i))
     root.mkdir(parents=True, exist_ok=True)
-    entries, files = {}, {}
+    entries = {}
     for g, model in graphs.items():
         path = root / f"{g}.onnx"
-        onnx.save(model, str(path))
-        data = path.read_bytes()
-        files[path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        prof = {"x": {"min": [1, 1, HIDDEN], "opt": [1, 8, HIDDEN], "max": [2, profile_max, HIDDEN]}}
-        entries[g] = {"file": path.name, "inputs": [{"name": "x", "shape": ["b", "s", HIDDEN], "dtype": "float16"}],
-                      "outputs": [], "dynamic_axes": {"x": {"0": "b", "1": "s"}},
-                      "profile": {} if g == drop_profile_of else prof}
-    manifest = {"format": "vlmx-export", "format_version": 1, "model": "synthetic", "checkpoint": None,
-                "target": "trt-sm75", "sm": 75, "precision": "fp16", "attention": "native", "opset": 23,
-                "ops_used": [], "model_info": {"num_image_tokens": 16}, "graphs": entries, "files": files}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+        onnx.save(conform(model, g), str(path))
+        first = declared_io(g, SYNTHETIC_INFO)[0][0]
+        prof = {first: {"min": [1, 1, HIDDEN], "opt": [1, 8, HIDDEN], "max": [2, profile_max, HIDDEN]}}
+        entries[g] = graph_entry(path, {first: {0: "b", 1: "s"}}, {} if g == drop_profile_of else prof)
+    write_manifest(root, {"model": "synthetic", "checkpoint": None, "target": "trt-sm75", "sm": 75,
+                          "precision": "fp16", "attention": "native", "opset": 23, "keep": 1.0, "prune": "text",
+                          "seed": 0, "plugins_only": False, "ops_used": [], "model_info": SYNTHETIC_INFO,
+                          "graphs": entries, "reference": None, "report": None, "notes": []})
     return root
 
 
@@ -143,7 +179,7 @@ def test_vlmx_nodes_with_function_bodies_are_inlined_and_bare_ones_refused(tmp_p
 @needs_rtx
 def test_refusals_name_the_problem(tmp_path):
     export = make_export(tmp_path / "e", drop_profile_of="embed")
-    with pytest.raises(EngineBuildError, match="input x has dynamic shape .* no profile"):
+    with pytest.raises(EngineBuildError, match="input input_ids has dynamic shape .* no profile"):
         build_engines(export, backend="tensorrt-rtx", graphs=["embed"], progress=False)
     with pytest.raises(EngineBuildError, match="cannot target sm_90"):
         build_engines(export, backend="tensorrt-rtx", graphs=["vision"], target="sm90", progress=False)

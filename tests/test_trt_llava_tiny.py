@@ -45,8 +45,11 @@ def test_llava_tiny_export_builds_for_sm75_with_tensorrt_rtx(tmp_path, attention
         for line in entry["layers"]:
             print("   ", line[:200])
         assert entry["bytes"] > 0 and entry["layers"], graph
-    vision, prefill = meta["engines"]["vision"], meta["engines"]["prefill"]
-    native_attention = [ln for ln in vision["network_layers"] + prefill["network_layers"] if "[ATTENTION_" in ln]
+    vision, lm = meta["engines"]["vision"], meta["engines"]["lm"]
+    native_attention = [ln for ln in vision["network_layers"] + lm["network_layers"] if "[ATTENTION_" in ln]
+    # one LM engine for prefill and decode: two optimization profiles, the cache written by KV_CACHE_UPDATE layers
+    assert lm["profiles"] == ["prefill", "decode"]
+    assert sum("[KV_CACHE_UPDATE]" in ln for ln in lm["network_layers"]) == 2 * manifest["model_info"]["num_layers"]
     if attention == "native":  # the ONNX Attention op maps to TensorRT's attention layer
         assert native_attention
     else:

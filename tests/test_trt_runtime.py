@@ -103,8 +103,38 @@ def test_tensorrt_runner_dynamic_shapes_vs_numpy(tmp_path, batch, seq):
     ref = np.exp(t - t.max(-1, keepdims=True))
     ref /= ref.sum(-1, keepdims=True)
     with TensorRTRunner(paths["embed"]) as runner:
-        out = runner.infer({"x": x})["y"]
-        out_t = runner.infer({"x": torch.from_numpy(x).cuda()})["y"]
+        out = runner.infer({"input_ids": x})["inputs_embeds"]
+        out_t = runner.infer({"input_ids": torch.from_numpy(x).cuda()})["inputs_embeds"]
     err = rel_err(out, ref)
     print(f"TensorRT embed [{batch},{seq}]: rel err {err:.2e}")
     assert err < FP16_TOL and np.array_equal(out, out_t)
+
+
+def test_vlm_compare_registers_the_engines_plugin_library_before_deserializing(tmp_path, monkeypatch):
+    """vlm-compare's TensorRT runner: the library recorded in engines.json goes into TensorRT's plugin registry
+    (load_library, which calls getCreators) before polygraphy deserializes the plan."""
+    import types
+
+    pytest.importorskip("polygraphy.backend.trt")
+    from vlmx.trt_runtime import compare, trt_backend, trt_import
+
+    lib = tmp_path / "libvlmx_trt_plugins.so"
+    lib.write_bytes(b"\0")
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "vision.plan").write_bytes(b"plan")
+    (tmp_path / "engines" / "engines.json").write_text(json.dumps({**META, "plugin_lib": {"path": str(lib)}}))
+    loaded = []
+    registry = types.SimpleNamespace(load_library=lambda p: loaded.append(p) or object())
+    fake = trt_import.TensorRT(types.SimpleNamespace(get_plugin_registry=lambda: registry, __version__="10.16.0.1"),
+                               "tensorrt")
+    monkeypatch.setattr(trt_import, "import_tensorrt", lambda backend="auto": fake)
+    art = types.SimpleNamespace(root=tmp_path, graph_path=lambda g: tmp_path / f"{g}.onnx")
+    monkeypatch.setattr("polygraphy.backend.onnxrt.SessionFromOnnx", lambda *a, **k: None)
+    runners = compare.polygraphy_runners(art, "vision", with_tensorrt=True)
+    assert loaded == [str(lib)] and [r.name for r in runners] == ["onnxruntime:vision", "tensorrt:vision"]
+    lib.unlink()
+    with pytest.raises(FileNotFoundError, match="pass --plugin-lib or rebuild"):
+        compare.polygraphy_runners(art, "vision", with_tensorrt=True)
+    rtx = trt_import.TensorRT(fake.module, "tensorrt-rtx")
+    with pytest.raises(EngineMismatch, match="TensorRT-RTX cannot load plugin libraries"):
+        trt_backend.load_plugin_library(rtx, registry, lib)

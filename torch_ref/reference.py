@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .alibi import alibi_bias
+from .alibi import alibi_bias, gen_slopes
 from .op_table import QMAX, QUANT_EPS
 
 
@@ -113,26 +113,35 @@ def split_heads(q, k, v, num_heads: int, num_kv_heads: int, head_dim: int, layou
     raise ValueError(f"unknown attention layout {layout!r}")
 
 
-def attention_mask(sq: int, sk: int, causal: bool, window: int, device=None) -> torch.Tensor | None:
-    """Boolean [Sq, Sk] of allowed positions (bottom-right aligned), or None when everything is allowed."""
-    if not causal and window < 0:
+def attention_mask(sq: int, sk: int, causal: bool, window: int, device=None, kv_len=None) -> torch.Tensor | None:
+    """Boolean [Sq, Sk] (or [B, 1, Sq, Sk] with ``kv_len``) of allowed positions, bottom-right aligned to the valid
+    length L (``kv_len[b]``, else Sk); None when everything is allowed."""
+    if kv_len is None and not causal and window < 0:
         return None
-    i = torch.arange(sq, device=device).view(-1, 1) + (sk - sq)
     j = torch.arange(sk, device=device).view(1, -1)
-    allowed = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if kv_len is None:
+        i = torch.arange(sq, device=device).view(-1, 1) + (sk - sq)
+        allowed = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    else:
+        length = kv_len.to(device=device, dtype=torch.int64).view(-1, 1, 1, 1)
+        i = torch.arange(sq, device=device).view(1, 1, -1, 1) + (length - sq)
+        allowed = j.view(1, 1, 1, -1) < length
     if causal:
-        allowed &= j <= i
+        allowed = allowed & (j <= i)
     if window >= 0:
-        allowed &= j > i - window
+        allowed = allowed & (j > i - window)
     return allowed
 
 
-def flash_attention(q, k=None, v=None, bias=None, num_heads=1, num_kv_heads=0, head_dim=64, scale=0.0, causal=0,
-                    window=-1, alibi=0, alibi_bias_max=8, layout="bsd"):
-    """vlmx::flash_attention reference (fp32 math). Fully masked rows give zeros, never NaN."""
+def flash_attention(q, k=None, v=None, bias=None, kv_len=None, num_heads=1, num_kv_heads=0, head_dim=64, scale=0.0,
+                    causal=0, window=-1, alibi=0, alibi_bias_max=8, layout="bsd"):
+    """vlmx::flash_attention reference (fp32 math). Fully masked rows give zeros, never NaN. ``kv_len`` [B]: only
+    the first kv_len[b] keys of a fixed-size cache count; causal/ALiBi align to kv_len[b]."""
     hkv = num_kv_heads or num_heads
     if num_heads % hkv:
         raise ValueError(f"num_kv_heads={hkv} must divide num_heads={num_heads}")
+    if kv_len is not None and layout == "packed":
+        raise ValueError("kv_len needs separate k/v (a KV cache); the packed layout has none")
     qh, kh, vh = split_heads(q, k, v, num_heads, hkv, head_dim, layout)
     b, _, sq, _ = qh.shape
     sk = kh.shape[2]
@@ -141,10 +150,15 @@ def flash_attention(q, k=None, v=None, bias=None, num_heads=1, num_kv_heads=0, h
     vf = vh.float().repeat_interleave(rep, dim=1)
     s = torch.matmul(qh.float(), kf.transpose(-1, -2)) * (scale or head_dim ** -0.5)
     if alibi:
-        s = s + alibi_bias(num_heads, sk, alibi_bias_max, device=q.device)
+        if kv_len is None:
+            s = s + alibi_bias(num_heads, sk, alibi_bias_max, device=q.device)
+        else:  # slope_h * (j - (L_b - 1)), per row
+            j = torch.arange(sk, dtype=torch.float32, device=q.device).view(1, 1, 1, sk)
+            last = kv_len.to(device=q.device, dtype=torch.float32).view(-1, 1, 1, 1) - 1
+            s = s + (j - last) * gen_slopes(num_heads, alibi_bias_max, device=q.device)
     if bias is not None:
         s = s + bias.float()
-    allowed = attention_mask(sq, sk, bool(causal), window, device=q.device)
+    allowed = attention_mask(sq, sk, bool(causal), window, device=q.device, kv_len=kv_len)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)

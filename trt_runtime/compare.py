@@ -7,28 +7,20 @@ verdict per output is the relative error ‖out − ref‖ / ‖ref‖ against t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
 from collections import OrderedDict
 
 import numpy as np
 
+from vlmx.torch_ref.contract import THRESHOLDS, relative_error
+from vlmx.torch_ref.outdir import run_cli
+
 from .artifacts import ArtifactError, load_artifacts
 
-#: Relative-error thresholds per export precision (the accuracy contract of vlm-export).
-THRESHOLDS = {"fp32": 1e-5, "fp16": 1e-3, "w8a8": 3e-2}
 REFERENCE_RUNNER = "torch-reference"
-
-
-def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """‖out − ref‖₂ / ‖ref‖₂ in float64 (0 when both are zero; inf on a shape mismatch or non-finite output)."""
-    out = np.asarray(out, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if out.shape != ref.shape or not np.all(np.isfinite(out)):
-        return float("inf")
-    denom = np.linalg.norm(ref)
-    diff = np.linalg.norm(out - ref)
-    return float(diff / denom) if denom > 0 else float(diff)
 
 
 def load_reference(art) -> dict[str, dict[str, dict[str, np.ndarray]]]:
@@ -64,15 +56,39 @@ def _relative_compare(threshold: float, errors: dict):
     return compare
 
 
-def tensorrt_importable() -> bool:
+def tensorrt_importable(quiet: bool = False) -> bool:
     """Whether TensorRT (with polygraphy's TensorRT backend) can run here; says so once when it cannot."""
     try:
         import polygraphy.backend.trt  # noqa: F401
         import tensorrt  # noqa: F401
     except ImportError:
-        print("vlm-compare: TensorRT is not importable here; comparing ONNX Runtime only", file=sys.stderr)
+        if not quiet:
+            print("vlm-compare: TensorRT is not importable here; comparing ONNX Runtime only", file=sys.stderr)
         return False
     return True
+
+
+def check_threshold(value: float) -> float:
+    """A relative-error threshold must be a finite number > 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise ArtifactError(f"--threshold {value} must be a finite relative error > 0, e.g. 1e-3")
+    return value
+
+
+@contextlib.contextmanager
+def _quiet_polygraphy(verbose: bool):
+    """polygraphy logs every runner and comparison (~125 lines); keep only errors unless ``verbose``, and never on
+    stdout (``--json`` owns it)."""
+    from polygraphy.logger import G_LOGGER
+
+    old = G_LOGGER.module_severity
+    if not verbose:
+        G_LOGGER.module_severity = G_LOGGER.ERROR
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        G_LOGGER.module_severity = old
 
 
 def polygraphy_runners(art, graph: str, with_tensorrt: bool):
@@ -85,20 +101,38 @@ def polygraphy_runners(art, graph: str, with_tensorrt: bool):
     if with_tensorrt and engine.is_file():
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
+        from .trt_backend import engine_plugin_library, load_plugin_library, read_engines_json
+        from .trt_import import import_tensorrt
+
+        lib = engine_plugin_library(engine)
+        if lib:  # the vlmx creators must be registered before the plan deserializes
+            trt = import_tensorrt((read_engines_json(engine) or {}).get("backend", "auto"))
+            load_plugin_library(trt, trt.module.get_plugin_registry(), lib)
         runners.append(TrtRunner(EngineFromBytes(engine.read_bytes()), name=f"tensorrt:{graph}"))
     return runners
 
 
-def compare(directory, backends=("onnxruntime", "tensorrt"), threshold: float | None = None) -> dict:
+def compare(directory, backends=("onnxruntime", "tensorrt"), threshold: float | None = None, verify: bool = False,
+            verbose: bool = False) -> dict:
     """Run every referenced graph through polygraphy; returns ``{graph: {runner: {output: rel_err}}, passed}``."""
+    from .ort_backend import PLUGINS_ONLY_REFUSAL
+
+    art = load_artifacts(directory, verify=verify)
+    if art.manifest.get("plugins_only"):
+        raise ArtifactError(f"{art.root} {PLUGINS_ONLY_REFUSAL}")
+    precision = art.manifest["precision"]
+    thr = THRESHOLDS[precision] if threshold is None else check_threshold(threshold)
+    with _quiet_polygraphy(verbose):
+        results, passed = _compare(art, load_reference(art), thr, "tensorrt" in backends and
+                                   tensorrt_importable(quiet=not verbose))
+    return {"precision": precision, "threshold": thr, "graphs": results, "passed": passed}
+
+
+def _compare(art, references: dict, thr: float, with_tensorrt: bool):
     from polygraphy.comparator import Comparator, IterationResult
 
-    art = load_artifacts(directory)
-    precision = art.manifest.get("precision", "fp16")
-    thr = THRESHOLDS.get(precision, 1e-3) if threshold is None else threshold
     results, passed = {}, True
-    with_tensorrt = "tensorrt" in backends and tensorrt_importable()
-    for graph, ref in load_reference(art).items():
+    for graph, ref in references.items():
         run_results = Comparator.run(polygraphy_runners(art, graph, with_tensorrt), data_loader=[ref["inputs"]])
         run_results.append((REFERENCE_RUNNER, [IterationResult(ref["outputs"], runner_name=REFERENCE_RUNNER)]))
         results[graph] = {}
@@ -109,22 +143,29 @@ def compare(directory, backends=("onnxruntime", "tensorrt"), threshold: float | 
                                               compare_func=_relative_compare(thr, errors))
             results[graph][runner_name] = errors
             passed &= bool(acc) and bool(errors)
-    return {"precision": precision, "threshold": thr, "graphs": results, "passed": passed}
+    return results, passed
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vlm-compare", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlm-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", required=True, help="directory written by vlm-export --out")
-    p.add_argument("--threshold", type=float, default=None, help="relative-error threshold (default by precision)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = p.parse_args(argv)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="relative-error threshold, a finite number > 0 (default: the export precision's: "
+                        + ", ".join(f"{k} {v:g}" for k, v in THRESHOLDS.items()) + ")")
+    p.add_argument("--json", action="store_true", help="print only the result as JSON on stdout")
+    p.add_argument("--verify", action="store_true", help="re-hash every file of the export (default: size + mtime)")
+    p.add_argument("--verbose", action="store_true", help="show polygraphy's log and library warnings")
+    return p
+
+
+def _main(args) -> int:
     try:
-        res = compare(args.artifacts, threshold=args.threshold)
+        res = compare(args.artifacts, threshold=args.threshold, verify=args.verify, verbose=args.verbose)
     except ArtifactError as e:
         print(f"vlm-compare: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps(_finite(res), indent=2, allow_nan=False))
     else:
         for graph, runners in res["graphs"].items():
             for runner, errs in runners.items():
@@ -133,6 +174,20 @@ def main(argv=None) -> int:
                     print(f"{flag} {runner:28s} {name:24s} rel err {err:.3e} (threshold {res['threshold']:.0e})")
         print("vlm-compare:", "PASSED" if res["passed"] else "FAILED")
     return 0 if res["passed"] else 1
+
+
+def _finite(value):
+    """JSON has no inf/nan: a non-finite error (shape mismatch, non-finite output) becomes null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("vlm-compare", lambda: _main(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,21 @@ on), a timing cache, and build progress. Writes ``<out>/<graph>.plan`` and ``<ou
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from vlmx.torch_ref.op_table import DOMAIN
 from vlmx.torch_ref.targets import get_target
 
-from .artifacts import load_artifacts, sha256_file
+from vlmx.torch_ref.contract import sha256_file
+from vlmx.torch_ref.outdir import atomic_output, check_out
+
+from .artifacts import load_artifacts
 from .trt_import import TensorRT, import_tensorrt
 
 ENGINES_FORMAT = "vlmx-engines"
@@ -59,6 +62,20 @@ def vlmx_nodes(onnx_path: Path) -> tuple[list[str], list[str]]:
         if node.domain == DOMAIN:
             (backed if (node.domain, node.op_type) in bodies else bare).append(f"{node.op_type}:{node.name}")
     return bare, backed
+
+
+def _plugin_copy(onnx_path: Path) -> Path:
+    """A copy of the graph with bare vlmx nodes named after their op (no bodies), next to the original so external
+    weights resolve: with a plugin library every node becomes our plugin, including variant nodes
+    (``FlashAttention_v1``: vlmx.export.functions), whose op_type names no creator."""
+    import onnx
+
+    from vlmx.export.functions import strip_vlmx_functions
+
+    model = strip_vlmx_functions(onnx.load(str(onnx_path), load_external_data=False))
+    out = onnx_path.with_name(f".{onnx_path.stem}.plugin-nodes.onnx")
+    onnx.save(model, str(out))
+    return out
 
 
 def _logger(trt, verbose: bool):
@@ -133,6 +150,15 @@ def _current_device():
     return None
 
 
+def _apply_profiles(trt, builder, config, network, entry: dict, graph: str, default_value: int) -> list[str]:
+    """One optimization profile per named profile of the graph entry (the LM graph: prefill, then decode), else
+    its single ``profile``. Returns the profile names in index order (the runner selects by index)."""
+    named = entry.get("profiles") or {"default": entry.get("profile") or {}}
+    for prof in named.values():
+        _apply_profile(trt, builder, config, network, prof, graph, default_value)
+    return list(named)
+
+
 def _apply_profile(trt, builder, config, network, profile: dict, graph: str, default_value: int):
     prof = builder.create_optimization_profile()
     for i in range(network.num_inputs):
@@ -151,10 +177,12 @@ def _apply_profile(trt, builder, config, network, profile: dict, graph: str, def
 
 def build_engine(trt: TensorRT, onnx_path, plan_path, profile: dict | None = None, plugin_lib=None,
                  timing_cache=None, target_sm: int = 75, graph: str | None = None, progress: bool = True,
-                 default_shape_value: int = 1) -> dict:
+                 default_shape_value: int = 1, profiles: dict | None = None) -> dict:
     """Parse ``onnx_path``, build one engine and write it to ``plan_path``; returns its engines.json entry.
 
-    The entry carries ``layers`` (the engine's layer lines from the builder log) and ``network_layers``.
+    ``profiles``: named optimization profiles of one engine (the LM graph's prefill and decode), else ``profile``.
+    The entry carries ``layers`` (the engine's layer lines from the builder log), ``network_layers`` and
+    ``profiles`` (profile names in index order).
     """
     mod = trt.module
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
@@ -184,7 +212,13 @@ def build_engine(trt: TensorRT, onnx_path, plan_path, profile: dict | None = Non
     override = getattr(getattr(mod, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
     if plugin_lib and override is not None:
         parser.set_flag(override)  # our creators win over the vlmx function bodies (DESIGN: precedence rule)
-    if not parser.parse_from_file(str(onnx_path)):
+    parse_path = _plugin_copy(onnx_path) if plugin_lib and backed else onnx_path
+    try:
+        parsed = parser.parse_from_file(str(parse_path))
+    finally:
+        if parse_path != onnx_path:
+            parse_path.unlink(missing_ok=True)
+    if not parsed:
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         hint = ""
         if trt.is_rtx and any("MatMulInteger" in e for e in errs):
@@ -204,7 +238,10 @@ def build_engine(trt: TensorRT, onnx_path, plan_path, profile: dict | None = Non
         config.set_compute_capability(member, 0)
     if any(any(d < 0 for d in network.get_input(i).shape) or network.get_input(i).is_shape_tensor
            for i in range(network.num_inputs)):
-        _apply_profile(mod, builder, config, network, profile or {}, label, default_shape_value)
+        profile_names = _apply_profiles(mod, builder, config, network, {"profile": profile, "profiles": profiles},
+                                        label, default_shape_value)
+    else:
+        profile_names = []
     cache = None
     if timing_cache is not None and not trt.is_rtx:  # TensorRT-RTX: timing caches are deprecated no-ops
         tc = Path(timing_cache)
@@ -226,21 +263,67 @@ def build_engine(trt: TensorRT, onnx_path, plan_path, profile: dict | None = Non
     return {"file": plan_path.name, "onnx": onnx_path.name, "onnx_sha256": sha256_file(onnx_path),
             "bytes": plan_path.stat().st_size, "sha256": sha256_file(plan_path), "build_seconds": round(seconds, 3),
             "vlmx_nodes": {"plugin_or_body": backed, "plugin_only": bare},
-            "layers": logger.engine_layers(), "network_layers": network_layers}
+            "layers": logger.engine_layers(), "network_layers": network_layers, "profiles": profile_names}
+
+
+ENGINES_DIR = "engines"
+
+
+def is_engines_dir(path) -> bool:
+    """Whether ``path`` holds engines written by vlm-build (an engines.json of our format)."""
+    try:
+        return json.loads((Path(path) / ENGINES_JSON).read_text()).get("format") == ENGINES_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_build_combination(trt: TensorRT, manifest: dict, sm: int, plugin_lib=None) -> None:
+    """Refuse, before any work, what this TensorRT flavour cannot build from an export with these fields
+    (``precision``, ``plugins_only``) for compute capability ``sm``."""
+    if not trt.is_rtx:
+        return
+    if manifest.get("precision") == "w8a8":
+        raise EngineBuildError("TensorRT-RTX cannot build --precision w8a8 exports: it cannot import MatMulInteger "
+                               "(the body of vlmx W8A8Linear) and loads no plugins; build with --backend tensorrt and "
+                               "the vlmx plugin library, or export with --precision fp16")
+    if manifest.get("plugins_only"):
+        raise EngineBuildError("TensorRT-RTX cannot build --plugins-only exports (bare vlmx nodes, and it has no plugin "
+                               "layers); re-export without --plugins-only or build with --backend tensorrt")
+    if plugin_lib:
+        raise EngineBuildError("TensorRT-RTX cannot load plugin libraries; drop --plugin-lib or use --backend tensorrt")
+    caps = getattr(trt.module, "ComputeCapability", None)
+    if caps is not None and getattr(caps, f"SM{sm}", None) is None:
+        names = [n for n in caps.__members__ if n.startswith("SM")]
+        raise EngineBuildError(f"TensorRT-RTX {trt.version} cannot target sm_{sm}; it offers {names}: export or "
+                               "build for one of those (--target), or use --backend tensorrt on an sm_"
+                               f"{sm} GPU")
 
 
 def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=None, timing_cache=None,
-                  target=None, graphs=None, progress: bool = True, verify_checksums: bool = True) -> dict[str, Path]:
+                  target=None, graphs=None, progress: bool = True, verify: bool = False, overwrite: bool = False,
+                  force: bool = False, card: str | None = None) -> dict[str, Path]:
     """Build one engine per graph of an export directory; returns {graph: plan path}.
 
     ``backend``: ``auto`` | ``tensorrt`` | ``tensorrt-rtx``. ``target``: compute capability (``trt-sm75``, 75;
     default: the export's). ``timing_cache``: a file read before and written after the builds (default
     ``<out>/timing.cache``; TensorRT only: TensorRT-RTX has none). Writes ``engines.json`` (TensorRT version,
-    device or target, plugin library sha256).
+    device or target, plugin library sha256). An existing engine directory is replaced only with ``overwrite``;
+    an export whose accuracy report failed is refused unless ``force``. ``card``: plan memory against this card
+    (:data:`memory_plan.CARDS`; default the target's usual card, e.g. a T4 for sm75) and refuse before building when
+    the model does not fit.
     """
-    art = load_artifacts(export_dir, verify_checksums=verify_checksums)
-    trt = import_tensorrt(backend)
+    from .memory_plan import check_build_memory
+
+    art = load_artifacts(export_dir, verify=verify)
+    art.refuse_failed_report(force)
+    names = list(graphs or art.manifest["graphs"])
+    unknown = [g for g in names if g not in art.manifest["graphs"]]
+    if unknown:
+        raise EngineBuildError(f"graphs {unknown} are not in the export; it has {sorted(art.manifest['graphs'])}")
     sm = resolve_target_sm(target, art.manifest)
+    check_build_memory(art.manifest, card, sm, verbose=progress)
+    trt = import_tensorrt(backend)
+    check_build_combination(trt, art.manifest, sm, plugin_lib)
     device = None if trt.is_rtx else _current_device()
     if not trt.is_rtx:
         if device is None:
@@ -251,27 +334,22 @@ def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=No
             raise EngineBuildError(f"TensorRT builds for this GPU ({device[0]}, sm_{device[1]}) but the target is "
                                    f"sm_{sm}; build on an sm_{sm} GPU, pass --target sm{device[1]}, or use "
                                    "--backend tensorrt-rtx")
-    final = Path(out_dir) if out_dir else art.root / "engines"
-    # Engines are built under a temporary name and renamed when every graph is done: no half-written directory.
-    out = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    if not trt.is_rtx and not timing_cache and (final / "timing.cache").is_file():
-        shutil.copy2(final / "timing.cache", out / "timing.cache")  # reuse the last build's tactics
-    cache = None if trt.is_rtx else Path(timing_cache) if timing_cache else out / "timing.cache"
-    try:
-        names = list(graphs or art.manifest["graphs"])
-        unknown = [g for g in names if g not in art.manifest["graphs"]]
-        if unknown:
-            raise EngineBuildError(f"graphs {unknown} are not in the export; it has {sorted(art.manifest['graphs'])}")
+    final = check_out(out_dir if out_dir else art.root / ENGINES_DIR, overwrite, is_engines_dir,
+                      "a vlm-build engine directory")
+    # Engines are built in a temporary directory renamed when every graph is done: no half-written directory.
+    recheck = partial(check_out, final, overwrite, is_engines_dir, "a vlm-build engine directory")
+    with atomic_output(final, recheck=recheck) as out:
+        if not trt.is_rtx and not timing_cache and (final / "timing.cache").is_file():
+            shutil.copy2(final / "timing.cache", out / "timing.cache")  # reuse the last build's tactics
+        cache = None if trt.is_rtx else Path(timing_cache) if timing_cache else out / "timing.cache"
         default_keep = int(art.info.get("num_image_tokens") or 1)
         entries, paths = {}, {}
         for g in names:
             if progress:
-                print(f"[vlm-build] {g}: {art.graph_path(g).name} -> {out / (g + '.plan')}", file=sys.stderr)
+                print(f"[vlm-build] {g}: {art.graph_path(g).name} -> {final / (g + '.plan')}", file=sys.stderr)
             entries[g] = build_engine(trt, art.graph_path(g), out / f"{g}.plan", art.graph(g).get("profile"),
-                                      plugin_lib, cache, sm, g, progress, default_keep)
-            paths[g] = out / f"{g}.plan"
+                                      plugin_lib, cache, sm, g, progress, default_keep, art.graph(g).get("profiles"))
+            paths[g] = final / f"{g}.plan"
         lib = Path(plugin_lib).resolve() if plugin_lib else None
         meta = {
             "format": ENGINES_FORMAT, "format_version": ENGINES_FORMAT_VERSION, "backend": trt.flavour,
@@ -279,17 +357,10 @@ def build_engines(export_dir, out_dir=None, backend: str = "auto", plugin_lib=No
             "built_on": {"device": device[0] if device else None, "sm": device[1] if device else None},
             "plugin_lib": {"path": str(lib), "sha256": sha256_file(lib)} if lib else None,
             "export": {"root": str(art.root.resolve()), "model": art.model,
-                       "manifest_sha256": sha256_file(art.root / "manifest.json")},
+                       "manifest_sha256": art.manifest["manifest_sha256"]},
             "timing_cache": (str(final / cache.name) if cache.parent == out else str(cache)) if cache else None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "engines": entries,
         }
         (out / ENGINES_JSON).write_text(json.dumps(meta, indent=1))
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(out, final)
-    paths = {g: final / p.name for g, p in paths.items()}
     return paths

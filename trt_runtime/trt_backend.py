@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import sha256_file
+from vlmx.torch_ref.contract import sha256_file
+
 from .engine_build import ENGINES_FORMAT, ENGINES_JSON
 from .runner import Runner
-from .trt_import import TensorRTUnavailable, import_tensorrt
+from .trt_import import TensorRT, TensorRTUnavailable, import_tensorrt
 
 
 class EngineMismatch(RuntimeError):
@@ -65,6 +66,28 @@ def _device():
     return 10 * major + minor, torch.cuda.get_device_name()
 
 
+def engine_plugin_library(engine_path, plugin_lib=None) -> str | None:
+    """The plugin library an engine needs: ``plugin_lib`` if given, else the one engines.json recorded (or None)."""
+    if plugin_lib:
+        return str(plugin_lib)
+    meta = read_engines_json(engine_path) or {}
+    return (meta.get("plugin_lib") or {}).get("path")
+
+
+def load_plugin_library(trt: TensorRT, registry, plugin_lib) -> None:
+    """Register the vlmx creators of ``plugin_lib`` in TensorRT's plugin registry (``load_library`` calls the
+    library's getCreators; polygraphy's ``LoadPlugins`` only dlopens, which registers no IPluginV3 creator), before
+    any engine that uses them is deserialized. Raises naming what is wrong and what to do."""
+    if not trt.has_plugins:
+        raise EngineMismatch(f"TensorRT-RTX cannot load plugin libraries; this engine needs {plugin_lib}: run it "
+                             "with TensorRT")
+    if not Path(plugin_lib).is_file():
+        raise FileNotFoundError(f"plugin library {plugin_lib} (recorded in engines.json) is missing; pass "
+                                "--plugin-lib or rebuild it with python -m vlmx.plugins.trt_build")
+    if registry.load_library(str(plugin_lib)) is None:
+        raise EngineMismatch(f"{trt.flavour} {trt.version} could not load the plugin library {plugin_lib}")
+
+
 class _CudaArray:
     """A device buffer given through ``__cuda_array_interface__`` (pointer, shape, dtype)."""
 
@@ -90,6 +113,7 @@ class TensorRTRunner(Runner):
         self.engine_path = Path(engine_path)
         self.plugin_lib = str(plugin_lib) if plugin_lib else None
         self.return_torch = return_torch
+        self.device_io = return_torch
         self.engine = self.context = self.trt = None
 
     def _activate(self):
@@ -101,8 +125,7 @@ class TensorRTRunner(Runner):
         self.trt = import_tensorrt(meta["backend"] if meta else "auto")
         sm, name = _device()
         if meta is not None:
-            if not self.plugin_lib and meta.get("plugin_lib"):
-                self.plugin_lib = meta["plugin_lib"]["path"]
+            self.plugin_lib = engine_plugin_library(self.engine_path, self.plugin_lib)
             check_engine_compat(meta, self.trt.flavour, self.trt.version, sm, name, self.plugin_lib)
         elif sm is None:
             raise EngineMismatch(f"no CUDA GPU is visible; {self.engine_path} needs one to run")
@@ -110,13 +133,7 @@ class TensorRTRunner(Runner):
         self.logger = mod.Logger(mod.Logger.WARNING)
         runtime = mod.Runtime(self.logger)
         if self.plugin_lib:
-            if not self.trt.has_plugins:
-                raise EngineMismatch("TensorRT-RTX cannot load plugin libraries; this engine needs "
-                                     f"{self.plugin_lib}: run it with TensorRT")
-            if not Path(self.plugin_lib).is_file():
-                raise FileNotFoundError(f"plugin library {self.plugin_lib} (recorded in engines.json) is missing; "
-                                        "pass --plugin-lib or rebuild it with python -m vlmx.plugins.trt_build")
-            runtime.get_plugin_registry().load_library(self.plugin_lib)
+            load_plugin_library(self.trt, runtime.get_plugin_registry(), self.plugin_lib)
         self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
             raise EngineMismatch(f"{self.trt.flavour} {self.trt.version} refused to deserialize {self.engine_path} "
@@ -143,10 +160,18 @@ class TensorRTRunner(Runner):
         t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
         return t.to(device=self.device, dtype=want).contiguous()
 
+    def alloc(self, name, shape, dtype):
+        import torch
+
+        return torch.zeros(tuple(shape), dtype=getattr(torch, np.dtype(dtype).name), device="cuda")
+
     def _infer(self, feed):
         import torch
 
         self.check_feed(feed, self.input_names, self.engine_path.name)
+        # Bound buffers (Runner.bind): inputs not in the feed come from them, bound outputs are written into them.
+        # TODO(issue 12): set their addresses once per generation and pick the decode profile for S_new = 1.
+        feed = {**{n: b for n, b in self.bound.items() if n in self.input_names}, **feed}
         held = {}
         for n in self.input_names:
             if self.engine.is_shape_inference_io(n):  # shape tensors (e.g. TopK's k) live in host memory
@@ -168,7 +193,12 @@ class TensorRTRunner(Runner):
         outputs = {}
         for n in self.output_names:
             shape = tuple(self.context.get_tensor_shape(n))
-            if any(d < 0 for d in shape):  # data-dependent (size tensor): allocated by TensorRT's callback
+            if n in self.bound:
+                outputs[n] = self._to_device(n, self.bound[n])
+                if outputs[n].data_ptr() != self.bound[n].data_ptr():
+                    raise ValueError(f"bound output {n} must be a contiguous CUDA tensor of dtype {self.dtypes[n]}")
+                self.context.set_tensor_address(n, outputs[n].data_ptr())
+            elif any(d < 0 for d in shape):  # data-dependent (size tensor): allocated by TensorRT's callback
                 self.context.set_output_allocator(n, allocator)
             else:
                 outputs[n] = torch.empty(shape, dtype=self.dtypes[n], device=self.device)

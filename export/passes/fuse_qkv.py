@@ -9,6 +9,7 @@ x ─┬─ MatMul(Wq) ─ Add(bq) ─ q        x ─ MatMul([Wq|Wk|Wv]) ─ Add
 A projection is ``MatMul(x, W)`` with a constant 2-D ``W [K, N]``, optionally followed by ``Add`` of a constant
 ``[N]`` bias (the only consumer of the MatMul). Projections without a bias get zeros in the fused bias when others
 have one (``y + 0`` is exact). Groups of fewer than three projections (an MLP's gate/up pair) are left alone.
+Candidates are found from shapes and dtypes alone, so weights stored on disk are read only for the groups fused.
 """
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 MIN_GROUP = 3
+
+
+def _is_projection(node: gs.Node) -> bool:
+    """``MatMul(x, W)`` with a constant 2-D W, judged without reading W's values."""
+    return node.op == "MatMul" and len(node.inputs) == 2 and isinstance(node.inputs[1], gs.Constant) and \
+        len(node.inputs[1].shape) == 2
 
 
 def _weight(node: gs.Node) -> np.ndarray | None:
@@ -43,22 +50,33 @@ def _bias(node: gs.Node):
     return add, b
 
 
-def _groups(graph: gs.Graph):
+def _groups(graph: gs.Graph, report: list | None = None):
     for tensor in list(graph.tensors().values()):
         if isinstance(tensor, gs.Constant):
             continue
-        projs = [n for n in tensor.outputs if n.inputs and n.inputs[0] is tensor and _weight(n) is not None]
-        if len(projs) < MIN_GROUP:
+        projs = [n for n in tensor.outputs if n.inputs and n.inputs[0] is tensor and _is_projection(n)]
+        if len(projs) < 2:
             continue
-        k = {_weight(n).shape[0] for n in projs}
-        dtypes = {_weight(n).dtype for n in projs}
-        if len(k) == 1 and len(dtypes) == 1:
+        row = {"input": tensor.name, "projections": len(projs)}
+        k = {n.inputs[1].shape[0] for n in projs}
+        dtypes = {np.dtype(n.inputs[1].dtype) for n in projs}
+        if len(projs) < MIN_GROUP:
+            row.update(status="not matched", reason=f"only {len(projs)} projections of this tensor (needs "
+                       f"{MIN_GROUP}: an MLP gate/up pair is left alone)", at=f"MatMul {projs[0].name!r}")
+        elif len(k) != 1 or len(dtypes) != 1:
+            row.update(status="not matched", reason="projection weights differ in input size or dtype",
+                       at=f"MatMul {projs[0].name!r}")
+        else:
+            row.update(status="fused", detail="+".join(str(n.inputs[1].shape[1]) for n in projs))
             yield tensor, projs
+        if report is not None:
+            report.append(row)
 
 
-def fuse_qkv(graph: gs.Graph) -> gs.Graph:
-    """Fuse every group of ≥3 constant-weight MatMul(+Add) projections reading one tensor; returns the graph."""
-    for x, projs in list(_groups(graph)):
+def fuse_qkv(graph: gs.Graph, report: list | None = None) -> gs.Graph:
+    """Fuse every group of ≥3 constant-weight MatMul(+Add) projections reading one tensor (one ``report`` row per
+    tensor read by two or more projections); returns the graph."""
+    for x, projs in list(_groups(graph, report)):
         weights = [_weight(n) for n in projs]
         biases = [_bias(n) for n in projs]
         sizes = [w.shape[1] for w in weights]

@@ -11,7 +11,9 @@ x ─ MatMul(W) ─ y   =>   x ─ QuantizeLinear(sₓ) ─ DequantizeLinear(s�
 
 Linear = ``MatMul(x, W)`` with a constant 2-D ``W [K, N]`` (optionally followed by an ``Add`` of a constant ``[N]``
 bias, folded into W8A8Linear). Weights are quantized symmetrically per output channel (``s_w = max|W[:, n]|/127``).
-Already-quantized graphs have no float constant-weight MatMul left, so the pass is idempotent.
+Already-quantized graphs have no float constant-weight MatMul left, so the pass is idempotent. ``skip``: node names of
+linears to keep float (:func:`skip_nodes` finds them from module names; a fused ``<q>_qkv_matmul`` is skipped with
+its first projection ``<q>``).
 """
 from __future__ import annotations
 
@@ -35,9 +37,32 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
-def linears(graph: gs.Graph) -> list[gs.Node]:
-    """Float MatMul nodes with a constant 2-D weight."""
-    return [n for n in graph.nodes if _weight(n) is not None and np.issubdtype(_weight(n).dtype, np.floating)]
+def linears(graph: gs.Graph, skip=()) -> list[gs.Node]:
+    """Float MatMul nodes with a constant 2-D weight (except those named in ``skip``)."""
+    skip = set(skip)
+    return [n for n in graph.nodes if _weight(n) is not None and np.issubdtype(_weight(n).dtype, np.floating)
+            and n.name not in skip and n.name.removesuffix("_qkv_matmul") not in skip]
+
+
+def _tail(module: str) -> str:
+    """The part of a module path that names the same linear in any wrapper: from ``layers.N.`` on, else the leaf."""
+    i = module.rfind("layers.")
+    return module[i:] if i >= 0 else module.rpartition(".")[2]
+
+
+def skip_nodes(model: onnx.ModelProto, modules) -> set[str]:
+    """Names of the MatMul nodes that the torch modules ``modules`` (e.g. ``model.layers.3.mlp.down_proj``,
+    ``lm_head``) became, from the exporter's scope metadata (read it before graphsurgeon passes, which drop it)."""
+    tails = {_tail(m) for m in modules}
+    found = set()
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        parts = [s.strip(" '") for s in scopes.strip("[]").split(",") if s.strip(" '")]
+        if len(parts) >= 2 and _tail(parts[-2]) in tails:
+            found.add(node.name)
+    return found
 
 
 def _dynamic(graph: gs.Graph, node: gs.Node, i: int) -> None:
@@ -83,14 +108,15 @@ def _static(graph: gs.Graph, node: gs.Node, i: int, amax: float) -> None:
     node.inputs[0], node.inputs[1] = xd, wd
 
 
-def insert_quant(graph: gs.Graph, mode: str = "dynamic", act_amax: dict[str, float] | None = None) -> gs.Graph:
+def insert_quant(graph: gs.Graph, mode: str = "dynamic", act_amax: dict[str, float] | None = None,
+                 skip=()) -> gs.Graph:
     """Quantize every float constant-weight linear layer. ``mode="static"`` needs ``act_amax``: calibrated max |x|
     per activation tensor name (see :func:`calibrate`); a linear whose input was not calibrated is left in float."""
     if mode not in MODES:
         raise ValueError(f"insert_quant mode {mode!r} is not known; choose one of {list(MODES)}")
     if mode == "static" and act_amax is None:
         raise ValueError("insert_quant(mode='static') needs act_amax from calibrate(); pass --calib N")
-    for i, node in enumerate(linears(graph)):
+    for i, node in enumerate(linears(graph, skip)):
         if mode == "dynamic":
             _dynamic(graph, node, i)
         elif node.inputs[0].name in act_amax:

@@ -24,7 +24,7 @@ namespace {
 #ifndef VLMX_FA_SMALL_D_MIN_BLOCKS
 #define VLMX_FA_SMALL_D_MIN_BLOCKS 1
 #endif
-constexpr int kMaxSplits = 64;
+constexpr int kMaxSplits = VLMX_FA_MAX_SPLITS;  // the workspace bound (vlmx_kernels.h) assumes the same limits
 constexpr float kLog2e = 1.4426950408889634f;
 
 // D: head dim; W: warps per CTA (16 rows each). W = 8 for prefill (a K/V tile feeds twice the rows per load and
@@ -220,35 +220,43 @@ __global__ void flash_combine_kernel(const FaArgs a, int head_dim) {
 
 // How many CTAs split the key range: enough for ~4 CTAs per SM (decode CTAs are mostly loading, so they need
 // company to keep enough bytes in flight), at least 2 tiles per split.
-int choose_splits(int ctas, int key_tiles) {
-  const int sms = sm_count();
+int choose_splits(int sms, int ctas, int key_tiles) {
   if (sms <= 0 || ctas >= 2 * sms || key_tiles < 4) return 1;
   int splits = (4 * sms + ctas - 1) / ctas;
   splits = std::min(splits, key_tiles / 2);
   return std::max(1, std::min(splits, kMaxSplits));
 }
 
+// Bytes of split-KV partials for `splits` splits: O [splits, B, H, Sq, D] and (max, sum) [splits, B, H, Sq, 2].
+int64_t split_bytes(const FaArgs& a, int splits, int D) {
+  return static_cast<int64_t>(splits) * a.batch * a.num_heads * a.seqlen_q * (D + 2) * sizeof(float);
+}
+
+// The split count the launcher would pick on a GPU with `sms` SMs, limited to the caller's workspace.
 template <int D, int W>
-vlmx_status launch(FaArgs a, cudaStream_t stream) {
+int plan_splits(const FaArgs& a, int sms, int64_t workspace_bytes, int* tiles_per_split) {
   using T = FaTraits<D, W>;
   const int m_blocks = (a.rows + T::kBlockM - 1) / T::kBlockM;
   const int ctas = m_blocks * a.batch * a.num_kv_heads;
   const int key_tiles = (a.seqlen_k + T::kBlockN - 1) / T::kBlockN;
-  a.splits = choose_splits(ctas, key_tiles);
-  a.tiles_per_split = (key_tiles + a.splits - 1) / a.splits;
-  a.splits = (key_tiles + a.tiles_per_split - 1) / a.tiles_per_split;
-  void* workspace = nullptr;
+  int splits = choose_splits(sms, ctas, key_tiles);
+  const int64_t per_split = split_bytes(a, 1, D);
+  if (splits > 1) splits = static_cast<int>(std::min<int64_t>(splits, per_split > 0 ? workspace_bytes / per_split : 1));
+  splits = std::max(1, splits);
+  *tiles_per_split = (key_tiles + splits - 1) / splits;
+  return std::max(1, (key_tiles + *tiles_per_split - 1) / *tiles_per_split);
+}
+
+template <int D, int W>
+vlmx_status launch(FaArgs a, void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
+  using T = FaTraits<D, W>;
+  const int m_blocks = (a.rows + T::kBlockM - 1) / T::kBlockM;
+  // Partials live in the caller's workspace (TensorRT: getWorkspaceSize; torch: a cached allocation): no
+  // allocation here, so the launch is graph-capturable and never fails on memory.
+  a.splits = plan_splits<D, W>(a, workspace ? sm_count() : 0, workspace ? workspace_bytes : 0, &a.tiles_per_split);
   if (a.splits > 1) {
-    const int64_t rows = static_cast<int64_t>(a.splits) * a.batch * a.num_heads * a.seqlen_q;
-    // Stream-ordered allocation: no workspace argument in the ABI, cheap from the pool, legal in graph capture.
-    cudaError_t err = cudaMallocAsync(&workspace, rows * (D + 2) * sizeof(float), stream);
-    if (err != cudaSuccess) {
-      cudaGetLastError();
-      return fail(VLMX_ERR_CUDA, "flash_attention: split-KV workspace of %lld bytes: %s",
-                  static_cast<long long>(rows * (D + 2) * sizeof(float)), cudaGetErrorString(err));
-    }
     a.part_o = static_cast<float*>(workspace);
-    a.part_ml = a.part_o + rows * D;
+    a.part_ml = a.part_o + static_cast<int64_t>(a.splits) * a.batch * a.num_heads * a.seqlen_q * D;
   }
   dim3 grid(m_blocks, a.batch * a.num_kv_heads, a.splits);
   flash_fwd_kernel<D, W><<<grid, T::kThreads, 0, stream>>>(a);
@@ -258,7 +266,6 @@ vlmx_status launch(FaArgs a, cudaStream_t stream) {
                            std::min(128, ((D + 31) / 32) * 32), 0, stream>>>(a, D);
     st = check_launch("flash_combine_kernel");
   }
-  if (workspace) cudaFreeAsync(workspace, stream);
   return st;
 }
 
@@ -268,12 +275,12 @@ vlmx_status launch(FaArgs a, cudaStream_t stream) {
 // Sk 2048-4096 (up to 8%), 4 warps win at Sk 577/729 (ViT-L, SigLIP: 5-9%) and for decode.
 // VLMX_FA_WARPS=4|8 pins the choice (benchmarks compare both).
 template <int D>
-vlmx_status launch_head_dim(const FaArgs& a, cudaStream_t stream) {
+vlmx_status launch_head_dim(const FaArgs& a, void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
   const char* env = getenv("VLMX_FA_WARPS");
   const int forced = env ? atoi(env) : 0;
   const int64_t ctas8 = static_cast<int64_t>((a.rows + 127) / 128) * a.batch * a.num_kv_heads;
   const bool eight = forced ? forced == 8 : (a.rows >= 128 && a.seqlen_k >= 1024 && ctas8 >= sm_count());
-  return eight ? launch<D, 8>(a, stream) : launch<D, 4>(a, stream);
+  return eight ? launch<D, 8>(a, workspace, workspace_bytes, stream) : launch<D, 4>(a, workspace, workspace_bytes, stream);
 }
 
 bool stride_ok(int64_t s) { return s >= 0 && s % 8 == 0; }
@@ -351,11 +358,20 @@ extern "C" vlmx_status vlmx_flash_attention_fwd(const vlmx_attention_params* p, 
   a.causal = p->causal != 0, a.window = p->window, a.alibi = p->alibi != 0, a.alibi_bias_max = p->alibi_bias_max;
   a.alibi_pow2 = 1;
   while (a.alibi_pow2 < p->num_heads) a.alibi_pow2 *= 2;
-  switch (p->head_dim) {
-    case 64: return launch_head_dim<64>(a, stream);
-    case 72: return launch_head_dim<72>(a, stream);
-    case 80: return launch_head_dim<80>(a, stream);
-    case 96: return launch_head_dim<96>(a, stream);
-    default: return launch_head_dim<128>(a, stream);
+  if (p->workspace_bytes < 0 || (p->workspace_bytes > 0 && !aligned16(p->workspace))) {
+    return fail(VLMX_ERR_INVALID_ARGUMENT, "flash_attention: workspace %p of %lld bytes must be 16-byte aligned "
+                "(or NULL with 0 bytes: no split-KV)", p->workspace, static_cast<long long>(p->workspace_bytes));
   }
+  void* ws = p->workspace_bytes > 0 ? p->workspace : nullptr;
+  switch (p->head_dim) {
+    case 64: return launch_head_dim<64>(a, ws, p->workspace_bytes, stream);
+    case 72: return launch_head_dim<72>(a, ws, p->workspace_bytes, stream);
+    case 80: return launch_head_dim<80>(a, ws, p->workspace_bytes, stream);
+    case 96: return launch_head_dim<96>(a, ws, p->workspace_bytes, stream);
+    default: return launch_head_dim<128>(a, ws, p->workspace_bytes, stream);
+  }
+}
+
+extern "C" int64_t vlmx_flash_attention_workspace_size(const vlmx_attention_params* p) {
+  return vlmx_fa_workspace_bytes(p);
 }

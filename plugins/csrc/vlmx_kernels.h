@@ -50,9 +50,35 @@ typedef struct {
   int window;  // -1: unlimited
   int alibi;
   int alibi_bias_max;
+  // Caller-owned scratch for split-KV partials (decode), 16-byte aligned; NULL / 0 bytes: no split-KV. Size it with
+  // vlmx_flash_attention_workspace_size; a smaller one only lowers the split count. Never allocated by the launch.
+  void* workspace;
+  int64_t workspace_bytes;
 } vlmx_attention_params;
 
 vlmx_status vlmx_flash_attention_fwd(const vlmx_attention_params* params, cudaStream_t stream);
+
+// Split-KV limits of vlmx_flash_attention_fwd: at most this many key splits, at least 4 tiles of >= 32 keys.
+#define VLMX_FA_MAX_SPLITS 64
+#define VLMX_FA_MIN_SPLIT_KEYS 128
+// Cap on the split-KV workspace (a smaller workspace only lowers the split count; decode needs ~1 MiB).
+#define VLMX_FA_MAX_SPLIT_WORKSPACE_BYTES (32ll << 20)
+
+// Bytes of workspace for vlmx_flash_attention_fwd's split-KV at these sizes (pointers and strides ignored; 0:
+// never splits). Host-only, needs no GPU, non-decreasing in every size (so the value at a shape profile's maximum
+// covers every shape of the profile). Inline so that the TensorRT plugin's getWorkspaceSize needs no kernel symbol.
+static inline int64_t vlmx_fa_workspace_bytes(const vlmx_attention_params* p) {
+  if (!p || p->batch <= 0 || p->seqlen_q <= 0 || p->seqlen_k < VLMX_FA_MIN_SPLIT_KEYS || p->num_heads <= 0 ||
+      p->head_dim <= 0) {
+    return 0;
+  }
+  int64_t per_split = (int64_t)p->batch * p->num_heads * p->seqlen_q * (p->head_dim + 2) * (int64_t)sizeof(float);
+  int64_t all = per_split * VLMX_FA_MAX_SPLITS;
+  return all < VLMX_FA_MAX_SPLIT_WORKSPACE_BYTES ? all : VLMX_FA_MAX_SPLIT_WORKSPACE_BYTES;
+}
+
+// The same, exported for callers without the header (ctypes).
+int64_t vlmx_flash_attention_workspace_size(const vlmx_attention_params* params);
 
 // Exact int8 GEMM: y_i32[M,N] = x[M,K] @ w[N,K]^T (row-major, K contiguous). K % 16 == 0.
 vlmx_status vlmx_int8_gemm_i32(const int8_t* x, const int8_t* w, int32_t* y, int M, int N, int K,

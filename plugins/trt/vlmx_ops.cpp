@@ -70,7 +70,7 @@ std::string cudaCheck(cudaError_t e, char const* what) {
 
 }  // namespace
 
-int32_t opNbOutputs(int32_t op) { return gen::kOps[op].nbOutputs + (op == gen::kGatherTopK ? 1 : 0); }
+int32_t opNbOutputs(int32_t op) { return gen::kOps[op].nbOutputs; }
 
 std::string opTritonKernel(OpAttrs const& a) {
     switch (a.op()) {
@@ -94,14 +94,14 @@ std::string opOutputTypes(OpAttrs const& a, DataType const* in, int32_t nbIn, Da
     case gen::kGeluQuant: out[0] = DataType::kINT8; out[1] = DataType::kFLOAT; break;
     case gen::kNormQuant: out[0] = DataType::kINT8; out[1] = out[2] = DataType::kFLOAT; break;
     case gen::kTokenImportance: out[0] = DataType::kFLOAT; break;
-    case gen::kGatherTopK: out[0] = in[0]; out[1] = out[2] = DataType::kINT64; break;
+    case gen::kGatherTopK: out[0] = in[0]; out[1] = DataType::kINT64; break;
     default: return "unknown op";
     }
     return "";
 }
 
-std::string opOutputShapes(OpAttrs const& a, DimsExprs const* in, int32_t nbIn, DimsExprs* out, int32_t nbOut,
-    IExprBuilder& eb) {
+std::string opOutputShapes(OpAttrs const& a, DimsExprs const* in, int32_t nbIn, DimsExprs const* shapeIn,
+    int32_t nbShapeIn, DimsExprs* out, int32_t nbOut, IExprBuilder& eb) {
     if (nbOut != opNbOutputs(a.op()) || nbIn < 1) return "unexpected number of outputs";
     auto lastToOne = [&](DimsExprs d) {
         d.d[d.nbDims - 1] = eb.constant(1);
@@ -130,16 +130,18 @@ std::string opOutputShapes(OpAttrs const& a, DimsExprs const* in, int32_t nbIn, 
         out[0].d[1] = in[1].d[1];
         break;
     case gen::kGatherTopK: {
-        if (nbIn != 3 || in[0].nbDims != 3) return "GatherTopK needs x [B, N, C], scores [B, N], keep [1]";
-        // keep is data: the kept count is a size tensor (extra output 2), bounded by N.
-        IDimensionExpr const* kept = eb.declareSizeTensor(2, *in[0].d[1], *in[0].d[1]);
-        if (kept == nullptr) return "declareSizeTensor failed";
+        // keep arrives as a shape input (tensorrt_plugin_shape_input_indices = [2]): its value is the kept-token
+        // dimension, so the kept count is known on the host at enqueue (outputs' dims) without a device read.
+        if (nbIn != 2 || in[0].nbDims != 3 || nbShapeIn != 1 || shapeIn[0].nbDims != 1) {
+            return "GatherTopK needs tensor inputs x [B, N, C], scores [B, N] and keep [1] as a shape input (the "
+                   "ONNX node needs tensorrt_plugin_shape_input_indices = [2]; re-export with vlm-export)";
+        }
+        IDimensionExpr const* kept = shapeIn[0].d[0];
         out[0] = in[0];
         out[0].d[1] = kept;
         out[1].nbDims = 2;
         out[1].d[0] = in[0].d[0];
         out[1].d[1] = kept;
-        out[2].nbDims = 0;
         break;
     }
     default: return "unknown op";
@@ -157,7 +159,8 @@ bool opSupportsFormat(OpAttrs const& a, int32_t pos, PluginTensorDesc const* des
         want = def.inputs[inputDefIndex(a, pos, nbIn)].dtype;
     } else {
         int32_t const o = pos - nbIn;
-        want = o < def.nbOutputs ? def.outputs[o].dtype : gen::DType::kInt64;  // GatherTopK's size tensor
+        if (o >= def.nbOutputs) return false;
+        want = def.outputs[o].dtype;
     }
     switch (want) {
     case gen::DType::kInt8: return d.type == DataType::kINT8;
@@ -285,7 +288,14 @@ std::string opCheckShapes(OpAttrs const& a, PluginTensorDesc const* in, int32_t 
 }
 
 size_t opWorkspaceSize(OpAttrs const& a, DynamicPluginTensorDesc const* in, int32_t nbIn) {
-    if (a.op() != gen::kGatherTopK || nbIn < 1 || in[0].max.nbDims < 2) return 0;
+    if (nbIn < 1 || in[0].max.nbDims < 2) return 0;
+    if (a.op() == gen::kFlashAttention) {
+        if (nbIn < (a.getString("layout") == kLayoutPacked ? 1 : 3)) return 0;
+        Dims dims[4];
+        for (int32_t i = 0; i < nbIn && i < 4; ++i) dims[i] = in[i].max;
+        return flashAttentionWorkspaceSize(a, dims, nbIn);
+    }
+    if (a.op() != gen::kGatherTopK) return 0;
     // topk_rank's kept mask: one int8 per (batch, token) at the profile's largest shape.
     return static_cast<size_t>(in[0].max.d[0] * in[0].max.d[1]);
 }
@@ -300,7 +310,7 @@ std::string opEnqueue(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn
     int64_t const cols = lastDim(in[0].dims);
     KernelArgs args;
     switch (a.op()) {
-    case gen::kFlashAttention: return launchFlashAttention(a, in, nbIn, inputs, outputs, stream);
+    case gen::kFlashAttention: return launchFlashAttention(a, in, nbIn, inputs, outputs, workspace, stream);
     case gen::kW8A8Linear: {
         if (out[0].type != DataType::kHALF) return "only float16 output is implemented by the W8A8 kernel";
         vlmx_status const st = vlmx_w8a8_linear(static_cast<int8_t const*>(inputs[0]),
@@ -346,22 +356,15 @@ std::string opEnqueue(OpAttrs const& a, PluginTensorDesc const* in, int32_t nbIn
         break;
     }
     case gen::kGatherTopK: {
-        // topk_select takes keep by value: read it (8 bytes, one stream sync per prune) and bound-check it.
-        int64_t keep = 0;
+        // keep is the kept-token dimension of the outputs (a shape input at build time): no device read, no sync.
         int64_t const B = in[0].dims.d[0];
         int64_t const N = in[0].dims.d[1];
-        std::string e = cudaCheck(cudaMemcpyAsync(&keep, inputs[2], sizeof(int64_t), cudaMemcpyDeviceToHost, stream),
-            "cudaMemcpyAsync(keep)");
-        if (e.empty()) e = cudaCheck(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-        if (!e.empty()) return e;
-        if (keep < 1 || keep > N) {
+        int64_t const keep = out[0].dims.d[1];
+        if (keep < 1 || keep > N || out[1].dims.d[1] != keep) {
             return "keep = " + std::to_string(keep) + " is outside [1, N = " + std::to_string(N) + "]; pass a token "
                 "budget between 1 and the number of visual tokens";
         }
-        // Output 2 is the size tensor TensorRT reads for the kept-token dimension.
-        e = cudaCheck(cudaMemcpyAsync(outputs[2], inputs[2], sizeof(int64_t), cudaMemcpyDeviceToDevice, stream),
-            "cudaMemcpyAsync(size tensor)");
-        if (!e.empty()) return e;
+        std::string e;
         // Same sequence as plugins/triton_ops.gather_topk: rank -> kept mask [B, N] int8 (workspace), compact ->
         // ascending indices, gather rows.
         KernelArgs rank;

@@ -2,6 +2,7 @@
 // plus the library entry points getCreators / setLoggerFinder for trtexec --dynamicPlugins and load_library().
 #include "vlmx_plugin.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <mutex>
@@ -41,6 +42,16 @@ void logMessage(ILogger::Severity severity, std::string const& msg) {
     } else if (severity <= ILogger::Severity::kWARNING) {
         std::cerr << text << std::endl;
     }
+}
+
+//! VLMX_PLUGIN_TRACE=1: every TensorRT call into a plugin or creator prints "[vlmx trace] <op> <method>" to stderr,
+//! so a build log proves which methods TensorRT called (tests/test_rtx_parser_plugins.py). Read once.
+void trace(int32_t op, char const* method) {
+    static bool const on = [] {
+        char const* v = std::getenv("VLMX_PLUGIN_TRACE");
+        return v != nullptr && v[0] != '\0' && v[0] != '0';
+    }();
+    if (on) std::cerr << "[vlmx trace] " << gen::kOps[op].name << " " << method << std::endl;
 }
 
 // ---- OpAttrs -------------------------------------------------------------------------------------------------
@@ -148,6 +159,7 @@ std::vector<PluginField> OpAttrs::toFields() const {
 VlmxPlugin::VlmxPlugin(OpAttrs attrs) : attrs_(std::move(attrs)) {}
 
 IPluginCapability* VlmxPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
+    trace(attrs_.op(), "getCapabilityInterface");
     switch (type) {
     case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
     case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
@@ -157,6 +169,7 @@ IPluginCapability* VlmxPlugin::getCapabilityInterface(PluginCapabilityType type)
 }
 
 IPluginV3* VlmxPlugin::clone() noexcept {
+    trace(attrs_.op(), "clone");
     try {
         return new VlmxPlugin(attrs_);
     } catch (std::exception const& e) {
@@ -168,19 +181,25 @@ IPluginV3* VlmxPlugin::clone() noexcept {
 char const* VlmxPlugin::getPluginName() const noexcept { return attrs_.def().name; }
 char const* VlmxPlugin::getPluginVersion() const noexcept { return gen::kPluginVersion; }
 char const* VlmxPlugin::getPluginNamespace() const noexcept { return gen::kPluginNamespace; }
-int32_t VlmxPlugin::getNbOutputs() const noexcept { return opNbOutputs(attrs_.op()); }
+int32_t VlmxPlugin::getNbOutputs() const noexcept {
+    trace(attrs_.op(), "getNbOutputs");
+    return opNbOutputs(attrs_.op());
+}
 
 int32_t VlmxPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
     int32_t nbInputs) const noexcept {
+    trace(attrs_.op(), "getOutputDataTypes");
     std::string const err = opOutputTypes(attrs_, inputTypes, nbInputs, outputTypes, nbOutputs);
     if (!err.empty()) logMessage(ILogger::Severity::kERROR, opName(attrs_.op()) + ": " + err);
     return err.empty() ? 0 : -1;
 }
 
-int32_t VlmxPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
-    int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& exprBuilder) noexcept {
+int32_t VlmxPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* shapeInputs,
+    int32_t nbShapeInputs, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& exprBuilder) noexcept {
+    trace(attrs_.op(), "getOutputShapes");
     try {
-        std::string const err = opOutputShapes(attrs_, inputs, nbInputs, outputs, nbOutputs, exprBuilder);
+        std::string const err = opOutputShapes(attrs_, inputs, nbInputs, shapeInputs, nbShapeInputs, outputs,
+            nbOutputs, exprBuilder);
         if (!err.empty()) logMessage(ILogger::Severity::kERROR, opName(attrs_.op()) + ": " + err);
         return err.empty() ? 0 : -1;
     } catch (std::exception const& e) {
@@ -191,6 +210,7 @@ int32_t VlmxPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, D
 
 bool VlmxPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
     int32_t nbOutputs) noexcept {
+    trace(attrs_.op(), "supportsFormatCombination");
     std::vector<PluginTensorDesc> desc(static_cast<size_t>(nbInputs + nbOutputs));
     for (int32_t i = 0; i < nbInputs + nbOutputs; ++i) desc[static_cast<size_t>(i)] = inOut[i].desc;
     return opSupportsFormat(attrs_, pos, desc.data(), nbInputs, nbOutputs);
@@ -198,13 +218,21 @@ bool VlmxPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc 
 
 int32_t VlmxPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
     DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept {
+    trace(attrs_.op(), "configurePlugin");
     gen::OpDef const& d = attrs_.def();
+    // Shape inputs (GatherTopK's keep) reach getOutputShapes only, not the tensor inputs counted here.
     int32_t minInputs = 0;
-    for (int32_t i = 0; i < d.nbInputs; ++i) minInputs += d.inputs[i].optional ? 0 : 1;
-    if (nbInputs < minInputs || nbInputs > d.nbInputs || nbOutputs != getNbOutputs()) {
-        logMessage(ILogger::Severity::kERROR, opName(attrs_.op()) + ": got " + std::to_string(nbInputs) + " inputs and "
-            + std::to_string(nbOutputs) + " outputs; expected " + std::to_string(minInputs) + ".."
-            + std::to_string(d.nbInputs) + " inputs and " + std::to_string(getNbOutputs()) + " outputs");
+    int32_t maxInputs = 0;
+    for (int32_t i = 0; i < d.nbInputs; ++i) {
+        if (d.inputs[i].shapeInput) continue;
+        minInputs += d.inputs[i].optional ? 0 : 1;
+        ++maxInputs;
+    }
+    if (nbInputs < minInputs || nbInputs > maxInputs || nbOutputs != getNbOutputs()) {
+        logMessage(ILogger::Severity::kERROR, opName(attrs_.op()) + ": got " + std::to_string(nbInputs) + " tensor "
+            "inputs and " + std::to_string(nbOutputs) + " outputs; expected " + std::to_string(minInputs) + ".."
+            + std::to_string(maxInputs) + " tensor inputs (plus any shape inputs) and " + std::to_string(getNbOutputs())
+            + " outputs");
         return -1;
     }
     (void) in;
@@ -217,11 +245,13 @@ int32_t VlmxPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t n
 
 size_t VlmxPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const*, int32_t) const noexcept {
+    trace(attrs_.op(), "getWorkspaceSize");
     return opWorkspaceSize(attrs_, inputs, nbInputs);
 }
 
 int32_t VlmxPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out,
     int32_t nbOutputs) noexcept {
+    trace(attrs_.op(), "onShapeChange");
     numInputs_ = nbInputs;
     std::string const err = opCheckShapes(attrs_, in, nbInputs, out, nbOutputs);
     if (!err.empty()) logMessage(ILogger::Severity::kERROR, opName(attrs_.op()) + ": " + err);
@@ -230,6 +260,7 @@ int32_t VlmxPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, 
 
 int32_t VlmxPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept {
+    trace(attrs_.op(), "enqueue");
     try {
         std::string const err = opEnqueue(attrs_, inputDesc, numInputs_, outputDesc, getNbOutputs(), inputs, outputs,
             workspace, stream);
@@ -241,9 +272,13 @@ int32_t VlmxPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc 
     }
 }
 
-IPluginV3* VlmxPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept { return clone(); }
+IPluginV3* VlmxPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept {
+    trace(attrs_.op(), "attachToContext");
+    return clone();
+}
 
 PluginFieldCollection const* VlmxPlugin::getFieldsToSerialize() noexcept {
+    trace(attrs_.op(), "getFieldsToSerialize");
     serialFields_ = attrs_.toFields();
     serialCollection_.nbFields = static_cast<int32_t>(serialFields_.size());
     serialCollection_.fields = serialFields_.data();
@@ -270,6 +305,7 @@ PluginFieldCollection const* VlmxPluginCreator::getFieldNames() noexcept { retur
 
 IPluginV3* VlmxPluginCreator::createPlugin(char const* name, PluginFieldCollection const* fc,
     TensorRTPhase /*phase*/) noexcept {
+    trace(op_, "createPlugin");
     try {
         OpAttrs attrs(op_);
         std::string const err = attrs.parse(fc);

@@ -119,7 +119,7 @@ private:
 
 // ---- per-op rules (vlmx_ops.cpp) -------------------------------------------------------------------------------
 
-//! Outputs TensorRT sees: the op table's outputs, plus GatherTopK's size tensor (the data-dependent `keep`).
+//! Outputs TensorRT sees: the op table's outputs.
 int32_t opNbOutputs(int32_t op);
 
 //! Output data types from input types; returns an error message or "".
@@ -127,8 +127,9 @@ std::string opOutputTypes(OpAttrs const& a, nvinfer1::DataType const* in, int32_
     int32_t nbOut);
 
 //! Output shapes through the expression builder; returns an error message or "".
-std::string opOutputShapes(OpAttrs const& a, nvinfer1::DimsExprs const* in, int32_t nbIn, nvinfer1::DimsExprs* out,
-    int32_t nbOut, nvinfer1::IExprBuilder& eb);
+std::string opOutputShapes(OpAttrs const& a, nvinfer1::DimsExprs const* in, int32_t nbIn,
+    nvinfer1::DimsExprs const* shapeIn, int32_t nbShapeIn, nvinfer1::DimsExprs* out, int32_t nbOut,
+    nvinfer1::IExprBuilder& eb);
 
 //! Whether the tensor at `pos` (inputs then outputs) may have the given type/format, given positions < pos.
 bool opSupportsFormat(OpAttrs const& a, int32_t pos, nvinfer1::PluginTensorDesc const* desc, int32_t nbIn,
@@ -142,12 +143,16 @@ std::string opCheckAttrs(OpAttrs const& a);
 std::string opCheckShapes(OpAttrs const& a, nvinfer1::PluginTensorDesc const* in, int32_t nbIn,
     nvinfer1::PluginTensorDesc const* out, int32_t nbOut);
 
-//! Scratch memory the op needs at the profile's largest shapes (GatherTopK's kept mask), in bytes.
+//! Scratch memory the op needs at the profile's largest shapes (FlashAttention's split-KV partials, GatherTopK's
+//! kept mask), in bytes; enqueue receives it as `workspace` (never allocated per call).
 size_t opWorkspaceSize(OpAttrs const& a, nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbIn);
 
-//! FlashAttention through the CUDA C ABI (attention_launch.cpp); returns an error message or "".
+//! FlashAttention's split-KV workspace for these input dims (attention_launch.cpp; non-decreasing in every size).
+size_t flashAttentionWorkspaceSize(OpAttrs const& a, nvinfer1::Dims const* dims, int32_t nbIn);
+
+//! FlashAttention through the CUDA C ABI (attention_launch.cpp), partials in `workspace`; returns an error or "".
 std::string launchFlashAttention(OpAttrs const& a, nvinfer1::PluginTensorDesc const* in, int32_t nbIn,
-    void const* const* inputs, void* const* outputs, cudaStream_t stream);
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream);
 
 //! Launches the op; returns an error message or "".
 std::string opEnqueue(OpAttrs const& a, nvinfer1::PluginTensorDesc const* in, int32_t nbIn,

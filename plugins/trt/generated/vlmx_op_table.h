@@ -17,6 +17,7 @@ struct TensorDef {
     char const* name;
     DType dtype;
     bool optional;
+    bool shapeInput;  // TensorRT passes it as a shape input (values -> output dims), not a device tensor
 };
 
 struct AttrDef {
@@ -46,13 +47,14 @@ constexpr int32_t kQmax = 127;
 constexpr float kClipRange = 5.0f;  // the W8A8 SigLIP activation clip range
 
 constexpr TensorDef kFlashAttentionInputs[] = {
-    {"q", DType::kT, false},
-    {"k", DType::kT, true},
-    {"v", DType::kT, true},
-    {"bias", DType::kT, true},
+    {"q", DType::kT, false, false},
+    {"k", DType::kT, true, false},
+    {"v", DType::kT, true, false},
+    {"bias", DType::kT, true, false},
+    {"kv_len", DType::kInt64, true, false},
 };
 constexpr TensorDef kFlashAttentionOutputs[] = {
-    {"o", DType::kT, false},
+    {"o", DType::kT, false, false},
 };
 constexpr AttrDef kFlashAttentionAttrs[] = {
     {"num_heads", AttrKind::kInt, true, 0, 0.0f, "", ""},
@@ -67,36 +69,36 @@ constexpr AttrDef kFlashAttentionAttrs[] = {
 };
 
 constexpr TensorDef kW8A8LinearInputs[] = {
-    {"x", DType::kInt8, false},
-    {"x_scale", DType::kFloat32, false},
-    {"w", DType::kInt8, false},
-    {"w_scale", DType::kFloat32, false},
-    {"bias", DType::kT, true},
+    {"x", DType::kInt8, false, false},
+    {"x_scale", DType::kFloat32, false, false},
+    {"w", DType::kInt8, false, false},
+    {"w_scale", DType::kFloat32, false, false},
+    {"bias", DType::kT, true, false},
 };
 constexpr TensorDef kW8A8LinearOutputs[] = {
-    {"y", DType::kT, false},
+    {"y", DType::kT, false, false},
 };
 constexpr AttrDef kW8A8LinearAttrs[] = {
     {"out_dtype", AttrKind::kString, false, 0, 0.0f, "float16", "float16|float32"},
 };
 
 constexpr TensorDef kQuantizePerTokenInputs[] = {
-    {"x", DType::kT, false},
+    {"x", DType::kT, false, false},
 };
 constexpr TensorDef kQuantizePerTokenOutputs[] = {
-    {"q", DType::kInt8, false},
-    {"scale", DType::kFloat32, false},
+    {"q", DType::kInt8, false, false},
+    {"scale", DType::kFloat32, false, false},
 };
 constexpr AttrDef kQuantizePerTokenAttrs[] = {
     {"clip_range", AttrKind::kFloat, false, 0, 0.0f, "", ""},
 };
 
 constexpr TensorDef kGeluQuantInputs[] = {
-    {"x", DType::kT, false},
+    {"x", DType::kT, false, false},
 };
 constexpr TensorDef kGeluQuantOutputs[] = {
-    {"q", DType::kInt8, false},
-    {"scale", DType::kFloat32, false},
+    {"q", DType::kInt8, false, false},
+    {"scale", DType::kFloat32, false, false},
 };
 constexpr AttrDef kGeluQuantAttrs[] = {
     {"approximate", AttrKind::kString, false, 0, 0.0f, "tanh", "none|tanh"},
@@ -104,14 +106,14 @@ constexpr AttrDef kGeluQuantAttrs[] = {
 };
 
 constexpr TensorDef kNormQuantInputs[] = {
-    {"x", DType::kT, false},
-    {"weight", DType::kT, false},
-    {"bias", DType::kT, true},
+    {"x", DType::kT, false, false},
+    {"weight", DType::kT, false, false},
+    {"bias", DType::kT, true, false},
 };
 constexpr TensorDef kNormQuantOutputs[] = {
-    {"q", DType::kInt8, false},
-    {"scale", DType::kFloat32, false},
-    {"sum", DType::kFloat32, true},
+    {"q", DType::kInt8, false, false},
+    {"scale", DType::kFloat32, false, false},
+    {"sum", DType::kFloat32, true, false},
 };
 constexpr AttrDef kNormQuantAttrs[] = {
     {"mode", AttrKind::kString, false, 0, 0.0f, "layernorm", "layernorm|rmsnorm"},
@@ -122,11 +124,11 @@ constexpr AttrDef kNormQuantAttrs[] = {
 };
 
 constexpr TensorDef kTokenImportanceInputs[] = {
-    {"q_text", DType::kT, false},
-    {"k_vis", DType::kT, false},
+    {"q_text", DType::kT, false, false},
+    {"k_vis", DType::kT, false, false},
 };
 constexpr TensorDef kTokenImportanceOutputs[] = {
-    {"scores", DType::kFloat32, false},
+    {"scores", DType::kFloat32, false, false},
 };
 constexpr AttrDef kTokenImportanceAttrs[] = {
     {"num_heads", AttrKind::kInt, true, 0, 0.0f, "", ""},
@@ -136,13 +138,13 @@ constexpr AttrDef kTokenImportanceAttrs[] = {
 };
 
 constexpr TensorDef kGatherTopKInputs[] = {
-    {"x", DType::kT, false},
-    {"scores", DType::kFloat32, false},
-    {"keep", DType::kInt64, false},
+    {"x", DType::kT, false, false},
+    {"scores", DType::kFloat32, false, false},
+    {"keep", DType::kInt64, false, true},
 };
 constexpr TensorDef kGatherTopKOutputs[] = {
-    {"x_kept", DType::kT, false},
-    {"idx", DType::kInt64, false},
+    {"x_kept", DType::kT, false, false},
+    {"idx", DType::kInt64, false, false},
 };
 
 enum OpIndex : int32_t {
@@ -157,7 +159,7 @@ enum OpIndex : int32_t {
 constexpr int32_t kNbOps = 7;
 
 constexpr OpDef kOps[kNbOps] = {
-    {"FlashAttention", 4, kFlashAttentionInputs, 1, kFlashAttentionOutputs, 9, kFlashAttentionAttrs},
+    {"FlashAttention", 5, kFlashAttentionInputs, 1, kFlashAttentionOutputs, 9, kFlashAttentionAttrs},
     {"W8A8Linear", 5, kW8A8LinearInputs, 1, kW8A8LinearOutputs, 1, kW8A8LinearAttrs},
     {"QuantizePerToken", 1, kQuantizePerTokenInputs, 2, kQuantizePerTokenOutputs, 1, kQuantizePerTokenAttrs},
     {"GeluQuant", 1, kGeluQuantInputs, 2, kGeluQuantOutputs, 2, kGeluQuantAttrs},

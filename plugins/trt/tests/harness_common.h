@@ -69,6 +69,19 @@ std::vector<std::string> split(std::string const& s, char sep) {
     return out;
 }
 
+//! Shape inputs of a case ("144;2x3": one DimsExprs of constants per ';'-separated value list), as TensorRT
+//! passes a node's tensorrt_plugin_shape_input_indices inputs to getOutputShapes.
+std::vector<DimsExprs> shapeInputs(std::string const& spec, Builder& eb) {
+    std::vector<DimsExprs> out;
+    for (auto const& item : split(spec, ';')) {
+        if (item.empty()) continue;
+        DimsExprs e{};
+        for (auto const& v : split(item, 'x')) e.d[e.nbDims++] = eb.impl.constant(std::atoll(v.c_str()));
+        out.push_back(e);
+    }
+    return out;
+}
+
 char const* typeName(DataType t) {
     switch (t) {
     case DataType::kHALF: return "half";

@@ -5,13 +5,15 @@
 //            getOutputShapes (evaluating IExprBuilder), supportsFormatCombination (every position), configurePlugin,
 //            getWorkspaceSize, getFieldsToSerialize
 //   runtime: createPlugin(kRUNTIME, serialized fields) -> attachToContext -> onShapeChange -> enqueue(PluginTensorDesc,
-//            device pointers, workspace, stream)
+//            device pointers, workspace, stream), then the same enqueue captured into a CUDA graph and replayed
+//            ("graph_capture_ok": enqueue neither synchronizes, copies to the host nor allocates)
 // Inputs are raw little-endian files written by scripts/plugin_enqueue_check.py; outputs (and the workspace) are
 // poisoned with 0xFF bytes (NaN for float16/float32) before enqueue and written back as raw files. One JSON line per
 // case on stdout; plugin messages go to stderr.
 //
 //   usage: plugin_enqueue_check <libvlmx_trt_plugins.so> <cases.txt> [--no-device] [--iters N]
-// Case line: NAME|OP|attr=i:3;attr=f:0.5;attr=s:bsd|dtype:2x577x1024:in0.bin;...|dtype:2x577x1024:out0.bin;...
+// Case line: NAME|OP|attr=i:3;attr=f:0.5;attr=s:bsd|dtype:2x577x1024:in0.bin;...|dtype:2x577x1024:out0.bin;...|
+//            shape-input values (e.g. "144": GatherTopK's keep, passed to getOutputShapes only)
 // dtypes: half, float, int8, int32, int64; an output dim of -1 is a size-tensor dimension (its concrete value is
 // given in the output's shape after '=', e.g. 2x-1x4096=2x144x4096). --no-device stops before any CUDA call
 // (host check of the case plumbing); --iters N also times N enqueues with CUDA events.
@@ -161,7 +163,7 @@ int main(int argc, char** argv) {
     while (std::getline(cases, line)) {
         if (line.empty() || line[0] == '#') continue;
         auto parts = split(line, '|');
-        parts.resize(5);
+        parts.resize(6);  // name | op | fields | inputs | outputs | shape-input values
         std::string const name = parts[0];
         std::ostringstream js;
         js << "{\"case\": \"" << jsonEscape(name) << "\", \"op\": \"" << parts[1] << "\"";
@@ -220,7 +222,9 @@ int main(int argc, char** argv) {
             inExprs[i].nbDims = ins[i].buildDims.nbDims;
             for (int32_t j = 0; j < inExprs[i].nbDims; ++j) inExprs[i].d[j] = eb.impl.constant(ins[i].buildDims.d[j]);
         }
-        int32_t const shapesRc = build->getOutputShapes(inExprs.data(), nbIn, nullptr, 0, outExprs.data(), nbOut, eb);
+        std::vector<DimsExprs> const shapeIn = shapeInputs(parts[5], eb);
+        int32_t const shapesRc = build->getOutputShapes(inExprs.data(), nbIn, shapeIn.data(),
+            static_cast<int32_t>(shapeIn.size()), outExprs.data(), nbOut, eb);
         bool shapesOk = shapesRc == 0;
         std::string shapesJson = "[";
         for (int32_t o = 0; o < nbOut && shapesRc == 0; ++o) {
@@ -283,6 +287,8 @@ int main(int argc, char** argv) {
 
         // ---- enqueue with real device buffers ----
         std::string cudaErr;
+        std::string captureErr;
+        bool captureOk = false;
         int32_t enqueueRc = -99;
         float ms = -1.0F;
         void* ws = nullptr;
@@ -329,6 +335,27 @@ int main(int argc, char** argv) {
                 goto done;
             }
         }
+        if (enqueueRc == 0) {
+            // The same enqueue captured into a CUDA graph and replayed: capture fails if enqueue synchronizes the
+            // stream, copies to the host or allocates (GatherTopK's kept count, FlashAttention's split-KV partials).
+            cudaGraph_t graph = nullptr;
+            cudaGraphExec_t exec = nullptr;
+            int32_t rc = -99;
+            cudaError_t e = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+            if (e == cudaSuccess) {
+                rc = runtime->enqueue(rtIn.data(), rtOut.data(), inPtrs.data(), outPtrs.data(), ws, stream);
+                cudaError_t const end = cudaStreamEndCapture(stream, &graph);
+                e = end != cudaSuccess ? end : cudaGetLastError();
+            }
+            if (e == cudaSuccess && rc == 0) e = cudaGraphInstantiate(&exec, graph, 0);
+            if (e == cudaSuccess && rc == 0) e = cudaGraphLaunch(exec, stream);
+            if (e == cudaSuccess && rc == 0) e = cudaStreamSynchronize(stream);
+            captureOk = e == cudaSuccess && rc == 0;
+            captureErr = e != cudaSuccess ? cudaGetErrorString(e) : (rc != 0 ? "enqueue returned non-zero" : "");
+            cudaGetLastError();
+            if (exec != nullptr) cudaGraphExecDestroy(exec);
+            if (graph != nullptr) cudaGraphDestroy(graph);
+        }
         if (iters > 0 && enqueueRc == 0) {
             CUDA_TRY(cudaEventCreate(&ev0));
             CUDA_TRY(cudaEventCreate(&ev1));
@@ -352,6 +379,8 @@ int main(int argc, char** argv) {
         bool const ok = buildOk && enqueueRc == 0 && cudaErr.empty();
         if (!ok) ++failures;
         js << ", \"enqueue_rc\": " << enqueueRc << ", \"cuda_error\": \"" << jsonEscape(cudaErr) << "\"";
+        js << ", \"graph_capture_ok\": " << (captureOk ? "true" : "false") << ", \"graph_capture_error\": \""
+           << jsonEscape(captureErr) << "\"";
         if (ms >= 0.0F) js << ", \"enqueue_ms\": " << ms << ", \"iters\": " << iters;
         std::cout << js.str() << ", \"ok\": " << (ok ? "true" : "false") << ", \"enqueued\": true}" << std::endl;
         if (!cudaErr.empty() && cudaErr.find("cudaStreamSynchronize") != std::string::npos) break;  // sticky error

@@ -96,7 +96,7 @@ int main(int argc, char** argv) {
     while (std::getline(std::cin, line)) {
         if (line.empty()) continue;
         std::vector<std::string> parts = split(line, '|');
-        parts.resize(4);
+        parts.resize(5);  // op | fields | input types | input shapes | shape-input values
         IPluginCreatorV3One* creator = nullptr;
         for (int32_t i = 0; i < nb; ++i) {
             auto* c = static_cast<IPluginCreatorV3One*>(creators[i]);
@@ -141,7 +141,9 @@ int main(int argc, char** argv) {
                 inExprs[static_cast<size_t>(i)].d[j] = eb.impl.constant(std::atoll(dims[j].c_str()));
             }
         }
-        int32_t const shapesRc = build->getOutputShapes(inExprs.data(), nbIn, nullptr, 0, outExprs.data(), nbOut, eb);
+        std::vector<DimsExprs> const shapeIn = shapeInputs(parts[4], eb);
+        int32_t const shapesRc = build->getOutputShapes(inExprs.data(), nbIn, shapeIn.data(),
+            static_cast<int32_t>(shapeIn.size()), outExprs.data(), nbOut, eb);
 
         // Format support for the given input types followed by the reported output types (linear).
         std::vector<DynamicPluginTensorDesc> io(static_cast<size_t>(nbIn + nbOut));
