@@ -31,14 +31,18 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-#: SmolLM2's ChatML turns with LLaVA content lists (images first, then text; no default system turn); ``image_token``
-#: is a template variable (the processor config's image token).
-CHATML_IMAGE_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ image_token + '\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] }}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def chatml_image_template(image_token: str) -> str:
+    """SmolLM2's ChatML turns for LLaVA content lists: images first (``image_token`` and a newline), then text; no
+    default system turn."""
+    items = "message['content'] | selectattr('type', 'equalto', "
+    return ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+            "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            f"{{% for content in {items}'image') %}}{{{{ {image_token!r} + '\n' }}}}{{% endfor %}}"
+            f"{{% for content in {items}'text') %}}{{{{ content['text'] }}}}{{% endfor %}}"
+            "{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 class ProcessorFilesError(ValueError):
@@ -173,7 +177,7 @@ def real_tokenizer_files(spec) -> dict[str, str | dict]:
                                   "add_eos_token": False, "clean_up_tokenization_spaces": False,
                                   "model_max_length": spec.max_seq_len},
         "special_tokens_map.json": special,
-        "chat_template.jinja": CHATML_IMAGE_TEMPLATE.replace("image_token + ", repr(image_token) + " + "),
+        "chat_template.jinja": chatml_image_template(image_token),
         "processor_config.json": _processor_config(spec, image_token),
         "preprocessor_config.json": _image_settings(spec),
         "generation_config.json": {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id,

@@ -2,15 +2,17 @@
 """Accuracy of visual-token pruning on the synthetic VQA test split, through exported graphs (ONNX Runtime).
 
 For each test question: the vision graph once per image, then for every method and keep ratio the prune graph
-keeps ``k`` of the 144 visual tokens and the prefill graph scores the answer; the prediction is the best of the
-question kind's answer words by their first token's logit (closed-set, so chance is 1/|answers| per kind).
+keeps ``k`` of the 144 visual tokens and the ``lm`` graph (one prefill over the pipeline's KV-cache binding, one
+batch row per method) gives the first reply token's logits; the prediction is the best of the question kind's
+answer words by their first token's logit (closed-set, so chance is 1/|answers| per kind). Prompts, images and
+answer tokens go through the export's own processor (chat template, image processor, tokenizer), as in vlm-run.
 
 Methods: ``text`` (the score graph: LM layer-0 text queries vs visual keys, ``--prune text``), ``cls`` (the vision
 tower's [CLS] attention, ``--prune cls``), ``random`` (seeded random drop) and ``uniform`` (a spatially uniform
 lattice of ``k`` tokens). All four feed their scores to the same prune graph (GatherTopK), so only the scores differ.
 Several exports (``--export fp32=DIR --export w8a8=DIR``) are compared side by side.
 
-    python scripts/eval_pruning.py --export fp32=build/micro-fp32 --test-images 60 --out bench/results/pruning_llava_micro
+    python scripts/eval_pruning.py --export fp32=build/micro-fp32 --test-images 40
 """
 from __future__ import annotations
 
@@ -181,11 +183,12 @@ def _check_against_pipeline(ev: Evaluator, image, prompt, keeps, methods, vis, t
 
 def write_results(out: Path, results: dict, meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    chance = ", ".join(f"{k} {v:.2f}" for k, v in meta["chance"].items() if k != "all")
     lines = [f"# Visual-token pruning accuracy: {meta['preset']} on the synthetic VQA test split", "",
              f"Command: `{meta['command']}`", "",
              f"{meta['questions']} questions on {meta['images']} images (seed {meta['vqa_seed']}); closed-set "
-             f"accuracy, chance {meta['chance']['all']:.3f} ({', '.join(f'{k} {v:.2f}' for k, v in meta['chance'].items() if k != 'all')}); "
-             f"backend {meta['backend']}; {meta['elapsed_s']:.0f} s.", ""]
+             f"accuracy, chance {meta['chance']['all']:.3f} ({chance}); backend {meta['backend']}; "
+             f"{meta['elapsed_s']:.0f} s.", ""]
     bars = []
     for name, table in results.items():
         keeps = sorted({r["keep"] for r in table.values()}, reverse=True)
@@ -210,9 +213,10 @@ def write_results(out: Path, results: dict, meta: dict) -> None:
                         + ("beats random drop at every budget" if not lose else
                            f"does NOT beat random drop at keep {', '.join(f'{k:g}' for k in lose)}"))
         lines += ["Per kind (accuracy at each keep):", "",
-                  "| method@keep | " + " | ".join(k for k in make_vqa.KINDS) + " |", "|---|" + "---|" * len(make_vqa.KINDS)]
+                  "| method@keep | " + " | ".join(make_vqa.KINDS) + " |", "|---|" + "---|" * len(make_vqa.KINDS)]
         for key, r in table.items():
-            lines.append(f"| {key} | " + " | ".join(f"{r['per_kind'].get(k, float('nan')):.2f}" for k in make_vqa.KINDS) + " |")
+            cells = " | ".join(f"{r['per_kind'].get(k, float('nan')):.2f}" for k in make_vqa.KINDS)
+            lines.append(f"| {key} | {cells} |")
         lines.append("")
     lines += ["## Against the bar", ""] + bars + [""]
     out.with_suffix(".md").write_text("\n".join(lines))
