@@ -29,7 +29,7 @@ from .model_configs import GraphSpec
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 #: Model metadata key holding :func:`layer_outputs` of the exported graph.
 LAYER_OUTPUTS_KEY = "vlmx.layer_outputs"
-_LAYER_SCOPE = re.compile(r"'([\w.]*\.layers\.\d+)'")
+_LAYER_SCOPE = re.compile(r"'([\w.]*\.layers?\.\d+)'")  # CLIP/SigLIP/Llama ``layers``, DINOv2 ``layer``
 
 
 class ExportError(RuntimeError):

@@ -23,12 +23,15 @@ class VisionGraph(nn.Module):
     """``pixel_values`` → ``image_features`` (after the projector) [, ``cls_attention`` (CLIP towers)]."""
 
     def __init__(self, tower: nn.Module, projector: nn.Module, feature_layer: int, drop_cls: bool,
-                 cls_attention: bool):
+                 cls_attention: bool, cls_qk=None):
         super().__init__()
         self.tower, self.projector = tower, projector
         self.feature_layer = feature_layer
         self.drop_cls = drop_cls
         self.cls_attention = cls_attention
+        #: ``(tower, hidden_states, layer_index) -> (q [B,H,S,D], k [B,H,S,D], scale)`` for towers whose layers
+        #: are not CLIP-shaped (the family config supplies it); None: the CLIP layout below
+        self.cls_qk = cls_qk
 
     def forward(self, pixel_values):
         hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states
@@ -42,6 +45,11 @@ class VisionGraph(nn.Module):
 
     def _cls_attention(self, tower, hidden):
         """Head-averaged softmax of the [CLS] query over all keys at the feature layer, renormalised over patches."""
+        if self.cls_qk is not None:
+            n = tower.config.num_hidden_layers
+            q, k, scale = self.cls_qk(tower, hidden, _feature_layer_index(self.feature_layer, n))
+            p = torch.softmax(torch.matmul(q[:, :, :1].float(), k.float().transpose(-1, -2)) * scale, dim=-1)
+            return pruning.cls_importance(p[:, :, 0, :])
         inner = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
         layers = inner.encoder.layers
         li = _feature_layer_index(self.feature_layer, len(layers))

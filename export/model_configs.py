@@ -179,6 +179,9 @@ class LlavaFamily:
                 "image_token_id": c.image_token_id, "position_ids": self.position_ids, "max_seq_len": s.max_seq_len,
                 "dtype": str(ctx.dtype).removeprefix("torch.")}
 
+    #: ``(tower, hidden_states, layer) -> (q, k, scale)`` of the [CLS] attention; None: the CLIP layout
+    cls_qk = None
+
     def score_modules(self, model):
         """(input norm, q projection, k projection) of LM layer 0."""
         layer = model.model.language_model.layers[0]
@@ -208,7 +211,7 @@ class LlavaFamily:
         has_cls = s.has_cls
         module = graphs.VisionGraph(ctx.model.model.vision_tower, ctx.model.model.multi_modal_projector,
                                     s.feature_layer, drop_cls=has_cls and s.select_strategy == "default",
-                                    cls_attention=has_cls)
+                                    cls_attention=has_cls, cls_qk=self.cls_qk)
         px = (3, s.image_size, s.image_size)
         return GraphSpec("vision", module, {"pixel_values": self._randn(ctx, 1, b, *px)},
                          ["image_features"] + (["cls_attention"] if has_cls else []),
@@ -344,13 +347,43 @@ class LlavaMptFamily(LlavaFamily):
         return block.norm_1, SliceProj(wqkv, 0, c), SliceProj(wqkv, c, 2 * c)
 
 
+def _dinov2_cls_qk(tower, hidden, li):
+    """Queries and keys of DINOv2 layer ``li`` (pre-norm ``norm1``, ``attention.q_proj`` / ``k_proj``)."""
+    layer = tower.encoder.layer[li]
+    x = layer.norm1(hidden[li])
+    attn = layer.attention
+    b, s, _ = x.shape
+    h, d = attn.num_attention_heads, attn.head_dim
+    q = attn.q_proj(x).view(b, s, h, d).transpose(1, 2)
+    k = attn.k_proj(x).view(b, s, h, d).transpose(1, 2)
+    return q, k, attn.scaling
+
+
+class LlavaDinov2Family(LlavaFamily):
+    """LLaVA with a DINOv2 tower (llava-micro): [CLS] kept by the tower and dropped by the feature selection, its
+    attention read from DINOv2's own layers; the tower keeps transformers' modules (attention through the
+    interface, so ``--attention`` covers it too); the Llama LM may use GQA."""
+
+    name = "llava-dinov2"
+    vision = "dinov2"
+
+    def prepare(self, model, attention, precision="fp16"):
+        hf_attention.set_attention(model, attention)
+        return model
+
+    @staticmethod
+    def cls_qk(tower, hidden, li):
+        return _dinov2_cls_qk(tower, hidden, li)
+
+
 def self_tokens(vision_model) -> int:
     """Tokens per image of a transformers vision model (patches, plus [CLS] where it has one)."""
     emb = vision_model.embeddings
     return int(getattr(emb, "num_positions", None) or emb.num_patches)
 
 
-FAMILIES: dict[str, LlavaFamily] = {f.name: f for f in (LlavaFamily(), LlavaSiglipFamily(), LlavaMptFamily())}
+FAMILIES: dict[str, LlavaFamily] = {f.name: f for f in (LlavaFamily(), LlavaSiglipFamily(), LlavaMptFamily(),
+                                                         LlavaDinov2Family())}
 
 
 def family_for(spec) -> LlavaFamily:

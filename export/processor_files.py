@@ -3,7 +3,9 @@
 With ``--checkpoint`` the checkpoint's own files are copied (tokenizer, its config and special tokens, chat template,
 processor and image-processor configs, generation config). A random-weight preset gets the same set, made from
 the committed tiny BPE (:data:`vlmx.torch_ref.models.TOKENIZER_FILE`) with ``<image>`` and ``<pad>`` added at the
-preset's ids, LLaVA-1.5's chat template and the preset's CLIP/SigLIP image settings. Either way the files are what
+preset's ids, LLaVA-1.5's chat template and the preset's CLIP/SigLIP image settings; a real-weight preset with its
+own tokenizer (``llava-micro``: SmolLM2's, read from its GGUF) gets that tokenizer unchanged, a ChatML template that
+takes LLaVA content lists and an existing special token as the image token. Either way the files are what
 transformers' ``AutoProcessor.from_pretrained`` reads, and the manifest lists them under ``processor``.
 """
 from __future__ import annotations
@@ -29,6 +31,18 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def chatml_image_template(image_token: str) -> str:
+    """SmolLM2's ChatML turns for LLaVA content lists: images first (``image_token`` and a newline), then text; no
+    default system turn."""
+    items = "message['content'] | selectattr('type', 'equalto', "
+    return ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+            "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            f"{{% for content in {items}'image') %}}{{{{ {image_token!r} + '\n' }}}}{{% endfor %}}"
+            f"{{% for content in {items}'text') %}}{{{{ content['text'] }}}}{{% endfor %}}"
+            "{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 class ProcessorFilesError(ValueError):
@@ -103,10 +117,9 @@ def preset_tokenizer_json(spec) -> str:
     return tok.to_str()
 
 
-def preset_processor_files(spec) -> dict[str, str | dict]:
-    """name -> content of every processor file for a random-weight preset."""
-    from vlmx.torch_ref import models
-
+def _image_settings(spec) -> dict:
+    """preprocessor_config.json of a preset: CLIP (shortest edge + center crop) or a fixed resize (SigLIP, DINOv2
+    with ImageNet statistics)."""
     size = spec.image_size
     image = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
              "image_mean": list(spec.image_mean), "image_std": list(spec.image_std), "do_convert_rgb": True}
@@ -115,6 +128,21 @@ def preset_processor_files(spec) -> dict[str, str | dict]:
                      crop_size={"height": size, "width": size})
     else:
         image.update(image_processor_type="SiglipImageProcessor", size={"height": size, "width": size})
+    return {**image, "processor_class": "LlavaProcessor"}
+
+
+def _processor_config(spec, image_token: str) -> dict:
+    return {"processor_class": "LlavaProcessor", "image_token": image_token, "patch_size": spec.patch_size,
+            "vision_feature_select_strategy": spec.select_strategy,
+            "num_additional_image_tokens": 1 if spec.has_cls else 0}
+
+
+def preset_processor_files(spec) -> dict[str, str | dict]:
+    """name -> content of every processor file for a preset without a checkpoint."""
+    if spec.tokenizer == "smollm2":
+        return real_tokenizer_files(spec)
+    from vlmx.torch_ref import models
+
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": PAD_TOKEN}
     return {
         "tokenizer.json": preset_tokenizer_json(spec),
@@ -123,12 +151,36 @@ def preset_processor_files(spec) -> dict[str, str | dict]:
                                   "model_max_length": spec.max_seq_len},
         "special_tokens_map.json": special,
         "chat_template.jinja": LLAVA_CHAT_TEMPLATE,
-        "processor_config.json": {"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN,
-                                  "patch_size": spec.patch_size,
-                                  "vision_feature_select_strategy": spec.select_strategy,
-                                  "num_additional_image_tokens": 1 if spec.has_cls else 0},
-        "preprocessor_config.json": {**image, "processor_class": "LlavaProcessor"},
+        "processor_config.json": _processor_config(spec, IMAGE_TOKEN),
+        "preprocessor_config.json": _image_settings(spec),
         "generation_config.json": {"bos_token_id": models.BOS_ID, "eos_token_id": models.EOS_ID,
+                                   "pad_token_id": spec.pad_token_id},
+    }
+
+
+def real_tokenizer_files(spec) -> dict[str, str | dict]:
+    """Processor files of a real-weight preset with SmolLM2's tokenizer (unchanged, from the GGUF): its
+    ``image_token_id`` is one of the tokenizer's own unused special tokens, named in processor_config.json."""
+    from vlmx.torch_ref import llava_micro
+
+    tok = llava_micro.tokenizer()
+    image_token = tok.convert_ids_to_tokens(spec.image_token_id)
+    if tok.encode(image_token, add_special_tokens=False) != [spec.image_token_id]:
+        raise ProcessorFilesError(f"preset {spec.name}: image_token_id {spec.image_token_id} ({image_token!r}) is "
+                                  "not a single special token of its tokenizer; pick an unused special token")
+    ids = {"bos_token": spec.bos_token_id, "eos_token": spec.eos_token_id, "pad_token": spec.pad_token_id,
+           "unk_token": tok.unk_token_id}
+    special = {k: tok.convert_ids_to_tokens(v) for k, v in ids.items() if v is not None}
+    return {
+        "tokenizer.json": tok.backend_tokenizer.to_str(),
+        "tokenizer_config.json": {"tokenizer_class": "TokenizersBackend", **special, "add_bos_token": False,
+                                  "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                                  "model_max_length": spec.max_seq_len},
+        "special_tokens_map.json": special,
+        "chat_template.jinja": chatml_image_template(image_token),
+        "processor_config.json": _processor_config(spec, image_token),
+        "preprocessor_config.json": _image_settings(spec),
+        "generation_config.json": {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id,
                                    "pad_token_id": spec.pad_token_id},
     }
 

@@ -69,7 +69,8 @@ def vision_layer_errors(vision_path: Path, vision_module, pixel_values: np.ndarr
 
     model = onnx.load(str(vision_path))
     tower = vision_module.tower
-    layers = getattr(tower, "vision_model", tower).encoder.layers
+    encoder = getattr(tower, "vision_model", tower).encoder
+    layers = getattr(encoder, "layers", None) or encoder.layer  # DINOv2 names its list ``layer``
     scope = next((n for n, m in vision_module.named_modules() if m is layers), None)
     if scope is None:
         return []

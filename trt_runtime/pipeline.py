@@ -173,16 +173,17 @@ class VLMPipeline:
                                            if room > 0 else "shorten the prompt or lower --keep")
                 + ", or re-export with a larger --max-seq-len")
 
-    def _bind_lm(self) -> dict:
-        """Allocate and bind this generation's LM buffers once: caches (past = present), logits, mask."""
+    def _bind_lm(self, batch: int = 1) -> dict:
+        """Allocate and bind this generation's LM buffers once: caches (past = present), logits, mask (``batch``
+        rows: scripts that score several prompts of one length in one prefill)."""
         bufs = {}
         for past, present in zip(kv_names(KV_PAST, self.num_layers), kv_names(KV_PRESENT, self.num_layers)):
-            buf = self.lm.alloc(past, (1, *self.kv_shape), self.kv_dtype)
+            buf = self.lm.alloc(past, (batch, *self.kv_shape), self.kv_dtype)
             bufs[past] = bufs[present] = buf
         vocab = int(self.artifacts.info["vocab_size"])
-        bufs["logits"] = self.lm.alloc("logits", (1, 1, vocab), "float32")
+        bufs["logits"] = self.lm.alloc("logits", (batch, 1, vocab), "float32")
         self.lm.bind(bufs)
-        mask = self.lm.alloc("attention_mask", (1, self.max_seq_len), "int64")
+        mask = self.lm.alloc("attention_mask", (batch, self.max_seq_len), "int64")
         mask[...] = 1
         return {"cache": bufs, "mask": mask}
 
