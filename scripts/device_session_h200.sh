@@ -2,8 +2,9 @@
 # Issue 16 on one warm H200, as back-to-back device calls (a call carries at most 64 MiB; the machine stays warm
 # ~30 s after a call, and a process started with setsid runs on between calls):
 #   start  (carry .whl .trt_headers): wheels into /tmp/site; the LLaVA-1.5-7B export (random weights, fp16,
-#          S_max 2304) starts in the background (setsid, /usr/bin/time -v); meanwhile kernels, plugin harness and
-#          every gpu-marked test file (scripts/device_h200.sh).
+#          S_max 2304) starts in the background (setsid, /usr/bin/time -v); meanwhile the decode kernels
+#          (scripts/device_decode_kernels.sh: build, checks, timings, memcheck, plugin harness) and every
+#          gpu-marked test file.
 #   stash  (carry build/llava-micro-train/part1): part 1 of the micro-VLM training data stays on the machine.
 #   train  (carry build/llava-micro-train/part2): projector training (scripts/train_projector.py train).
 #   decode (no carry): waits for the export, records its disk / peak RSS against the fp16 weight bytes, runs
@@ -27,7 +28,23 @@ start)
     --model llava --precision fp16 --max-seq-len 2304 --out $E/llava --no-report --quiet >$E/export.txt 2>&1; \
     echo \$? >$E/export.rc" </dev/null >/dev/null 2>&1 &
   echo "7B export started in the background"
-  bash scripts/device_h200.sh
+  W=/tmp/o; mkdir -p $W
+  # Decode kernels (kv_len attention, W8A8 decode GEMM): build x2, checks + timings, memcheck, their GPU test file,
+  # the plugin enqueue harness (both builds).
+  OUT=$W/dk bash scripts/device_decode_kernels.sh >$W/decode_kernels_log.txt 2>&1; echo "decode kernels rc=$?"
+  tail -30 $W/decode_kernels_log.txt
+  PTX_LIB=$($PY -m vlmx.plugins.build --target trt-sm75 --ptx-only 2>>$W/gpu_build.txt | tail -1)
+  $PY -m vlmx.plugins.triton_aot --target trt-sm75 --out build/triton/sm75 >>$W/gpu_build.txt 2>&1
+  # Every other test file with gpu-marked tests, on this GPU with the compute_75 PTX library.
+  VLMX_KERNELS_LIB="$PTX_LIB" VLMX_TRITON_DIR=build/triton/sm75 TENSORRT_INCLUDE_DIR=$PWD/.trt_headers/include \
+    timeout 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_mpt_attention.py \
+    tests/test_generation.py tests/test_plugin_enqueue.py tests/test_trt_runtime.py -rs >$W/pytest_gpu.txt 2>&1
+  echo "pytest -m gpu rc=$?"; tail -15 $W/pytest_gpu.txt
+  cp $W/dk/decode_kernels.json "$RESULTS/decode_kernels_h200.json"; cp $W/dk/decode_kernels.md "$RESULTS/decode_kernels_h200.md"
+  cp $W/dk/plugins/plugins_enqueue.json "$RESULTS/plugins_enqueue_h200.json" 2>/dev/null
+  cp $W/dk/plugins/plugins_enqueue.md "$RESULTS/plugins_enqueue_h200.md" 2>/dev/null
+  cat $W/dk/decode_pytest_gpu.txt $W/pytest_gpu.txt >"$RESULTS/pytest_gpu_h200.txt"
+  tar czf "$RESULTS/session_start_logs.tgz" -C $W --exclude='*.so' --exclude='*.cubin' --exclude='*.ptx' . 2>/dev/null
   export_state ;;
 stash)
   ls -la build/llava-micro-train/part1 | head; export_state ;;
