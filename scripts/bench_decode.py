@@ -58,25 +58,30 @@ def peak_memory(device: str) -> int:
 
 def decode_curve(pipe, contexts, steps: int) -> list[dict]:
     """ms per decode token at each context length, through the LM runner with bound buffers."""
-    from vlmx.trt_runtime.pipeline import _t
+    from vlmx.trt_runtime.sampling import Sampling
 
-    lm, info = pipe.lm, pipe.artifacts.info
+    lm, info, arrays = pipe.lm, pipe.artifacts.info, pipe.arrays
     hidden = int(info["lm_hidden"])
     rows = []
     bufs = pipe._bind_lm()
     mask = bufs["mask"]
     step = pipe._decode_fn(hidden)
-    gen = torch.Generator().manual_seed(0)
+    greedy = arrays.sampler(Sampling())
+    rng = np.random.default_rng(0)
     for c in contexts:
         c = min(c, pipe.max_seq_len - steps)
-        prompt = (torch.randn(1, c, hidden, generator=gen) * 0.5).to(getattr(torch, pipe.kv_dtype))
-        lm.infer({"inputs_embeds": prompt.to(pipe.device), "attention_mask": mask[:, :c]})
-        token = torch.zeros(1, dtype=torch.int64, device=pipe.device) + 5
+        prompt = (rng.standard_normal((1, c, hidden)) * 0.5).astype(pipe.kv_dtype)
+        if arrays.name == "torch":
+            prompt = torch.from_numpy(prompt).to(arrays.device)
+        lm.infer({"inputs_embeds": prompt, "attention_mask": mask[:, :c]})
+        token = arrays.tokens([5]).reshape(1)
+        if arrays.name == "torch":
+            token = token.to(arrays.device)
         times = []
         for i in range(steps):
             t = time.perf_counter()
             logits = step(token, c + i + 1, mask)
-            token = _t(logits)[:, -1].argmax(-1)
+            token = greedy(logits[:, -1])
             int(token[0])  # the per-token host sync vlm-run also pays
             times.append(1e3 * (time.perf_counter() - t))
         rows.append({"context": c, "ms_per_token": statistics.median(times), "min_ms": min(times)})
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
     image = Path(tempfile.mkdtemp()) / "image.png"
     Image.fromarray((np.random.default_rng(0).random((336, 336, 3)) * 255).astype(np.uint8)).save(image)
     with VLMPipeline(artifacts, backend=args.backend) as pipe:
-        device = pipe.device.type
+        device = torch.device(pipe.arrays.device).type
         s_max = pipe.max_seq_len
         contexts = sorted({c for c in map(int, args.contexts.split(",")) if c < s_max - args.steps}
                           | {s_max - args.steps})

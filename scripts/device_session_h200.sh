@@ -16,18 +16,24 @@ RESULTS=${OUT:-$PWD/out}
 mkdir -p "$RESULTS"
 E=/tmp/r7b; export PYTHONUNBUFFERED=1
 export_state() {
-  if [ -f $E/export.rc ]; then echo "7B export finished rc=$(cat $E/export.rc)"
-  elif [ -d $E ]; then echo "7B export running: $(du -sh $E 2>/dev/null | cut -f1) written"; else echo "no 7B export"; fi
+  for prec in fp16 w8a8; do
+    if [ -f $E/$prec/export.rc ]; then echo "7B $prec export finished rc=$(cat $E/$prec/export.rc)"
+    elif [ -d $E/$prec ]; then echo "7B $prec export running: $(du -sh $E/$prec 2>/dev/null | cut -f1) written"
+    else echo "no 7B $prec export"; fi
+  done
 }
 case $PHASE in
 start)
   OUT=/tmp/o source scripts/device_env.sh
   rm -rf $E; mkdir -p $E
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee $E/device.txt
-  setsid bash -c "cd '$PWD'; export PYTHONPATH='${PYTHONPATH:-}'; /usr/bin/time -v $PY -m vlmx.apps.export_cli \
-    --model llava --precision fp16 --max-seq-len 2304 --out $E/llava --no-report --quiet >$E/export.txt 2>&1; \
-    echo \$? >$E/export.rc" </dev/null >/dev/null 2>&1 &
-  echo "7B export started in the background"
+  for prec in fp16 w8a8; do
+    mkdir -p $E/$prec
+    setsid bash -c "cd '$PWD'; export PYTHONPATH='${PYTHONPATH:-}'; /usr/bin/time -v $PY -m vlmx.apps.export_cli \
+      --model llava --precision $prec --max-seq-len 2304 --out $E/$prec/llava --no-report --quiet \
+      >$E/$prec/export.txt 2>&1; echo \$? >$E/$prec/export.rc" </dev/null >/dev/null 2>&1 &
+  done
+  echo "7B exports (fp16, w8a8) started in the background"
   W=/tmp/o; mkdir -p $W
   # Decode kernels (kv_len attention, W8A8 decode GEMM): build x2, checks + timings, memcheck, their GPU test file,
   # the plugin enqueue harness (both builds).
@@ -37,7 +43,7 @@ start)
   $PY -m vlmx.plugins.triton_aot --target trt-sm75 --out build/triton/sm75 >>$W/gpu_build.txt 2>&1
   # Every other test file with gpu-marked tests, on this GPU with the compute_75 PTX library.
   VLMX_KERNELS_LIB="$PTX_LIB" VLMX_TRITON_DIR=build/triton/sm75 TENSORRT_INCLUDE_DIR=$PWD/.trt_headers/include \
-    timeout 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_mpt_attention.py \
+    timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_mpt_attention.py \
     tests/test_generation.py tests/test_plugin_enqueue.py tests/test_trt_runtime.py -rs >$W/pytest_gpu.txt 2>&1
   echo "pytest -m gpu rc=$?"; tail -15 $W/pytest_gpu.txt
   cp $W/dk/decode_kernels.json "$RESULTS/decode_kernels_h200.json"; cp $W/dk/decode_kernels.md "$RESULTS/decode_kernels_h200.md"
@@ -50,45 +56,32 @@ stash)
   ls -la build/llava-micro-train/part1 | head; export_state ;;
 train)
   [ -d build/llava-micro-train/part1 ] || { echo "has no part1/: the machine was recycled; repeat stash"; exit 3; }
-  timeout 560 python3 scripts/train_projector.py train --data build/llava-micro-train --out "$RESULTS" \
-    --max-minutes 7 2>&1 | tee "$RESULTS/train.log" | tail -30
+  timeout 300 python3 scripts/train_projector.py train --data build/llava-micro-train --out "$RESULTS" \
+    --max-minutes 3.5 2>&1 | tee "$RESULTS/train.log" | tail -30
   export_state ;;
 decode)
   OUT=/tmp/o source scripts/device_env.sh
-  for _ in $(seq 1 60); do [ -f $E/export.rc ] && break; sleep 5; done
+  for _ in $(seq 1 60); do [ -f $E/fp16/export.rc ] && break; sleep 5; done
   export_state
-  [ "$(cat $E/export.rc 2>/dev/null)" = 0 ] || { tail -20 $E/export.txt; exit 4; }
-  grep -E "Elapsed|Maximum resident" $E/export.txt
-  $PY - "$E/llava" >"$RESULTS/export_llava_h200.json" <<'EOF'
-import json, re, sys
-from pathlib import Path
-d = Path(sys.argv[1]); m = json.loads((d / "manifest.json").read_text())
-t = (d.parent / "export.txt").read_text()
-lm = sum(int(v["bytes"]) for k, v in m["files"].items() if k.startswith("lm.onnx"))
-total = sum(int(v["bytes"]) for v in m["files"].values())
-from vlmx.export.weights import meta_model
-_, model = meta_model("llava")
-lm_fp16 = sum(p.numel() * 2 for n, p in model.named_parameters() if "vision_tower" not in n
-              and "multi_modal_projector" not in n)
-all_fp16 = sum(p.numel() * 2 for p in model.parameters())
-rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1)) * 1024
-wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", t).group(1)
-print(json.dumps({"command": "vlm-export --model llava --precision fp16 --max-seq-len 2304 --no-report --quiet",
-                  "wall": wall, "peak_rss_bytes": rss, "model_fp16_bytes": all_fp16, "lm_fp16_bytes": lm_fp16,
-                  "lm_onnx_bytes": lm, "export_bytes": total, "lm_disk_ratio": round(lm / lm_fp16, 4),
-                  "disk_ratio": round(total / all_fp16, 4), "rss_ratio": round(rss / all_fp16, 4),
-                  "graphs": sorted(m["graphs"])}, indent=1))
-EOF
-  cat "$RESULTS/export_llava_h200.json"
   $PY -c "from PIL import Image; import numpy as np; Image.fromarray((np.random.default_rng(1).random((480, 640, 3))*255).astype('uint8')).save('/tmp/img.png')"
-  timeout 240 $PY -m vlmx.trt_runtime.run_cli --artifacts $E/llava --backend torch --image /tmp/img.png \
-    --prompt "What is in the image?" --max-new-tokens 48 --json >"$RESULTS/vlm_run_llava_h200.json" \
-    2>"$RESULTS/vlm_run_llava_h200.err"; echo "vlm-run rc=$?"; tail -c 1500 "$RESULTS/vlm_run_llava_h200.json"
-  timeout 300 $PY scripts/bench_decode.py --artifacts $E/llava --backend torch --steps 16 --new-tokens 64 \
-    --out /tmp/bench >"$RESULTS/bench_decode_llava_h200.log" 2>&1; echo "bench_decode rc=$?"
-  cp /tmp/bench/decode_bench.json "$RESULTS/decode_llava_h200.json" 2>/dev/null
-  cp /tmp/bench/decode_bench.md "$RESULTS/decode_llava_h200.md" 2>/dev/null
-  tail -25 "$RESULTS/bench_decode_llava_h200.log" ;;
+  for prec in fp16 w8a8; do
+    [ $prec = w8a8 ] && for _ in $(seq 1 24); do [ -f $E/w8a8/export.rc ] && break; sleep 5; done
+    [ "$(cat $E/$prec/export.rc 2>/dev/null)" = 0 ] || { echo "$prec export not done"; tail -20 $E/$prec/export.txt; continue; }
+    cp $E/$prec/export.txt "$RESULTS/export_llava_${prec}_h200_time.txt"
+    grep -E "Elapsed|Maximum resident" $E/$prec/export.txt
+    $PY scripts/export_footprint.py $E/$prec/llava $E/$prec/export.txt >"$RESULTS/export_llava_${prec}_h200.json"
+    cat "$RESULTS/export_llava_${prec}_h200.json"
+    if [ $prec = fp16 ]; then
+      timeout 150 $PY -m vlmx.trt_runtime.run_cli --artifacts $E/$prec/llava --backend torch --image /tmp/img.png \
+        --prompt "What is in the image?" --max-new-tokens 32 --json >"$RESULTS/vlm_run_llava_h200.json" \
+        2>"$RESULTS/vlm_run_llava_h200.err"; echo "vlm-run rc=$?"; tail -c 1200 "$RESULTS/vlm_run_llava_h200.json"
+    fi
+    timeout 200 $PY scripts/bench_decode.py --artifacts $E/$prec/llava --backend torch --steps 16 --new-tokens 64 \
+      --out /tmp/bench_$prec >"$RESULTS/bench_decode_llava_${prec}_h200.log" 2>&1; echo "bench_decode $prec rc=$?"
+    cp /tmp/bench_$prec/decode_bench.json "$RESULTS/decode_llava_${prec}_h200.json" 2>/dev/null
+    cp /tmp/bench_$prec/decode_bench.md "$RESULTS/decode_llava_${prec}_h200.md" 2>/dev/null
+    tail -12 "$RESULTS/bench_decode_llava_${prec}_h200.log"
+  done ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 ls -la "$RESULTS"
