@@ -13,7 +13,7 @@
 set -uo pipefail
 PHASE=${1:?usage: device_session_h200.sh start|stash|train|decode}
 RESULTS=${OUT:-$PWD/out}
-mkdir -p "$RESULTS"
+mkdir -p "$RESULTS" /tmp/o
 E=/tmp/r7b; export PYTHONUNBUFFERED=1
 export_state() {
   for prec in fp16 w8a8; do
@@ -22,8 +22,17 @@ export_state() {
     else echo "no 7B $prec export"; fi
   done
 }
+gpu_tests() {  # every other test file with gpu-marked tests, compute_75 PTX library
+  local W=$1; mkdir -p $W
+  PTX_LIB=$($PY -m vlmx.plugins.build --target trt-sm75 --ptx-only 2>>$W/gpu_build.txt | tail -1)
+  $PY -m vlmx.plugins.triton_aot --target trt-sm75 --out build/triton/sm75 >>$W/gpu_build.txt 2>&1
+  VLMX_KERNELS_LIB="$PTX_LIB" VLMX_TRITON_DIR=build/triton/sm75 TENSORRT_INCLUDE_DIR=$PWD/.trt_headers/include \
+    timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_mpt_attention.py \
+    tests/test_generation.py tests/test_plugin_enqueue.py tests/test_trt_runtime.py -rs >$W/pytest_gpu.txt 2>&1
+  echo "pytest -m gpu rc=$?"; tail -15 $W/pytest_gpu.txt
+}
 case $PHASE in
-start)
+start|export)
   OUT=/tmp/o source scripts/device_env.sh
   rm -rf $E; mkdir -p $E
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee $E/device.txt
@@ -34,18 +43,14 @@ start)
       >$E/$prec/export.txt 2>&1; echo \$? >$E/$prec/export.rc" </dev/null >/dev/null 2>&1 &
   done
   echo "7B exports (fp16, w8a8) started in the background"
+  sleep 25; export_state; tail -3 $E/fp16/export.txt
+  [ $PHASE = export ] && { ls -la "$RESULTS"; exit 0; }
   W=/tmp/o; mkdir -p $W
   # Decode kernels (kv_len attention, W8A8 decode GEMM): build x2, checks + timings, memcheck, their GPU test file,
   # the plugin enqueue harness (both builds).
   OUT=$W/dk bash scripts/device_decode_kernels.sh >$W/decode_kernels_log.txt 2>&1; echo "decode kernels rc=$?"
   tail -30 $W/decode_kernels_log.txt
-  PTX_LIB=$($PY -m vlmx.plugins.build --target trt-sm75 --ptx-only 2>>$W/gpu_build.txt | tail -1)
-  $PY -m vlmx.plugins.triton_aot --target trt-sm75 --out build/triton/sm75 >>$W/gpu_build.txt 2>&1
-  # Every other test file with gpu-marked tests, on this GPU with the compute_75 PTX library.
-  VLMX_KERNELS_LIB="$PTX_LIB" VLMX_TRITON_DIR=build/triton/sm75 TENSORRT_INCLUDE_DIR=$PWD/.trt_headers/include \
-    timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_mpt_attention.py \
-    tests/test_generation.py tests/test_plugin_enqueue.py tests/test_trt_runtime.py -rs >$W/pytest_gpu.txt 2>&1
-  echo "pytest -m gpu rc=$?"; tail -15 $W/pytest_gpu.txt
+  gpu_tests $W
   cp $W/dk/decode_kernels.json "$RESULTS/decode_kernels_h200.json"; cp $W/dk/decode_kernels.md "$RESULTS/decode_kernels_h200.md"
   cp $W/dk/plugins/plugins_enqueue.json "$RESULTS/plugins_enqueue_h200.json" 2>/dev/null
   cp $W/dk/plugins/plugins_enqueue.md "$RESULTS/plugins_enqueue_h200.md" 2>/dev/null
@@ -56,8 +61,11 @@ stash)
   ls -la build/llava-micro-train/part1 | head; export_state ;;
 train)
   [ -d build/llava-micro-train/part1 ] || { echo "has no part1/: the machine was recycled; repeat stash"; exit 3; }
+  (OUT=/tmp/o source scripts/device_env.sh; gpu_tests /tmp/o >/tmp/o/gpu_tests.log 2>&1
+   cp /tmp/o/pytest_gpu.txt "$RESULTS/pytest_gpu_other_h200.txt") &
   timeout 300 python3 scripts/train_projector.py train --data build/llava-micro-train --out "$RESULTS" \
     --max-minutes 3.5 2>&1 | tee "$RESULTS/train.log" | tail -30
+  wait; tail -8 "$RESULTS/pytest_gpu_other_h200.txt"
   export_state ;;
 decode)
   OUT=/tmp/o source scripts/device_env.sh
