@@ -2,9 +2,10 @@
 # An editable install where it works; else link vlmx.<part> onto the repo's part directories.
 export PYTHONUNBUFFERED=1
 # Carried py3.12 wheels (.whl) of packages the device image lacks, installed once per machine into /tmp/site.
-if ls .whl/*.whl >/dev/null 2>&1; then
+WHEELS=${VLMX_WHEELS:-.whl}
+if ls $WHEELS/*.whl >/dev/null 2>&1; then
   [ -f /tmp/site/.vlmx-wheels ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.vlmx-wheels; } || { echo "wheel install failed"; exit 1; }
+    --upgrade --target /tmp/site $WHEELS/*.whl && touch /tmp/site/.vlmx-wheels; } || { echo "wheel install failed"; exit 1; }
   case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ;; esac
 fi
 PY=${PYTHON:-python3}

@@ -9,6 +9,11 @@
 #   train  (carry build/llava-micro-train/part2): projector training (scripts/train_projector.py train).
 #   decode (no carry): waits for the export, records its disk / peak RSS against the fp16 weight bytes, runs
 #          vlm-run once end to end and scripts/bench_decode.py (torch backend: our kernels, CUDA-graph decode).
+# A budget too small for the 32-layer export (~7 min) takes the two "lite" calls instead: LLaVA-1.5-7B widths with
+# $LAYERS LM layers (scripts/depth_variant.py), device's own transformers, small wheels (VLMX_WHEELS=.whl-small):
+#   lite-a (carry build/llava-micro-train/part1 .whl-small): part 1 stays; fp16 + W8A8 exports start (setsid).
+#   lite-b (carry build/llava-micro-train/part2 .whl-small): projector training where part 1 is still there (else
+#          skipped, exports started), then vlm-run and bench_decode on both exports; 8 files back at most.
 # usage: bash scripts/device_session_h200.sh PHASE      (results under $OUT)
 set -uo pipefail
 PHASE=${1:?usage: device_session_h200.sh start|stash|train|decode}
@@ -90,6 +95,43 @@ decode)
     cp /tmp/bench_$prec/decode_bench.md "$RESULTS/decode_llava_${prec}_h200.md" 2>/dev/null
     tail -12 "$RESULTS/bench_decode_llava_${prec}_h200.log"
   done ;;
+lite-a|lite-b)
+  export VLMX_WHEELS=.whl-small; OUT=/tmp/o source scripts/device_env.sh
+  L=${LAYERS:-8}; V="$PY scripts/depth_variant.py llava $L"; E=/tmp/rlite
+  start_exports() {
+    mkdir -p $E; for prec in fp16 w8a8; do mkdir -p $E/$prec
+      setsid bash -c "cd '$PWD'; export PYTHONPATH='${PYTHONPATH:-}'; /usr/bin/time -v $V vlmx.apps.export_cli \
+        --model llava-${L}l --precision $prec --max-seq-len 2304 --out $E/$prec/llava --no-report --quiet \
+        >$E/$prec/export.txt 2>&1; echo \$? >$E/$prec/export.rc" </dev/null >/dev/null 2>&1 &
+    done; echo "exports of llava-${L}l (fp16, w8a8) started"; }
+  if [ $PHASE = lite-a ]; then
+    mkdir -p /tmp/keep && cp -r build/llava-micro-train/part1 /tmp/keep/ && start_exports; sleep 15; export_state
+    tail -3 $E/fp16/export.txt; exit 0
+  fi
+  W=/tmp/o/res; mkdir -p $W; [ -d $E ] || start_exports
+  if [ -d /tmp/keep/part1 ]; then
+    cp -r /tmp/keep/part1 build/llava-micro-train/
+    timeout 260 python3 scripts/train_projector.py train --data build/llava-micro-train --out "$RESULTS" \
+      --max-minutes 3 >"$RESULTS/train.log" 2>&1; echo "train rc=$?"; tail -12 "$RESULTS/train.log"
+  else echo "part 1 is gone (a fresh machine): no training this call"; fi
+  for _ in $(seq 1 60); do [ -f $E/fp16/export.rc ] && [ -f $E/w8a8/export.rc ] && break; sleep 5; done
+  export_state
+  $PY -c "from PIL import Image; import numpy as np; Image.fromarray((np.random.default_rng(1).random((480, 640, 3))*255).astype('uint8')).save('/tmp/img.png')"
+  for prec in fp16 w8a8; do
+    [ "$(cat $E/$prec/export.rc 2>/dev/null)" = 0 ] || { echo "$prec export failed/not done"; tail -5 $E/$prec/export.txt; continue; }
+    cp $E/$prec/export.txt $W/export_${prec}_time.txt
+    $V scripts/export_footprint.py $E/$prec/llava $E/$prec/export.txt >$W/export_footprint_${prec}.json
+    timeout 80 $V vlmx.trt_runtime.run_cli --artifacts $E/$prec/llava --backend torch --image /tmp/img.png \
+      --prompt "What is in the image?" --max-new-tokens 32 --json >$W/vlm_run_${prec}.json 2>$W/vlm_run_${prec}.err
+    echo "vlm-run $prec rc=$?"; tail -c 600 $W/vlm_run_${prec}.json
+    timeout 100 $V scripts/bench_decode.py --artifacts $E/$prec/llava --backend torch --steps 16 --new-tokens 64 \
+      --out $W/bench_$prec >$W/bench_decode_${prec}.log 2>&1; echo "bench_decode $prec rc=$?"
+    cp $W/bench_$prec/decode_bench.json "$RESULTS/decode_llava${L}l_${prec}_h200.json" 2>/dev/null
+    tail -9 $W/bench_decode_${prec}.log
+  done
+  $PY -c "import json,glob; print(json.dumps({f: json.load(open(f)) for f in sorted(glob.glob('$W/export_footprint_*.json'))}, indent=1))" >"$RESULTS/export_footprint_llava${L}l_h200.json"
+  cat "$RESULTS/export_footprint_llava${L}l_h200.json" | grep -E "ratio|wall|precision"
+  tar czf "$RESULTS/lite_logs.tgz" -C $W . ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 ls -la "$RESULTS"
