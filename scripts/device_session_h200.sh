@@ -111,7 +111,7 @@ lite-a|lite-b)
   W=/tmp/o/res; mkdir -p $W; [ -d $E ] || start_exports
   if [ -d /tmp/keep/part1 ]; then
     cp -r /tmp/keep/part1 build/llava-micro-train/
-    timeout 260 python3 scripts/train_projector.py train --data build/llava-micro-train --out "$RESULTS" \
+    timeout 220 python3 scripts/train_projector.py train --data build/llava-micro-train --out "$RESULTS" \
       --max-minutes 3 >"$RESULTS/train.log" 2>&1; echo "train rc=$?"; tail -12 "$RESULTS/train.log"
   else echo "part 1 is gone (a fresh machine): no training this call"; fi
   for _ in $(seq 1 60); do [ -f $E/fp16/export.rc ] && [ -f $E/w8a8/export.rc ] && break; sleep 5; done
