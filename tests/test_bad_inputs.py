@@ -277,11 +277,6 @@ def _plugins_only(d, m):
     resign(m)
 
 
-def _w8a8(d, m):
-    m["precision"] = "w8a8"
-    resign(m)
-
-
 def _no_weight_map(d, m):
     m["weights"] = None
     resign(m)
@@ -321,7 +316,6 @@ EXPORT_DIR_CASES = [
     ("failed-report-build", "vlm-build", _failed_report, ["--backend", "tensorrt-rtx"], 2, "accuracy report FAILED"),
     ("plugins-only-ort", "vlm-run", _plugins_only, PROMPT, 2, "was exported with --plugins-only"),
     ("plugins-only-compare", "vlm-compare", _plugins_only, [], 2, "was exported with --plugins-only"),
-    ("torch-w8a8", "vlm-run", _w8a8, PROMPT + ["--backend", "torch"], 2, "cannot run a --precision w8a8 export"),
     ("torch-no-weight-map", "vlm-run", _no_weight_map, PROMPT + ["--backend", "torch"], 2,
      "records no map of its weights (exported by an older vlmx)"),
     ("context", "vlm-run", None, PROMPT + ["--max-new-tokens", "3000"], 2, "> the export's KV-cache length 512"),

@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the export's --prune")
     p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
                    help="onnxruntime (the exported ONNX files, CPU or CUDA), tensorrt (engines from vlm-build, GPU) "
-                        "or torch (the exported model rebuilt in PyTorch; refused when that cannot be the exported "
-                        f"model, e.g. w8a8); default {DEFAULT_BACKEND}")
+                        "or torch (the export's own weights loaded into PyTorch modules; vlmx CUDA kernels on a GPU); "
+                        f"default {DEFAULT_BACKEND}")
     p.add_argument("--max-new-tokens", type=parse_new_tokens, default=32,
                    help="most tokens to generate (default 32; prompt + visual tokens + this must fit the context)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")

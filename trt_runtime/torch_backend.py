@@ -178,6 +178,8 @@ def load_exported_weights(model: torch.nn.Module, artifacts) -> dict[str, dict[s
                 if ref.get("scale"):  # after the floats: the W8A8 module takes the linear's (float) bias
                     path = name.removesuffix(".weight")
                     linear = model.get_submodule(path)
+                    if not isinstance(linear, torch.nn.Linear):  # a tied embedding (MPT's wte = lm_head)
+                        continue
                     dev = linear.weight.device
                     w = torch.from_numpy(_select(arrays, ref)).to(dev)
                     ws = torch.from_numpy(_select(arrays, {**ref["scale"], "transpose": False})).to(dev)
