@@ -29,6 +29,7 @@ from .passes.cleanup import cleanup
 from .passes.insert_quant import skip_nodes
 from .passes.insert_quant_streamed import insert_quant_streamed
 from .processor_files import write_processor_files
+from .references import GraphReference, save_references
 from .weight_map import WeightMap
 from .weights import LARGE_MODEL_BYTES, random_model, weight_bytes_estimate
 
@@ -219,8 +220,8 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
             with torch.no_grad():
                 outs = ref.module(*(_upcast(v) if ref_fp32 else v for v in g.inputs.values()))
             outs = outs if isinstance(outs, tuple) else (outs,)
-            references[g.name] = {"inputs": {k: g.padded(k, _to_numpy(v)) for k, v in g.inputs.items()},
-                                  "outputs": {n: g.padded(n, _to_numpy(o)) for n, o in zip(g.outputs, outs)}}
+            references[g.name] = GraphReference({k: _to_numpy(v) for k, v in g.inputs.items()},
+                                                {n: _to_numpy(o) for n, o in zip(g.outputs, outs)}, g.reference_pad)
             path = export_graph(g, tmp, max(opset, g.min_opset), postprocess=_graph_passes(
                 opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision), tmp,
                 lm_plan.skip if lm_plan else ()), functions=not opts.plugins_only,
@@ -248,8 +249,7 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
     del model, ctx, ref_graphs, g, ref, weight_map  # the report's ONNX Runtime sessions need the memory
     gc.collect()
     with progress.stage("reference + report"):
-        np.savez(tmp / "reference.npz", **{f"{g}.{k}": v for g, r in references.items()
-                                          for part in ("inputs", "outputs") for k, v in r[part].items()})
+        save_references(tmp / "reference.npz", references)
         (tmp / "vlmx_ops.md").write_text(markdown_table() + "\n")
         report = None
         if opts.report and not opts.plugins_only:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -46,14 +45,6 @@ class GraphSpec:
     #: ``{tensor: (axis, size)}``: reference I/O zero-padded along ``axis`` to the written file's fixed size
     reference_pad: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def padded(self, name: str, array: np.ndarray) -> np.ndarray:
-        """``array`` zero-padded as :attr:`reference_pad` says (the written file's fixed sizes)."""
-        if name not in self.reference_pad:
-            return array
-        axis, size = self.reference_pad[name]
-        widths = [(0, 0)] * array.ndim
-        widths[axis] = (0, size - array.shape[axis])
-        return np.pad(array, widths)
 
     @property
     def manifest_axes(self) -> dict[str, dict[int, str]]:
