@@ -22,7 +22,10 @@ def main() -> None:
     from vlmx.torch_ref import models
 
     base, layers, target = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    spec = models.get_preset(base)
+    try:
+        spec = models.get_preset(base)
+    except models.PresetError as e:
+        sys.exit(f"depth_variant.py: {e}")
     name = f"{base}-{layers}l"
     models.PRESETS[name] = dataclasses.replace(spec, name=name, text_layers=layers)
     sys.argv = [target, *sys.argv[4:]]
