@@ -36,18 +36,48 @@ gpu_tests() {  # every other test file with gpu-marked tests, compute_75 PTX lib
     tests/test_generation.py tests/test_plugin_enqueue.py tests/test_trt_runtime.py -rs >$W/pytest_gpu.txt 2>&1
   echo "pytest -m gpu rc=$?"; tail -15 $W/pytest_gpu.txt
 }
+# start_exports MODEL RUN: fp16 and W8A8 exports of MODEL into $E/<prec>/llava in the background (setsid, time -v);
+# RUN: the python command that runs a module (a depth variant goes through scripts/depth_variant.py).
+start_exports() {
+  local model=$1 run=$2; mkdir -p $E
+  for prec in fp16 w8a8; do
+    mkdir -p $E/$prec
+    setsid bash -c "cd '$PWD'; export PYTHONPATH='${PYTHONPATH:-}'; /usr/bin/time -v $run vlmx.apps.export_cli \
+      --model $model --precision $prec --max-seq-len ${SMAX:-2304} --out $E/$prec/llava --no-report --quiet \
+      >$E/$prec/export.txt 2>&1; echo \$? >$E/$prec/export.rc" </dev/null >/dev/null 2>&1 &
+  done
+  echo "exports of $model (fp16, w8a8) started"
+}
+# decode_runs TAG MOD SCRIPT FP16_WAIT_S W8A8_WAIT_S (MOD runs a module, SCRIPT a script): per finished export (fp16 first, then W8A8 if it finishes within its
+# wait): footprint, one vlm-run, bench_decode. At most 5 files into $RESULTS (a call returns 8), logs in a tarball.
+decode_runs() {
+  local tag=$1 mod=$2 script=$3 W=/tmp/o/res_$1; mkdir -p $W
+  $PY -c "from PIL import Image; import numpy as np; Image.fromarray((np.random.default_rng(1).random((480, 640, 3))*255).astype('uint8')).save('/tmp/img.png')"
+  for prec in fp16 w8a8; do
+    local wait=$4; [ $prec = w8a8 ] && wait=$5
+    for _ in $(seq 1 $((wait / 5))); do [ -f $E/$prec/export.rc ] && break; sleep 5; done
+    [ "$(cat $E/$prec/export.rc 2>/dev/null)" = 0 ] || { echo "$prec export failed/not done"; tail -5 $E/$prec/export.txt; continue; }
+    cp $E/$prec/export.txt $W/export_${prec}_time.txt
+    $script scripts/export_footprint.py $E/$prec/llava $E/$prec/export.txt >$W/export_footprint_${prec}.json
+    timeout 150 $mod vlmx.trt_runtime.run_cli --artifacts $E/$prec/llava --backend torch --image /tmp/img.png \
+      --prompt "What is in the image?" --max-new-tokens 32 --json >$W/vlm_run_${prec}.json 2>$W/vlm_run_${prec}.err
+    echo "vlm-run $prec rc=$?"; tail -c 600 $W/vlm_run_${prec}.json
+    timeout 200 $script scripts/bench_decode.py --artifacts $E/$prec/llava --backend torch --steps 16 --new-tokens 64 \
+      --out $W/bench_$prec >$W/bench_decode_${prec}.log 2>&1; echo "bench_decode $prec rc=$?"
+    cp $W/bench_$prec/decode_bench.json "$RESULTS/decode_${tag}_${prec}_h200.json" 2>/dev/null
+    tail -9 $W/bench_decode_${prec}.log
+  done
+  cp $W/vlm_run_fp16.json "$RESULTS/vlm_run_${tag}_h200.json" 2>/dev/null
+  $PY -c "import json,glob; print(json.dumps({f: json.load(open(f)) for f in sorted(glob.glob('$W/export_footprint_*.json'))}, indent=1))" >"$RESULTS/export_footprint_${tag}_h200.json"
+  grep -E "ratio|wall|precision" "$RESULTS/export_footprint_${tag}_h200.json"
+  tar czf "$RESULTS/${tag}_logs.tgz" -C $W .
+}
 case $PHASE in
 start|export)
   OUT=/tmp/o source scripts/device_env.sh
   rm -rf $E; mkdir -p $E
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee $E/device.txt
-  for prec in fp16 w8a8; do
-    mkdir -p $E/$prec
-    setsid bash -c "cd '$PWD'; export PYTHONPATH='${PYTHONPATH:-}'; /usr/bin/time -v $PY -m vlmx.apps.export_cli \
-      --model llava --precision $prec --max-seq-len 2304 --out $E/$prec/llava --no-report --quiet \
-      >$E/$prec/export.txt 2>&1; echo \$? >$E/$prec/export.rc" </dev/null >/dev/null 2>&1 &
-  done
-  echo "7B exports (fp16, w8a8) started in the background"
+  start_exports llava "$PY -m"
   sleep 25; export_state; tail -3 $E/fp16/export.txt
   [ $PHASE = export ] && { ls -la "$RESULTS"; exit 0; }
   W=/tmp/o; mkdir -p $W
@@ -74,64 +104,21 @@ train)
   export_state ;;
 decode)
   OUT=/tmp/o source scripts/device_env.sh
-  for _ in $(seq 1 60); do [ -f $E/fp16/export.rc ] && break; sleep 5; done
-  export_state
-  $PY -c "from PIL import Image; import numpy as np; Image.fromarray((np.random.default_rng(1).random((480, 640, 3))*255).astype('uint8')).save('/tmp/img.png')"
-  for prec in fp16 w8a8; do
-    [ $prec = w8a8 ] && for _ in $(seq 1 24); do [ -f $E/w8a8/export.rc ] && break; sleep 5; done
-    [ "$(cat $E/$prec/export.rc 2>/dev/null)" = 0 ] || { echo "$prec export not done"; tail -20 $E/$prec/export.txt; continue; }
-    cp $E/$prec/export.txt "$RESULTS/export_llava_${prec}_h200_time.txt"
-    grep -E "Elapsed|Maximum resident" $E/$prec/export.txt
-    $PY scripts/export_footprint.py $E/$prec/llava $E/$prec/export.txt >"$RESULTS/export_llava_${prec}_h200.json"
-    cat "$RESULTS/export_llava_${prec}_h200.json"
-    if [ $prec = fp16 ]; then
-      timeout 150 $PY -m vlmx.trt_runtime.run_cli --artifacts $E/$prec/llava --backend torch --image /tmp/img.png \
-        --prompt "What is in the image?" --max-new-tokens 32 --json >"$RESULTS/vlm_run_llava_h200.json" \
-        2>"$RESULTS/vlm_run_llava_h200.err"; echo "vlm-run rc=$?"; tail -c 1200 "$RESULTS/vlm_run_llava_h200.json"
-    fi
-    timeout 200 $PY scripts/bench_decode.py --artifacts $E/$prec/llava --backend torch --steps 16 --new-tokens 64 \
-      --out /tmp/bench_$prec >"$RESULTS/bench_decode_llava_${prec}_h200.log" 2>&1; echo "bench_decode $prec rc=$?"
-    cp /tmp/bench_$prec/decode_bench.json "$RESULTS/decode_llava_${prec}_h200.json" 2>/dev/null
-    cp /tmp/bench_$prec/decode_bench.md "$RESULTS/decode_llava_${prec}_h200.md" 2>/dev/null
-    tail -12 "$RESULTS/bench_decode_llava_${prec}_h200.log"
-  done ;;
+  decode_runs llava "$PY -m" "$PY" 300 120 ;;
 lite-a|lite-b)
-  export VLMX_WHEELS=.whl-small; OUT=/tmp/o source scripts/device_env.sh
-  L=${LAYERS:-8}; V="$PY scripts/depth_variant.py llava $L"; E=/tmp/rlite
-  start_exports() {
-    mkdir -p $E; for prec in fp16 w8a8; do mkdir -p $E/$prec
-      setsid bash -c "cd '$PWD'; export PYTHONPATH='${PYTHONPATH:-}'; /usr/bin/time -v $V vlmx.apps.export_cli \
-        --model llava-${L}l --precision $prec --max-seq-len 2304 --out $E/$prec/llava --no-report --quiet \
-        >$E/$prec/export.txt 2>&1; echo \$? >$E/$prec/export.rc" </dev/null >/dev/null 2>&1 &
-    done; echo "exports of llava-${L}l (fp16, w8a8) started"; }
+  export VLMX_WHEELS=${VLMX_WHEELS:-.whl-small}; OUT=/tmp/o source scripts/device_env.sh
+  L=${LAYERS:-8}; B=${LITE_BASE:-llava}; V="$PY scripts/depth_variant.py $B $L"; E=/tmp/rlite  # LITE_BASE: a CPU dry run
   if [ $PHASE = lite-a ]; then
-    mkdir -p /tmp/keep && cp -r build/llava-micro-train/part1 /tmp/keep/ && start_exports; sleep 15; export_state
-    tail -3 $E/fp16/export.txt; exit 0
+    mkdir -p /tmp/keep && cp -r build/llava-micro-train/part1 /tmp/keep/ && start_exports $B-${L}l "$V"
+    sleep 15; export_state; tail -3 $E/fp16/export.txt; exit 0
   fi
-  W=/tmp/o/res; mkdir -p $W; [ -d $E ] || start_exports
+  [ -d $E ] || start_exports $B-${L}l "$V"
   if [ -d /tmp/keep/part1 ]; then
     cp -r /tmp/keep/part1 build/llava-micro-train/
     timeout 220 python3 scripts/train_projector.py train --data build/llava-micro-train --out "$RESULTS" \
       --max-minutes 3 >"$RESULTS/train.log" 2>&1; echo "train rc=$?"; tail -12 "$RESULTS/train.log"
   else echo "part 1 is gone (a fresh machine): no training this call"; fi
-  for _ in $(seq 1 60); do [ -f $E/fp16/export.rc ] && [ -f $E/w8a8/export.rc ] && break; sleep 5; done
-  export_state
-  $PY -c "from PIL import Image; import numpy as np; Image.fromarray((np.random.default_rng(1).random((480, 640, 3))*255).astype('uint8')).save('/tmp/img.png')"
-  for prec in fp16 w8a8; do
-    [ "$(cat $E/$prec/export.rc 2>/dev/null)" = 0 ] || { echo "$prec export failed/not done"; tail -5 $E/$prec/export.txt; continue; }
-    cp $E/$prec/export.txt $W/export_${prec}_time.txt
-    $V scripts/export_footprint.py $E/$prec/llava $E/$prec/export.txt >$W/export_footprint_${prec}.json
-    timeout 80 $V vlmx.trt_runtime.run_cli --artifacts $E/$prec/llava --backend torch --image /tmp/img.png \
-      --prompt "What is in the image?" --max-new-tokens 32 --json >$W/vlm_run_${prec}.json 2>$W/vlm_run_${prec}.err
-    echo "vlm-run $prec rc=$?"; tail -c 600 $W/vlm_run_${prec}.json
-    timeout 100 $V scripts/bench_decode.py --artifacts $E/$prec/llava --backend torch --steps 16 --new-tokens 64 \
-      --out $W/bench_$prec >$W/bench_decode_${prec}.log 2>&1; echo "bench_decode $prec rc=$?"
-    cp $W/bench_$prec/decode_bench.json "$RESULTS/decode_llava${L}l_${prec}_h200.json" 2>/dev/null
-    tail -9 $W/bench_decode_${prec}.log
-  done
-  $PY -c "import json,glob; print(json.dumps({f: json.load(open(f)) for f in sorted(glob.glob('$W/export_footprint_*.json'))}, indent=1))" >"$RESULTS/export_footprint_llava${L}l_h200.json"
-  cat "$RESULTS/export_footprint_llava${L}l_h200.json" | grep -E "ratio|wall|precision"
-  tar czf "$RESULTS/lite_logs.tgz" -C $W . ;;
+  decode_runs $B${L}l "$V" "$V" 300 60 ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 ls -la "$RESULTS"
