@@ -229,8 +229,6 @@ def _export_into(tmp: Path, opts: ExportOptions, progress) -> dict:
                 opts, g.name, g.inputs, applied, family.quantizes_vision(opts.precision), tmp,
                 lm_plan.skip if lm_plan else ()), functions=not opts.plugins_only,
                 **({} if threshold is None else {"external_threshold": threshold}))
-            import onnx
-
             used |= set(ops_used(onnx.load(str(path), load_external_data=False)))
             entries[g.name] = graph_entry(path, g.manifest_axes, g.profile, g.profiles)
             entries[g.name]["passes"] = applied.get(g.name, [])

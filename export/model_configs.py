@@ -45,7 +45,6 @@ class GraphSpec:
     #: ``{tensor: (axis, size)}``: reference I/O zero-padded along ``axis`` to the written file's fixed size
     reference_pad: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-
     @property
     def manifest_axes(self) -> dict[str, dict[int, str]]:
         """The dynamic axes of the written file (``dim_values`` axes are fixed there)."""
