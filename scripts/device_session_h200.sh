@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16 on one warm H200, as back-to-back device calls (a call carries at most 64 MiB; the machine stays warm
 # ~30 s after a call, and a process started with setsid runs on between calls):
-#   start  (carry .whl .trt_headers): wheels into /tmp/site; the LLaVA-1.5-7B export (random weights, fp16,
-#          S_max 2304) starts in the background (setsid, /usr/bin/time -v); meanwhile the decode kernels
+#   start  (carry .whl .trt_headers): wheels into /tmp/site; the LLaVA-1.5-7B exports (random weights, fp16 and
+#          W8A8, S_max 2304) start in the background (setsid, /usr/bin/time -v); meanwhile the decode kernels
 #          (scripts/device_decode_kernels.sh: build, checks, timings, memcheck, plugin harness) and every
 #          gpu-marked test file.
 #   stash  (carry build/llava-micro-train/part1): part 1 of the micro-VLM training data stays on the machine.
@@ -14,6 +14,8 @@
 #   lite-a (carry build/llava-micro-train/part1 .whl-small): part 1 stays; fp16 + W8A8 exports start (setsid).
 #   lite-b (carry build/llava-micro-train/part2 .whl-small): projector training where part 1 is still there (else
 #          skipped, exports started), then vlm-run and bench_decode on both exports; 8 files back at most.
+# CPU dry run of the lite path: PYTHON=.venv/bin/python VLMX_WHEELS=none LITE_BASE=llava-tiny LAYERS=1 SMAX=512
+#   OUT=/tmp/dry bash scripts/device_session_h200.sh lite-a, then lite-b.
 # usage: bash scripts/device_session_h200.sh PHASE      (results under $OUT)
 set -uo pipefail
 PHASE=${1:?usage: device_session_h200.sh start|stash|train|decode}
